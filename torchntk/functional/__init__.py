@@ -1,0 +1,3 @@
+"""Pure tensor math of kernel rules: no modules, no state."""
+
+from . import elementwise

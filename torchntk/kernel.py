@@ -1,0 +1,218 @@
+"""The `Kernel` record that flows from layer to layer.
+
+Layout (PyTorch convention: batch axis 0, channel axis 1, spatial axes after):
+with `S = (X, Y, ...)` the spatial sizes of the activations,
+
+=====================  ============================  ==========================
+field                  ``diagonal_spatial=False``    ``diagonal_spatial=True``
+=====================  ============================  ==========================
+``nngp``, ``ntk``      ``(N1, N2, X, X', Y, Y', …)`` ``(N1, N2, X, Y, …)``
+``cov1``               ``(N1, [N1,] X, X', …)``       ``(N1, [N1,] X, …)``
+``cov2``               ``(N2, [N2,] X, X', …)``       ``(N2, [N2,] X, …)``
+=====================  ============================  ==========================
+
+where ``[N1,]`` is present only when ``diagonal_batch=False``. Spatial axes of
+a pair are interleaved, as in neural-tangents. Channels are the infinite axis
+and do not appear.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Sequence
+
+import torch
+
+Shape = tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """Immutable record of the kernels of a layer's outputs; change it with `replace`.
+
+    Attributes:
+        nngp: covariance of the outputs on `x1` and on `x2` (the NNGP kernel).
+        ntk: the neural tangent kernel between `x1` and `x2`, or `None` when not
+            requested. At the network input it is a scalar zero.
+        cov1: covariance of the outputs on `x1` with themselves.
+        cov2: covariance of the outputs on `x2` with themselves; `None` when
+            `x2` is `x1`.
+        x1_is_x2: 0-dim bool tensor, whether the two batches are the same inputs.
+        is_gaussian: whether the outputs are Gaussian given the inputs (true
+            right after an affine layer); nonlinearities require it.
+        diagonal_batch: `cov1`/`cov2` hold only the variance of each example.
+        diagonal_spatial: every field holds only same-position covariances.
+        shape1, shape2: shapes of the finite-width activations on `x1`, `x2`.
+    """
+
+    nngp: torch.Tensor
+    ntk: torch.Tensor | None
+    cov1: torch.Tensor
+    cov2: torch.Tensor | None
+    x1_is_x2: torch.Tensor
+    is_gaussian: bool
+    diagonal_batch: bool
+    diagonal_spatial: bool
+    shape1: Shape
+    shape2: Shape
+
+    def replace(self, **changes: Any) -> Kernel:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def n_spatial(self) -> int:
+        """Number of spatial dimensions of the activations."""
+        return len(self.shape1) - 2
+
+    @property
+    def spatial1(self) -> Shape:
+        return tuple(self.shape1[2:])
+
+    @property
+    def spatial2(self) -> Shape:
+        return tuple(self.shape2[2:])
+
+    def variances(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example, per-position variances `(N1, *S)` and `(N2, *S)`."""
+        var1 = _variance(self.cov1, self.diagonal_batch, self.diagonal_spatial, self.n_spatial)
+        cov2 = self.cov1 if self.cov2 is None else self.cov2
+        var2 = _variance(cov2, self.diagonal_batch, self.diagonal_spatial, self.n_spatial)
+        return var1, var2
+
+    def outer(self, var1: torch.Tensor, var2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example quantities `(N1, *S)`, `(N2, *S)` made broadcastable
+        against `nngp`/`ntk`: entry `[i, j, x, x', …]` sees `var1[i, x, …]` and
+        `var2[j, x', …]`."""
+        return (_spread(var1, 0, self.diagonal_spatial), _spread(var2, 1, self.diagonal_spatial))
+
+    def outer_self(self, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example quantities `(N, *S)` made broadcastable against `cov1`
+        (or `cov2`), in the same sense as `outer`."""
+        if not self.diagonal_batch:
+            return self.outer(var, var)
+        if self.diagonal_spatial:
+            return var, var
+        return _spread_spatial(var, 0), _spread_spatial(var, 1)
+
+
+def _variance(cov: torch.Tensor, diagonal_batch: bool, diagonal_spatial: bool,
+              n_spatial: int) -> torch.Tensor:
+    """Extract the same-example, same-position entries of a covariance."""
+    if not diagonal_batch:
+        cov = torch.diagonal(cov, dim1=0, dim2=1).movedim(-1, 0)
+    if not diagonal_spatial:
+        for _ in range(n_spatial):
+            # Take the diagonal of the leading pair of spatial axes, move it last.
+            cov = torch.diagonal(cov, dim1=1, dim2=2)
+    return cov
+
+
+def _spread_spatial(var: torch.Tensor, side: int) -> torch.Tensor:
+    """`(N, X, Y, …) -> (N, X, 1, Y, 1, …)` (side 0) or `(N, 1, X, 1, Y, …)` (side 1)."""
+    n_spatial = var.ndim - 1
+    shape = [var.shape[0]]
+    for size in var.shape[1:]:
+        shape += [size, 1] if side == 0 else [1, size]
+    return var.reshape(shape) if n_spatial else var
+
+
+def _spread(var: torch.Tensor, side: int, diagonal_spatial: bool) -> torch.Tensor:
+    """Place per-example variances on batch axis `side` of a pair layout."""
+    var = var if diagonal_spatial else _spread_spatial(var, side)
+    return var.unsqueeze(1) if side == 0 else var.unsqueeze(0)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Kernel))
+
+
+def get_fields(kernel: Kernel, get: str | Sequence[str] | None) -> Any:
+    """Select fields of `kernel` with neural-tangents' `get` semantics.
+
+    `None` returns the whole record, a string one field, and a tuple of strings
+    a named tuple of those fields in that order. Names are case-insensitive.
+    """
+    if get is None:
+        return kernel
+    names = canonical_get(get)
+    if isinstance(get, str):
+        return getattr(kernel, names[0])
+    return _namedtuple(names)(*(getattr(kernel, name) for name in names))
+
+
+def canonical_get(get: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """Validate `get` and return its lower-cased names (`None` for the record)."""
+    if get is None:
+        return None
+    names = (get,) if isinstance(get, str) else tuple(get)
+    if not names:
+        raise ValueError("get: expected a field name or a non-empty tuple of names, got ()")
+    lowered = []
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"get: expected field names as strings, got {name!r}")
+        if name.lower() not in _FIELDS:
+            raise ValueError(f"get: unknown kernel field {name!r}; expected one of {_FIELDS}")
+        lowered.append(name.lower())
+    if len(set(lowered)) != len(lowered):
+        raise ValueError(f"get: duplicate field names in {names!r}")
+    return tuple(lowered)
+
+
+_NAMEDTUPLES: dict[tuple[str, ...], type] = {}
+
+
+def _namedtuple(names: tuple[str, ...]) -> type:
+    if names not in _NAMEDTUPLES:
+        _NAMEDTUPLES[names] = NamedTuple("AnalyticKernel", [(n, Any) for n in names])
+    return _NAMEDTUPLES[names]
+
+
+def kernel_from_inputs(x1: torch.Tensor, x2: torch.Tensor | None, *, diagonal_batch: bool,
+                       diagonal_spatial: bool, compute_ntk: bool) -> Kernel:
+    """The kernel of the inputs themselves: `nngp = x1·x2ᵀ / C` over channels.
+
+    The NTK of the inputs is a scalar zero: they carry no parameters.
+    """
+    nngp = _gram(x1, x1 if x2 is None else x2, True, diagonal_spatial)
+    cov1 = _gram(x1, x1, not diagonal_batch, diagonal_spatial)
+    cov2 = None if x2 is None else _gram(x2, x2, not diagonal_batch, diagonal_spatial)
+    if x2 is None:
+        x1_is_x2 = torch.ones((), dtype=torch.bool, device=x1.device)
+    elif x1.shape == x2.shape:
+        x1_is_x2 = (x1 - x2).abs().max() < 1e-12
+    else:
+        x1_is_x2 = torch.zeros((), dtype=torch.bool, device=x1.device)
+    return Kernel(nngp=nngp,
+                  ntk=torch.zeros((), dtype=nngp.dtype, device=nngp.device) if compute_ntk else None,
+                  cov1=cov1, cov2=cov2, x1_is_x2=x1_is_x2, is_gaussian=True,
+                  diagonal_batch=diagonal_batch, diagonal_spatial=diagonal_spatial,
+                  shape1=tuple(x1.shape), shape2=tuple((x1 if x2 is None else x2).shape))
+
+
+def _gram(xa: torch.Tensor, xb: torch.Tensor, pairwise: bool, diagonal_spatial: bool) -> torch.Tensor:
+    """Channel-averaged products of `(N, C, *S)` inputs in the `Kernel` layout.
+
+    `pairwise` gives all pairs of examples `(Na, Nb, …)`; otherwise only each
+    example with itself `(N, …)`, which requires `xa is xb`.
+    """
+    spatial = xa.shape[2:]
+    a = xa.reshape(xa.shape[0], xa.shape[1], -1)
+    b = xb.reshape(xb.shape[0], xb.shape[1], -1)
+    channels = xa.shape[1]
+    if diagonal_spatial:
+        product = torch.einsum('nca,mca->nma' if pairwise else 'nca,nca->na', a, b)
+        batch_shape = product.shape[:-1]
+        return product.reshape(*batch_shape, *spatial) / channels
+    product = torch.einsum('nca,mcb->nmab' if pairwise else 'nca,ncb->nab', a, b)
+    batch_shape = product.shape[:-2]
+    product = product.reshape(*batch_shape, *spatial, *spatial)
+    return interleave(product, len(batch_shape)) / channels
+
+
+def interleave(t: torch.Tensor, n_batch: int) -> torch.Tensor:
+    """`(B…, X, Y, X', Y') -> (B…, X, X', Y, Y')`: zip the spatial axes of a pair."""
+    n_spatial = (t.ndim - n_batch) // 2
+    order = list(range(n_batch))
+    for d in range(n_spatial):
+        order += [n_batch + d, n_batch + n_spatial + d]
+    return t.permute(order)

@@ -1,0 +1,11 @@
+"""Layers with a finite-width `forward` and an infinite-width kernel rule."""
+
+from .branching import FanInConcat, FanInProd, FanInSum, FanOut
+from .combinators import Parallel, Serial, parallel, repeat, serial
+from .dropout import Dropout
+from .elementwise import (ABRelu, Abs, Elementwise, ElementwiseNumerical, Erf, LeakyRelu, Mish,
+                          Relu, SiLU, Sigmoid, Sigmoid_like, Softplus, Tanh)
+from .linear import Dense, Identity
+from .module import Layer
+from .normalization import LayerNorm
+from .requirements import Bool, Diagonal, Requirements
