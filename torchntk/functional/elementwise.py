@@ -7,37 +7,116 @@ Each map takes the covariance `cov12` of two jointly Gaussian pre-activations
     d_nngp = E[φ'(u) φ'(v)]        (Jacot et al. 2018, arXiv:1806.07572)
 
 `d_nngp` is `None` when `with_derivative` is false. It multiplies the incoming
-NTK: `ntk' = d_nngp ⊙ ntk`. The maps are differentiable everywhere, zero
-variances included: square roots and angles use `safe_sqrt`/`safe_atan2`,
-whose gradients are zero where the exact ones are undefined (neural-tangents
-issues #73 and #123).
+NTK: `ntk' = d_nngp ⊙ ntk`. By Price's theorem `d_nngp = ∂nngp/∂cov12`.
+Hyperparameters (`a`, `b`, …) are floats or scalar tensors.
+
+The maps are differentiable everywhere, zero variances included: square roots
+and angles use `safe_sqrt`/`angle`, whose gradients are zero where the
+exact ones are undefined (neural-tangents issues #73 and #123).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
 Tensor = torch.Tensor
+Scalar = float | Tensor
 KernelMap = tuple[Tensor, Tensor | None]
 
 
+class _SafeSqrt(torch.autograd.Function):
+    """`sqrt(max(x, 0))` whose derivative is 0 (not inf/NaN) where `x <= 0`."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.clamp_min(0).sqrt_()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def _derivative(root: Tensor) -> Tensor:
+        positive = root > 0
+        return torch.where(positive, 0.5 / torch.where(positive, root, 1.), 0.)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (root,) = ctx.saved_tensors
+        return grad * _SafeSqrt._derivative(root)
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        (root,) = ctx.saved_tensors
+        return tangent * _SafeSqrt._derivative(root)
+
+
+class _Angle(torch.autograd.Function):
+    """`θ = atan2(s, c) ∈ [0, π]` for `s ≥ 0`, computed as `π/2 − atan2(c, s)`.
+
+    The second form equals `π/2` at `s = c = 0` (the limit along `c = 0`, so
+    that ReLU-like kernels use φ'(0) = (φ'(0⁻) + φ'(0⁺))/2), with gradient 0
+    there instead of NaN.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(s: Tensor, c: Tensor) -> Tensor:
+        return torch.atan2(c, s).neg_().add_(math.pi / 2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def _partials(s: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """`(∂θ/∂s, ∂θ/∂c) = (c, −s) / (s² + c²)`, zero at the origin."""
+        norm2 = s * s + c * c
+        inverse = torch.where(norm2 > 0, 1 / torch.where(norm2 > 0, norm2, 1.), 0.)
+        return c * inverse, -s * inverse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        d_s, d_c = _Angle._partials(*ctx.saved_tensors)
+        return grad * d_s, grad * d_c
+
+    @staticmethod
+    def jvp(ctx, tangent_s: Tensor, tangent_c: Tensor) -> Tensor:
+        d_s, d_c = _Angle._partials(*ctx.saved_tensors)
+        return tangent_s * d_s + tangent_c * d_c
+
+
 def safe_sqrt(x: Tensor) -> Tensor:
-    """`sqrt(max(x, 0))` with gradient 0 (not inf/NaN) where `x <= 0`."""
-    positive = x > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), 0.)
+    """`sqrt(max(x, 0))` with derivative 0 where `x <= 0` (rounding can make
+    `var1·var2 − cov12²` slightly negative)."""
+    return _SafeSqrt.apply(x)
 
 
-def safe_atan2(y: Tensor, x: Tensor, fill_zero: float) -> Tensor:
-    """`atan2(y, x)`, equal to `fill_zero` with gradient 0 at `y = x = 0`."""
-    origin = (x == 0) & (y == 0)
-    one = torch.ones_like(x)
-    angle = torch.atan2(torch.where(origin, one, y), torch.where(origin, one, x))
-    return torch.where(origin, fill_zero, angle)
+def angle(s: Tensor, c: Tensor) -> Tensor:
+    """The angle `θ = atan2(s, c) ∈ [0, π]` of `(c, s)`, `s ≥ 0`; `π/2` with
+    derivative 0 at `s = c = 0`."""
+    return _Angle.apply(s, c)
 
 
-def abrelu(cov12: Tensor, var1: Tensor, var2: Tensor, a: float, b: float,
+def _angle(cov12: Tensor, var1: Tensor, var2: Tensor) -> tuple[Tensor, Tensor]:
+    """`s = sqrt(var1·var2 − cov12²)` and the angle `θ = atan2(s, cov12)`."""
+    s = safe_sqrt(var1 * var2 - cov12**2)
+    return s, angle(s, cov12)
+
+
+def _cos(x: Scalar) -> Scalar:
+    return torch.cos(x) if isinstance(x, Tensor) else math.cos(x)
+
+
+def abrelu(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar,
            with_derivative: bool) -> KernelMap:
     """φ(x) = a·min(x, 0) + b·max(x, 0): the arc-cosine kernel of degree 1.
 
@@ -49,14 +128,51 @@ def abrelu(cov12: Tensor, var1: Tensor, var2: Tensor, a: float, b: float,
 
     At zero variances `θ = π/2`, so that φ'(0) = (a + b)/2.
     """
-    s = safe_sqrt(var1 * var2 - cov12**2)
-    theta = safe_atan2(s, cov12, fill_zero=math.pi / 2)
+    s, theta = _angle(cov12, var1, var2)
     nngp = (a - b)**2 / (2 * math.pi) * (s - theta * cov12) + (a**2 + b**2) / 2 * cov12
     d_nngp = (a**2 + b**2) / 2 - (a - b)**2 / (2 * math.pi) * theta if with_derivative else None
     return nngp, d_nngp
 
 
-def erf(cov12: Tensor, var1: Tensor, var2: Tensor, a: float, b: float, c: float,
+def sign(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> KernelMap:
+    """φ(x) = sign(x), with sign(0) = 0 (Cho & Saul 2009, degree 0):
+
+        nngp   = 1 − 2θ/π,    θ = atan2(sqrt(var1·var2 − cov12²), cov12)
+        d_nngp = 0
+
+    φ' is zero almost everywhere, so the NTK is zero (as in neural-tangents).
+    A zero variance means `u = 0` almost surely and gives `θ = π/2`, nngp = 0.
+    """
+    _, theta = _angle(cov12, var1, var2)
+    nngp = 1 - 2 / math.pi * theta
+    return nngp, torch.zeros_like(nngp) if with_derivative else None
+
+
+def rectified_monomial(cov12: Tensor, var1: Tensor, var2: Tensor, degree: int,
+                       with_derivative: bool) -> KernelMap:
+    """φ(x) = [x ≥ 0]·xⁿ: the arc-cosine kernel of degree n (Cho & Saul 2009).
+
+    `K_n = E[φ(u)φ(v)] = (var1·var2)^{n/2} J_n(θ) / (2π)`. Cho & Saul's
+    `J_{n+1} = (2n + 1)·cos θ·J_n − sin θ·J_n'` combined with Price's theorem
+    `∂K_n/∂cov12 = n²·K_{n−1}` gives, with `s = sqrt(var1·var2 − cov12²)`,
+
+        K_0 = (π − θ)/(2π),   K_1 = cov12·K_0 + s/(2π),
+        K_{n+1} = (2n + 1)·cov12·K_n + n²·s²·K_{n−1},
+        d_nngp = n²·K_{n−1}   (0 for n = 0),
+
+    polynomials in `cov12`, `s` and `θ` only, so no division by `sqrt(var1·var2)`.
+    """
+    s, theta = _angle(cov12, var1, var2)
+    lower, kernel = None, (math.pi - theta) / (2 * math.pi)
+    for n in range(degree):
+        rest = s / (2 * math.pi) if n == 0 else n**2 * s**2 * lower
+        lower, kernel = kernel, (2 * n + 1) * cov12 * kernel + rest
+    if not with_derivative:
+        return kernel, None
+    return kernel, torch.zeros_like(kernel) if degree == 0 else degree**2 * lower
+
+
+def erf(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar, c: Scalar,
         with_derivative: bool) -> KernelMap:
     """φ(x) = a·erf(b·x) + c (Williams 1997, arXiv:1711.00165 App. C):
 
@@ -71,4 +187,174 @@ def erf(cov12: Tensor, var1: Tensor, var2: Tensor, a: float, b: float, c: float,
     root = torch.sqrt(prod - 4 * (b2 * cov12)**2)
     nngp = a**2 * (2 / math.pi) * torch.atan2(2 * b2 * cov12, root) + c**2
     d_nngp = a**2 * (4 * b2 / math.pi) / root if with_derivative else None
+    return nngp, d_nngp
+
+
+def gelu(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> KernelMap:
+    """φ(x) = x·Φ(x), Φ the standard normal CDF (Tsuchida et al. 2020,
+    arXiv:2002.08517). With `P = (1 + var1)(1 + var2)`, `δ = sqrt(P − cov12²)`
+    and `α = atan2(cov12, δ) = asin(cov12 / sqrt(P))`:
+
+        nngp   = cov12/4 + (cov12·α + (var1·var2·δ² + cov12²)/(P·δ)) / (2π)
+        d_nngp = 1/4 + α/(2π) + cov12·(1 + 1/δ² + (1 − var1·var2)/P) / (2π·δ)
+
+    `δ² ≥ 1 + var1 + var2 ≥ 1`, so a plain sqrt is safe.
+    """
+    prod = var1 * var2
+    prod_plus = (1 + var1) * (1 + var2)
+    delta2 = prod_plus - cov12**2
+    delta = torch.sqrt(delta2)
+    alpha = torch.atan2(cov12, delta)
+    nngp = cov12 / 4 + (cov12 * alpha + (prod * delta2 + cov12**2) / (prod_plus * delta)) / (2 * math.pi)
+    if not with_derivative:
+        return nngp, None
+    d_nngp = 0.25 + alpha / (2 * math.pi) + cov12 * (1 + 1 / delta2 + (1 - prod) / prod_plus) / (2 * math.pi * delta)
+    return nngp, d_nngp
+
+
+def _sinusoid(cov12: Tensor, var1: Tensor, var2: Tensor, half_a2: Scalar, b2: Scalar,
+              cos_2c: Scalar, with_derivative: bool) -> KernelMap:
+    # See `sin`; `rbf` passes `cos_2c = 0` exactly, which cos(2·fl(π/4)) is not.
+    decay = -b2 * (var1 + var2) / 2
+    same = torch.exp(decay + b2 * cov12)                 # E[cos(b(u − v))]
+    opposite = cos_2c * torch.exp(decay - b2 * cov12)    # E[cos(b(u + v) + 2c)]
+    nngp = half_a2 * (same - opposite)
+    return nngp, half_a2 * b2 * (same + opposite) if with_derivative else None
+
+
+def sin(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar, c: Scalar,
+        with_derivative: bool) -> KernelMap:
+    """φ(x) = a·sin(b·x + c); cos is `c + π/2`. From `2 sin(x) sin(y) = cos(x − y)
+    − cos(x + y)` and `E[cos(w + k)] = cos(k)·exp(−Var(w)/2)` for Gaussian `w`:
+
+        nngp   = a²/2 · (e^{−b²(var1 + var2 − 2cov12)/2} − cos(2c)·e^{−b²(var1 + var2 + 2cov12)/2})
+        d_nngp = a²b²/2 · (e^{−b²(var1 + var2 − 2cov12)/2} + cos(2c)·e^{−b²(var1 + var2 + 2cov12)/2})
+    """
+    return _sinusoid(cov12, var1, var2, a**2 / 2, b**2, _cos(2 * c), with_derivative)
+
+
+def rbf(cov12: Tensor, var1: Tensor, var2: Tensor, gamma: Scalar,
+        with_derivative: bool) -> KernelMap:
+    """φ(x) = √2·sin(√(2γ)·x + π/4), whose `sin` kernel is the RBF kernel
+    (Rahimi & Recht 2007, random Fourier features):
+
+        nngp   = exp(−γ·(var1 + var2 − 2cov12))
+        d_nngp = 2γ·nngp
+    """
+    return _sinusoid(cov12, var1, var2, 1., 2 * gamma, 0., with_derivative)
+
+
+def gabor(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> KernelMap:
+    """φ(x) = exp(−x²)·sin(x). For `w = (u, v)` of covariance `Σ` and `t = (1, ∓1)`,
+    `E[e^{−|w|²} cos(t·w)] = D^{−1/2}·exp(−tᵀΣ(I + 2Σ)⁻¹t / 2)`, so with
+    `D = det(I + 2Σ)`, `Δ = 4(var1·var2 − cov12²)`, `σ = var1 + var2` and
+    `E± = exp(−(σ + Δ ± 2cov12) / (2D))`:
+
+        nngp   = (E₋ − E₊) / (2√D)
+        d_nngp = (E₋·(D + 8cov12² + g) − E₊·(g − D − 8cov12²)) / (2D^{5/2}),
+                 g = 4cov12·(D + 1 + σ)
+
+    `D = 1 + 2σ + Δ ≥ 1`, so a plain sqrt is safe.
+    """
+    total = var1 + var2
+    delta = 4 * (var1 * var2 - cov12**2)
+    det = 1 + 2 * total + delta
+    minus = torch.exp(-(total + delta - 2 * cov12) / (2 * det))
+    plus = torch.exp(-(total + delta + 2 * cov12) / (2 * det))
+    nngp = (minus - plus) / (2 * torch.sqrt(det))
+    if not with_derivative:
+        return nngp, None
+    shared, slope = det + 8 * cov12**2, 4 * cov12 * (det + 1 + total)
+    d_nngp = (minus * (shared + slope) + plus * (shared - slope)) / (2 * det**2.5)
+    return nngp, d_nngp
+
+
+def exp(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar,
+        with_derivative: bool) -> KernelMap:
+    """φ(x) = a·exp(b·x), the log-normal moment `E[e^{b(u + v)}]`:
+
+        nngp   = a²·exp(b²·((var1 + var2)/2 + cov12))
+        d_nngp = b²·nngp
+    """
+    nngp = a**2 * torch.exp(b**2 * ((var1 + var2) / 2 + cov12))
+    return nngp, b**2 * nngp if with_derivative else None
+
+
+def gaussian(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar,
+             with_derivative: bool) -> KernelMap:
+    """φ(x) = a·exp(b·x²): `E[e^{b(u² + v²)}] = det(I − 2bΣ)^{−1/2}`, so with
+    `det = sqrt((1 − 2b·var1)(1 − 2b·var2) − 4b²·cov12²)`:
+
+        nngp   = a² / det
+        d_nngp = 4a²b²·cov12 / det³
+
+    For `b ≤ 0`, `det ≥ 1`; for `b > 0` the expectation diverges (inf) once
+    `2b·var ≥ 1`.
+    """
+    det = safe_sqrt((1 - 2 * b * var1) * (1 - 2 * b * var2) - 4 * b**2 * cov12**2)
+    nngp = a**2 / det
+    return nngp, 4 * b**2 * cov12 * nngp / det**2 if with_derivative else None
+
+
+def exp_normalized(cov12: Tensor, var1: Tensor, var2: Tensor, gamma: Scalar, shift: Scalar,
+                   do_clip: bool, with_derivative: bool) -> KernelMap:
+    """The "Gaussian normalized kernel" (Shankar et al. 2020, arXiv:2003.02237 p. 6),
+    a kernel map without an activation. With `r = sqrt(var1·var2)` and
+    `ρ = cov12 / r` (clipped to [−1, 1] if `do_clip`):
+
+        nngp   = r·exp(γ·(ρ + shift))
+        d_nngp = γ·exp(γ·(ρ + shift))
+
+    `r` is floored at 1e-15 (as in neural-tangents), which keeps zero variances finite.
+    """
+    norm = torch.sqrt(torch.clamp(var1 * var2, min=1e-30))
+    rho = cov12 / norm
+    if do_clip:
+        rho = torch.clamp(rho, -1., 1.)
+    scale = torch.exp(gamma * (rho + shift))
+    return norm * scale, gamma * scale if with_derivative else None
+
+
+def hermite(cov12: Tensor, var1: Tensor, var2: Tensor, degree: int,
+            with_derivative: bool) -> KernelMap:
+    """φ = Heₙ/√n!, the normalized probabilists' Hermite polynomial, for inputs of
+    unit variance (`var1 = var2 = 1`, which is assumed, not checked here):
+    `E[Heₙ(u)Heₙ(v)] = n!·cov12ⁿ` (Mehler 1866; O'Donnell 2014, §11.2), so
+
+        nngp   = cov12ⁿ
+        d_nngp = n·cov12ⁿ⁻¹   (0 for n = 0)
+    """
+    nngp = cov12**degree
+    if not with_derivative:
+        return nngp, None
+    return nngp, torch.zeros_like(nngp) if degree == 0 else degree * cov12**(degree - 1)
+
+
+def polynomial(cov12: Tensor, var1: Tensor, var2: Tensor, coef: Sequence[Scalar],
+               with_derivative: bool) -> KernelMap:
+    """φ(x) = Σₖ coef[k]·xᵏ, through its Hermite expansion (Mehler; see e.g.
+    Han et al. 2022, arXiv:2209.04121):
+
+        nngp   = Σ_l cov12ˡ/l! · m_l(var1)·m_l(var2)
+        d_nngp = Σ_{l≥1} cov12ˡ⁻¹/(l − 1)! · m_l(var1)·m_l(var2)
+
+    where `m_l(q) = E[φ⁽ˡ⁾(√q·z)] = Σ_i coef[l + 2i]·(l + 2i)!/(2ⁱ·i!)·qⁱ`
+    (Gaussian moments of the l-th derivative). No division by a variance occurs.
+    """
+    def moment(q: Tensor, l: int) -> Tensor:
+        # Horner in q over the coefficients coef[l], coef[l + 2], ….
+        terms = range(l, len(coef), 2)
+        out = torch.zeros_like(q)
+        for k in reversed(terms):
+            i = (k - l) // 2
+            out = out * q + coef[k] * (math.factorial(k) / (2**i * math.factorial(i)))
+        return out
+
+    nngp = torch.zeros_like(cov12)
+    d_nngp = torch.zeros_like(cov12) if with_derivative else None
+    for l in range(len(coef)):
+        weight = moment(var1, l) * moment(var2, l)
+        nngp = nngp + cov12**l / math.factorial(l) * weight
+        if with_derivative and l > 0:
+            d_nngp = d_nngp + cov12**(l - 1) / math.factorial(l - 1) * weight
     return nngp, d_nngp

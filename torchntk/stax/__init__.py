@@ -3,8 +3,10 @@
 from .branching import FanInConcat, FanInProd, FanInSum, FanOut
 from .combinators import Parallel, Serial, parallel, repeat, serial
 from .dropout import Dropout
-from .elementwise import (ABRelu, Abs, Elementwise, ElementwiseNumerical, Erf, LeakyRelu, Mish,
-                          Relu, SiLU, Sigmoid, Sigmoid_like, Softplus, Tanh)
+from .elementwise import (ABRelu, Abs, Cos, Elementwise, ElementwiseNumerical, Erf, Exp,
+                          ExpNormalized, Gabor, Gaussian, Gelu, Hermite, LeakyRelu, Mish,
+                          Monomial, Polynomial, Rbf, RectifiedMonomial, Relu, SiLU, Sigmoid,
+                          Sigmoid_like, Sign, Sin, Softplus, Tanh)
 from .linear import Dense, Identity
 from .module import Layer
 from .normalization import LayerNorm

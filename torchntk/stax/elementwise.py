@@ -14,7 +14,8 @@ nngp_fn)` instance.
 from __future__ import annotations
 
 import math
-from typing import Callable
+import warnings
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,11 +24,33 @@ import torch.nn.functional as F
 from ..functional import elementwise as maps
 from ..functional.elementwise import KernelMap
 from ..kernel import Kernel
-from .module import Layer, check_positive_int
+from .module import Layer, Scalar, check_nonnegative, check_positive_int
 from .requirements import Diagonal, Requirements
 
 Tensor = torch.Tensor
 NngpFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _check_real(value: Scalar, arg: str, layer_name: str) -> None:
+    """Raise unless `value` is a finite float or a finite scalar tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{layer_name}: {arg} must be a scalar, got shape {tuple(value.shape)}")
+        number = float(value.detach())
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise TypeError(f"{layer_name}: {arg} must be a float or a scalar tensor, "
+                        f"got {type(value).__name__}")
+    if not math.isfinite(number):
+        raise ValueError(f"{layer_name}: {arg} must be finite, got {number}")
+
+
+def _check_degree(degree: int, layer_name: str, max_degree: int | None = None) -> None:
+    valid = isinstance(degree, int) and not isinstance(degree, bool) and degree >= 0
+    if not valid or (max_degree is not None and degree > max_degree):
+        expected = "an integer >= 0" if max_degree is None else f"an integer in 0..{max_degree}"
+        raise ValueError(f"{layer_name}: degree must be {expected}, got {degree!r}")
 
 
 class Elementwise(Layer):
@@ -83,8 +106,10 @@ class ABRelu(Elementwise):
     keeps very deep or very wide-`W_std` networks finite.
     """
 
-    def __init__(self, a: float, b: float, do_stabilize: bool = False) -> None:
+    def __init__(self, a: Scalar, b: Scalar, do_stabilize: bool = False) -> None:
         super().__init__()
+        for arg, value in (('a', a), ('b', b)):
+            _check_real(value, arg, self._name())
         self.a, self.b, self.do_stabilize = a, b, do_stabilize
 
     def forward(self, x: Tensor) -> Tensor:
@@ -126,8 +151,10 @@ class Abs(ABRelu):
 class Erf(Elementwise):
     """`φ(x) = a·erf(b·x) + c` (`functional.elementwise.erf`)."""
 
-    def __init__(self, a: float = 1., b: float = 1., c: float = 0.) -> None:
+    def __init__(self, a: Scalar = 1., b: Scalar = 1., c: Scalar = 0.) -> None:
         super().__init__()
+        for arg, value in (('a', a), ('b', b), ('c', c)):
+            _check_real(value, arg, self._name())
         self.a, self.b, self.c = a, b, c
 
     def forward(self, x: Tensor) -> Tensor:
@@ -143,6 +170,245 @@ class Erf(Elementwise):
 def Sigmoid_like() -> Erf:
     """`φ(x) = erf(x / 2.4020563531719796) / 2 + 1/2`, an Erf fitted to the logistic sigmoid."""
     return Erf(a=0.5, b=1 / 2.4020563531719796, c=0.5)
+
+
+class Sign(Elementwise):
+    """`φ(x) = sign(x)`, `sign(0) = 0` (`functional.elementwise.sign`); the NTK is zero."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sign(x)
+
+    def kernel_map(self, cov12, var1, var2, with_derivative):
+        return maps.sign(cov12, var1, var2, with_derivative)
+
+
+class RectifiedMonomial(Elementwise):
+    """`φ(x) = [x ≥ 0]·x^degree`: the arc-cosine kernel of that degree
+    (`functional.elementwise.rectified_monomial`; Cho & Saul 2009)."""
+
+    def __init__(self, degree: int) -> None:
+        super().__init__()
+        _check_degree(degree, self._name())
+        self.degree = degree
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.where(x >= 0, x**self.degree, 0.)
+
+    def kernel_map(self, cov12, var1, var2, with_derivative):
+        return maps.rectified_monomial(cov12, var1, var2, self.degree, with_derivative)
+
+    def extra_repr(self) -> str:
+        return f"degree={self.degree}"
+
+
+class Gelu(Elementwise):
+    """`φ(x) = x·Φ(x)` (`functional.elementwise.gelu`; Tsuchida et al. 2020).
+
+    `approximate=True` makes the finite network use the tanh approximation
+    (`F.gelu(x, approximate='tanh')`); the kernels are always those of the exact GELU.
+    """
+
+    def __init__(self, approximate: bool = False) -> None:
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(x, approximate='tanh' if self.approximate else 'none')
+
+    def kernel_map(self, cov12, var1, var2, with_derivative):
+        return maps.gelu(cov12, var1, var2, with_derivative)
+
+    def extra_repr(self) -> str:
+        return "approximate=True" if self.approximate else ""
+
+
+class Sin(Elementwise):
+    """`φ(x) = a·sin(b·x + c)` (`functional.elementwise.sin`)."""
+
+    def __init__(self, a: Scalar = 1., b: Scalar = 1., c: Scalar = 0.) -> None:
+        super().__init__()
+        for arg, value in (('a', a), ('b', b), ('c', c)):
+            _check_real(value, arg, self._name())
+        self.a, self.b, self.c = a, b, c
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.a * torch.sin(self.b * x + self.c)
+
+    def kernel_map(self, cov12, var1, var2, with_derivative):
+        return maps.sin(cov12, var1, var2, self.a, self.b, self.c, with_derivative)
+
+    def extra_repr(self) -> str:
+        return f"a={self.a}, b={self.b}, c={self.c}"
+
+
+class Cos(Sin):
+    """`φ(x) = a·cos(b·x + c) = a·sin(b·x + c + π/2)`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.a * torch.cos(self.b * x + self.c)
+
+    def kernel_map(self, cov12, var1, var2, with_derivative):
+        return maps.sin(cov12, var1, var2, self.a, self.b, self.c + math.pi / 2, with_derivative)
+
+
+class Rbf(Elementwise):
+    """`φ(x) = √2·sin(√(2γ)·x + π/4)`, whose NNGP is the RBF kernel
+    `exp(−γ·|x − x'|²/d)` of the inputs to the previous Dense layer
+    (`functional.elementwise.rbf`); `γ = 1/(2ℓ²)` for a length-scale `ℓ`."""
+
+    def __init__(self, gamma: Scalar = 1.) -> None:
+        super().__init__()
+        check_nonnegative(gamma, 'gamma', self._name())
+        self.gamma = gamma
+
+    def forward(self, x: Tensor) -> Tensor:
+        return math.sqrt(2) * torch.sin((2 * self.gamma)**0.5 * x + math.pi / 4)
+
+    def kernel_map(self, cov12, var1, var2, with_derivative):
+        return maps.rbf(cov12, var1, var2, self.gamma, with_derivative)
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}"
+
+
+class Gabor(Elementwise):
+    """`φ(x) = exp(−x²)·sin(x)` (`functional.elementwise.gabor`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.exp(-x**2) * torch.sin(x)
+
+    def kernel_map(self, cov12, var1, var2, with_derivative):
+        return maps.gabor(cov12, var1, var2, with_derivative)
+
+
+class Exp(Elementwise):
+    """`φ(x) = a·exp(b·x)` (`functional.elementwise.exp`)."""
+
+    def __init__(self, a: Scalar = 1., b: Scalar = 1.) -> None:
+        super().__init__()
+        for arg, value in (('a', a), ('b', b)):
+            _check_real(value, arg, self._name())
+        self.a, self.b = a, b
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.a * torch.exp(self.b * x)
+
+    def kernel_map(self, cov12, var1, var2, with_derivative):
+        return maps.exp(cov12, var1, var2, self.a, self.b, with_derivative)
+
+    def extra_repr(self) -> str:
+        return f"a={self.a}, b={self.b}"
+
+
+class Gaussian(Exp):
+    """`φ(x) = a·exp(b·x²)` (`functional.elementwise.gaussian`); finite kernels need
+    `b ≤ 0` or small variances."""
+
+    def __init__(self, a: Scalar = 1., b: Scalar = -1.) -> None:
+        super().__init__(a, b)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.a * torch.exp(self.b * x**2)
+
+    def kernel_map(self, cov12, var1, var2, with_derivative):
+        return maps.gaussian(cov12, var1, var2, self.a, self.b, with_derivative)
+
+
+class ExpNormalized(Elementwise):
+    """The "Gaussian normalized kernel" `r·exp(γ·(cov12/r + shift))`, `r = sqrt(var1·var2)`
+    (`functional.elementwise.exp_normalized`; Shankar et al. 2020).
+
+    A kernel map only: no activation has this kernel, so `forward` raises.
+    `do_clip=True` clips the normalized covariance to [−1, 1] against rounding.
+    """
+
+    def __init__(self, gamma: Scalar = 1., shift: Scalar = -1., do_clip: bool = False) -> None:
+        super().__init__()
+        for arg, value in (('gamma', gamma), ('shift', shift)):
+            _check_real(value, arg, self._name())
+        self.gamma, self.shift, self.do_clip = gamma, shift, do_clip
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise ValueError(f"{self._name()} is defined by its kernel only; it has no finite-width "
+                         "function to apply")
+
+    def kernel_map(self, cov12, var1, var2, with_derivative):
+        return maps.exp_normalized(cov12, var1, var2, self.gamma, self.shift, self.do_clip,
+                                   with_derivative)
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, shift={self.shift}" + (", do_clip=True" if self.do_clip else "")
+
+
+class Hermite(Elementwise):
+    """`φ(x) = Heₙ(x)/√n!`, the probabilists' Hermite polynomial of `degree` n,
+    normalized to unit norm under N(0, 1) (`functional.elementwise.hermite`).
+
+    The kernel `cov12ⁿ` holds for unit-variance inputs (e.g. after `LayerNorm`),
+    as in neural-tangents; a `UserWarning` is issued when they are not.
+    """
+
+    def __init__(self, degree: int) -> None:
+        super().__init__()
+        _check_degree(degree, self._name())
+        self.degree = degree
+
+    def forward(self, x: Tensor) -> Tensor:
+        lower, value = torch.zeros_like(x), torch.ones_like(x)
+        for k in range(self.degree):          # He_{k+1} = x·He_k − k·He_{k−1}
+            lower, value = value, x * value - k * lower
+        return value / math.sqrt(math.factorial(self.degree))
+
+    def kernel_map(self, cov12, var1, var2, with_derivative):
+        if any(bool(((var - 1).abs() > 1e-6).any()) for var in (var1, var2)):
+            warnings.warn(f"{self._name()}: the kernel assumes inputs of unit variance across "
+                          "features (e.g. after LayerNorm), got other variances", stacklevel=2)
+        return maps.hermite(cov12, var1, var2, self.degree, with_derivative)
+
+    def extra_repr(self) -> str:
+        return f"degree={self.degree}"
+
+
+class Polynomial(Elementwise):
+    """`φ(x) = coef[0] + coef[1]·x + … + coef[n]·xⁿ` (`functional.elementwise.polynomial`)."""
+
+    def __init__(self, coef: Sequence[Scalar]) -> None:
+        super().__init__()
+        if isinstance(coef, torch.Tensor):
+            coef = list(coef.reshape(-1).unbind()) if coef.ndim == 1 else coef
+        if not isinstance(coef, Sequence) or len(coef) == 0:
+            raise ValueError(f"{self._name()}: coef must be a non-empty sequence of numbers, "
+                             f"got {coef!r}")
+        for k, value in enumerate(coef):
+            _check_real(value, f"coef[{k}]", self._name())
+        self.coef = tuple(coef)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.zeros_like(x)
+        for c in reversed(self.coef):
+            out = out * x + c
+        return out
+
+    def kernel_map(self, cov12, var1, var2, with_derivative):
+        return maps.polynomial(cov12, var1, var2, self.coef, with_derivative)
+
+    def extra_repr(self) -> str:
+        return f"coef={list(self.coef)}"
+
+
+class Monomial(Polynomial):
+    """`φ(x) = x^degree`, `degree` in 0..5 as in neural-tangents (a `Polynomial`)."""
+
+    def __init__(self, degree: int) -> None:
+        _check_degree(degree, type(self).__name__, max_degree=5)
+        super().__init__([0.] * degree + [1.])
+        self.degree = degree
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x**self.degree
+
+    def extra_repr(self) -> str:
+        return f"degree={self.degree}"
 
 
 class ElementwiseNumerical(Elementwise):

@@ -115,19 +115,21 @@ class Dense(Layer):
         return z if bias is None else z + bias
 
     def kernel_rule(self, k: Kernel) -> Kernel:
-        W_var = self.W_std**2
-        b_var = 0. if self.b_std is None else self.b_std**2
+        dtype, device = k.nngp.dtype, k.nngp.device
+        W_var = torch.as_tensor(self.W_std, dtype=dtype, device=device)**2
+        b_var = torch.as_tensor(0. if self.b_std is None else self.b_std, dtype=dtype,
+                                device=device)**2
 
         def affine(cov: torch.Tensor | None) -> torch.Tensor | None:
-            return None if cov is None else W_var * cov + b_var
+            return None if cov is None else torch.addcmul(b_var, W_var, cov)
 
         nngp = affine(k.nngp)
         ntk = k.ntk
         if ntk is not None:
             if self.parameterization == 'ntk':
-                ntk = nngp + W_var * ntk
+                ntk = torch.addcmul(nngp, W_var, ntk)
             else:
-                ntk = k.shape1[1] / self.s[0] * k.nngp + W_var * ntk
+                ntk = torch.addcmul(W_var * ntk, torch.as_tensor(k.shape1[1] / self.s[0]), k.nngp)
                 ntk = ntk if self.b_std is None else ntk + 1.
         return k.replace(nngp=nngp, ntk=ntk, cov1=affine(k.cov1), cov2=affine(k.cov2),
                          is_gaussian=True, shape1=self.output_shape(k.shape1),
