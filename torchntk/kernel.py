@@ -18,8 +18,10 @@ and do not appear.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Any, NamedTuple, Sequence
+import itertools
+from typing import Any, Sequence
 
 import torch
 
@@ -158,12 +160,23 @@ def canonical_get(get: str | Sequence[str] | None) -> tuple[str, ...] | None:
     return tuple(lowered)
 
 
-_NAMEDTUPLES: dict[tuple[str, ...], type] = {}
+def _make_namedtuple(names: tuple[str, ...]) -> type:
+    return collections.namedtuple('AnalyticKernel', names)
+
+
+# torch.compile cannot create classes while tracing: the selections of the
+# kernel tensors are made up front, any other selection on first eager use.
+_NAMEDTUPLES: dict[tuple[str, ...], type] = {
+    names: _make_namedtuple(names)
+    for r in range(1, 5) for names in itertools.permutations(('nngp', 'ntk', 'cov1', 'cov2'), r)}
 
 
 def _namedtuple(names: tuple[str, ...]) -> type:
     if names not in _NAMEDTUPLES:
-        _NAMEDTUPLES[names] = NamedTuple("AnalyticKernel", [(n, Any) for n in names])
+        if torch.compiler.is_compiling():
+            raise ValueError(f"get={names}: under torch.compile, call kernel_fn once without "
+                             "compiling with this get first")
+        _NAMEDTUPLES[names] = _make_namedtuple(names)
     return _NAMEDTUPLES[names]
 
 
