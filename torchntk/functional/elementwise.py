@@ -161,6 +161,8 @@ def rectified_monomial(cov12: Tensor, var1: Tensor, var2: Tensor, degree: int,
         d_nngp = n²·K_{n−1}   (0 for n = 0),
 
     polynomials in `cov12`, `s` and `θ` only, so no division by `sqrt(var1·var2)`.
+    At zero variances `θ = π/2`; for n = 0 this gives 1/4, not the atom of
+    `[0 ≥ 0] = 1` (the values there are finite, and exact for n ≥ 1).
     """
     s, theta = _angle(cov12, var1, var2)
     lower, kernel = None, (math.pi - theta) / (2 * math.pi)
@@ -205,11 +207,12 @@ def gelu(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> Ke
     delta2 = prod_plus - cov12**2
     delta = torch.sqrt(delta2)
     alpha = torch.atan2(cov12, delta)
-    nngp = cov12 / 4 + (cov12 * alpha + (prod * delta2 + cov12**2) / (prod_plus * delta)) / (2 * math.pi)
+    spread = (prod * delta2 + cov12**2) / (prod_plus * delta)
+    nngp = cov12 / 4 + (cov12 * alpha + spread) / (2 * math.pi)
     if not with_derivative:
         return nngp, None
-    d_nngp = 0.25 + alpha / (2 * math.pi) + cov12 * (1 + 1 / delta2 + (1 - prod) / prod_plus) / (2 * math.pi * delta)
-    return nngp, d_nngp
+    slope = 1 + 1 / delta2 + (1 - prod) / prod_plus
+    return nngp, 0.25 + (alpha + cov12 * slope / delta) / (2 * math.pi)
 
 
 def _sinusoid(cov12: Tensor, var1: Tensor, var2: Tensor, half_a2: Scalar, b2: Scalar,
@@ -225,10 +228,11 @@ def _sinusoid(cov12: Tensor, var1: Tensor, var2: Tensor, half_a2: Scalar, b2: Sc
 def sin(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar, c: Scalar,
         with_derivative: bool) -> KernelMap:
     """φ(x) = a·sin(b·x + c); cos is `c + π/2`. From `2 sin(x) sin(y) = cos(x − y)
-    − cos(x + y)` and `E[cos(w + k)] = cos(k)·exp(−Var(w)/2)` for Gaussian `w`:
+    − cos(x + y)` and `E[cos(w + k)] = cos(k)·exp(−Var(w)/2)` for Gaussian `w`,
+    with `E± = exp(−b²·(var1 + var2 ± 2cov12)/2)`:
 
-        nngp   = a²/2 · (e^{−b²(var1 + var2 − 2cov12)/2} − cos(2c)·e^{−b²(var1 + var2 + 2cov12)/2})
-        d_nngp = a²b²/2 · (e^{−b²(var1 + var2 − 2cov12)/2} + cos(2c)·e^{−b²(var1 + var2 + 2cov12)/2})
+        nngp   = a²/2 · (E₋ − cos(2c)·E₊)
+        d_nngp = a²b²/2 · (E₋ + cos(2c)·E₊)
     """
     return _sinusoid(cov12, var1, var2, a**2 / 2, b**2, _cos(2 * c), with_derivative)
 

@@ -35,7 +35,8 @@ def _check_real(value: Scalar, arg: str, layer_name: str) -> None:
     """Raise unless `value` is a finite float or a finite scalar tensor."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{layer_name}: {arg} must be a scalar, got shape {tuple(value.shape)}")
+            raise ValueError(f"{layer_name}: {arg} must be a scalar, "
+                             f"got shape {tuple(value.shape)}")
         number = float(value.detach())
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value)
@@ -337,7 +338,8 @@ class ExpNormalized(Elementwise):
                                    with_derivative)
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, shift={self.shift}" + (", do_clip=True" if self.do_clip else "")
+        clip = ", do_clip=True" if self.do_clip else ""
+        return f"gamma={self.gamma}, shift={self.shift}{clip}"
 
 
 class Hermite(Elementwise):
@@ -360,7 +362,8 @@ class Hermite(Elementwise):
         return value / math.sqrt(math.factorial(self.degree))
 
     def kernel_map(self, cov12, var1, var2, with_derivative):
-        if any(bool(((var - 1).abs() > 1e-6).any()) for var in (var1, var2)):
+        if not torch.compiler.is_compiling() and any(
+                bool(((var - 1).abs() > 1e-6).any()) for var in (var1, var2)):
             warnings.warn(f"{self._name()}: the kernel assumes inputs of unit variance across "
                           "features (e.g. after LayerNorm), got other variances", stacklevel=2)
         return maps.hermite(cov12, var1, var2, self.degree, with_derivative)
@@ -370,12 +373,13 @@ class Hermite(Elementwise):
 
 
 class Polynomial(Elementwise):
-    """`φ(x) = coef[0] + coef[1]·x + … + coef[n]·xⁿ` (`functional.elementwise.polynomial`)."""
+    """`φ(x) = coef[0] + coef[1]·x + … + coef[n]·xⁿ` (`functional.elementwise.polynomial`),
+    `coef` a sequence of floats or scalar tensors."""
 
     def __init__(self, coef: Sequence[Scalar]) -> None:
         super().__init__()
         if isinstance(coef, torch.Tensor):
-            coef = list(coef.reshape(-1).unbind()) if coef.ndim == 1 else coef
+            coef = list(coef.unbind()) if coef.ndim == 1 else coef
         if not isinstance(coef, Sequence) or len(coef) == 0:
             raise ValueError(f"{self._name()}: coef must be a non-empty sequence of numbers, "
                              f"got {coef!r}")
@@ -400,7 +404,7 @@ class Monomial(Polynomial):
     """`φ(x) = x^degree`, `degree` in 0..5 as in neural-tangents (a `Polynomial`)."""
 
     def __init__(self, degree: int) -> None:
-        _check_degree(degree, type(self).__name__, max_degree=5)
+        _check_degree(degree, self._name(), max_degree=5)
         super().__init__([0.] * degree + [1.])
         self.degree = degree
 

@@ -1,0 +1,180 @@
+"""Compute reference NNGP/NTK values with neural-tangents for the cases in cases.json.
+
+The values in ``fc_reference.npz`` come from an independent implementation,
+neural-tangents 0.6.5 in float64, so that ``tests/stax/test_reference.py`` can
+check torchntk's kernels against them. This script is a tool for maintainers:
+it is never imported by torchntk or by the tests, and it needs its own
+environment, because neural-tangents depends on jax and tensorflow::
+
+    python3 -m venv /path/to/nt-venv
+    /path/to/nt-venv/bin/pip install neural-tangents==0.6.5 jax==0.4.23 \\
+        jaxlib==0.4.23 'numpy<2' scipy==1.11.4 tensorflow==2.15.1 tf2jax==0.3.5
+
+Then, from the repository root::
+
+    /path/to/nt-venv/bin/python tests/reference/make_reference.py
+
+It reads ``tests/reference/cases.json`` and rewrites
+``tests/reference/fc_reference.npz`` with, for every case ``name``, the keys
+``name/x1``, ``name/x2`` (only when the case gives ``x2_shape``),
+``name/nngp``, ``name/ntk``, ``name/cov1`` and ``name/cov2`` (only with x2).
+Inputs are stored in torchntk's (PyTorch) layout: batch axis 0, channel axis 1.
+
+Besides the fields every case has, a case may give ``zero_rows``, rows of x1
+set to zero, and ``get``, the kernels to store and compare when
+neural-tangents cannot give all of them (its RectifiedMonomial is NaN where
+the two inputs coincide, so only the x1-x2 ``nngp`` and ``ntk`` are usable).
+
+Accuracy: the NTK of ReLU-like layers (and Sign's NNGP) has a square-root
+singularity where the two inputs coincide, so an ulp of disagreement between
+the NNGP diagonal and the variances becomes a 1e-9..1e-8 relative error on the
+kernel's diagonal. neural-tangents computes the two by different paths with
+``diagonal_batch=True`` and inside ``stax.repeat`` (a ``lax.scan``), and its
+values there are off by that much (checked against 40-digit mpmath for
+ReLU). This script therefore always asks for the full batch and takes the
+diagonal of ``cov1``/``cov2`` itself, and unrolls ``repeat`` into ``serial``:
+the same kernels, computed consistently, accurate to ~1e-15. (One exception
+to "the same": neural-tangents' Sign sets every nonzero entry of a full cov1 to
+1, so Sign cases must use ``diagonal_batch=True``.)
+
+A case's network is written in torchntk's vocabulary (see cases.json); the
+table ``LAYERS`` below translates each layer name to the neural-tangents layer
+that computes the same kernel. A new layer family is added there, as one entry.
+"""
+import json
+import logging
+import os
+import pathlib
+import zlib
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import jax.scipy.special  # noqa: E402
+import numpy as np  # noqa: E402
+from neural_tangents import stax  # noqa: E402
+
+HERE = pathlib.Path(__file__).resolve().parent
+CASES = HERE / "cases.json"
+OUTPUT = HERE / "fc_reference.npz"
+
+# Activations that torchntk names and neural-tangents only has through quadrature.
+NUMERICAL_FNS = {
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "softplus": jax.nn.softplus,
+    "silu": jax.nn.silu,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "erf": jax.scipy.special.erf,
+    "sin": jnp.sin,
+}
+
+
+def channels_last_axis(axis, ndim):
+    """Map an axis of a PyTorch-layout (N, C, *spatial) array to neural-tangents' (N, *spatial, C)."""
+    axis %= ndim
+    if axis == 0:
+        return 0
+    if axis == 1:
+        return ndim - 1
+    return axis - 1
+
+
+def to_channels_last(x):
+    return np.moveaxis(x, 1, -1)
+
+
+def _numerical(fn, deg):
+    return stax.ElementwiseNumerical(fn=NUMERICAL_FNS[fn], deg=deg)
+
+
+# Layers whose torchntk name or arguments differ from neural-tangents'. Each
+# builder takes the case's keyword arguments and the input rank; every other
+# layer name is looked up in neural_tangents.stax with its arguments unchanged.
+LAYERS = {
+    "Dense": lambda ndim, s=(1, 1), **kw: stax.Dense(s=tuple(s), **kw),
+    "Dropout": lambda ndim, p: stax.Dropout(rate=1.0 - p, mode="train"),
+    "LayerNorm": lambda ndim, axis: stax.LayerNorm(axis=channels_last_axis(axis, ndim)),
+    "FanInConcat": lambda ndim, axis: stax.FanInConcat(axis=channels_last_axis(axis, ndim)),
+    "ElementwiseNumerical": lambda ndim, fn, deg: _numerical(fn, deg),
+    "Tanh": lambda ndim, deg: _numerical("tanh", deg),
+    "Sigmoid": lambda ndim, deg: _numerical("sigmoid", deg),
+    "Softplus": lambda ndim, deg: _numerical("softplus", deg),
+    "SiLU": lambda ndim, deg: _numerical("silu", deg),
+    "Mish": lambda ndim, deg: _numerical("mish", deg),
+}
+
+COMBINATORS = {
+    "serial": lambda layers: stax.serial(*layers),
+    "parallel": lambda layers: stax.parallel(*layers),
+    # Unrolled rather than stax.repeat: see "Accuracy" in the module docstring.
+    "repeat": lambda layers, n: stax.serial(*layers * n),
+}
+
+
+def build(spec, ndim):
+    """Translate a torchntk layer spec ``[name, kwargs(, children)]`` into a neural-tangents layer."""
+    name, kwargs, *children = spec
+    if name in COMBINATORS:
+        return COMBINATORS[name]([build(child, ndim) for child in children[0]], **kwargs)
+    if name in LAYERS:
+        return LAYERS[name](ndim, **kwargs)
+    return getattr(stax, name)(**kwargs)
+
+
+def draw_inputs(case):
+    """Inputs of a case, in PyTorch layout, from a seed fixed by the case name."""
+    rng = np.random.default_rng(zlib.crc32(case["name"].encode()))
+    shapes = [case["x1_shape"], case["x2_shape"]]
+    xs = [None if shape is None else np.cos(rng.normal(size=shape)) for shape in shapes]
+    for row in case.get("zero_rows", []):
+        xs[0][row] = 0.0
+    return xs
+
+
+def reference(case):
+    x1, x2 = draw_inputs(case)
+    _, _, kernel_fn = build(case["network"], x1.ndim)
+    get = tuple(case.get("get", ("nngp", "ntk", "cov1", "cov2")))
+    if x2 is None:
+        get = tuple(key for key in get if key != "cov2")
+    # Always the full batch, then the diagonal: see "Accuracy" in the module docstring.
+    kernels = kernel_fn(
+        to_channels_last(x1),
+        None if x2 is None else to_channels_last(x2),
+        get=get,
+        diagonal_batch=False,
+    )
+    arrays = {"x1": x1} if x2 is None else {"x1": x1, "x2": x2}
+    for key, value in zip(get, kernels):
+        value = np.asarray(value)
+        if key in ("cov1", "cov2") and case["diagonal_batch"]:
+            value = np.einsum("ii...->i...", value)
+        arrays[key] = value
+    return arrays
+
+
+def main():
+    cases = json.loads(CASES.read_text())
+    names = [case["name"] for case in cases]
+    if len(set(names)) != len(names):
+        raise ValueError("cases.json: case names must be unique")
+    results = {}
+    for case in cases:
+        arrays = reference(case)
+        bad = [key for key, value in arrays.items() if not np.all(np.isfinite(value))]
+        if bad:
+            raise ValueError(f"case {case['name']!r}: neural-tangents gave non-finite {bad}")
+        results.update({f"{case['name']}/{key}": value for key, value in arrays.items()})
+    np.savez_compressed(OUTPUT, **results)
+    logging.info("wrote %d cases to %s", len(cases), OUTPUT)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()

@@ -1,0 +1,64 @@
+"""torchntk's fully connected kernels against neural-tangents 0.6.5.
+
+The cases are in tests/reference/cases.json and the reference values in
+tests/reference/fc_reference.npz, made by tests/reference/make_reference.py.
+"""
+import torch
+import torch.nn.functional as F
+
+from torchntk import stax
+
+TOLERANCE = {"closed_form": 1e-10, "quadrature": 1e-6}
+
+NUMERICAL_FNS = {
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "softplus": F.softplus,
+    "silu": F.silu,
+    "mish": F.mish,
+    "erf": torch.special.erf,
+    "sin": torch.sin,
+}
+
+COMBINATORS = {
+    "serial": lambda layers: stax.serial(*layers),
+    "parallel": lambda layers: stax.parallel(*layers),
+    "repeat": lambda layers, n: stax.repeat(layers[0], n),
+}
+
+
+def build_model(spec):
+    """Build a torchntk model from a cases.json layer spec ``[name, kwargs(, children)]``."""
+    name, kwargs, *children = spec
+    if name in COMBINATORS:
+        return COMBINATORS[name]([build_model(child) for child in children[0]], **kwargs)
+    if name == "ElementwiseNumerical":
+        kwargs = {**kwargs, "fn": NUMERICAL_FNS[kwargs["fn"]]}
+    if "s" in kwargs:
+        kwargs = {**kwargs, "s": tuple(kwargs["s"])}
+    return getattr(stax, name)(**kwargs)
+
+
+def relative_error(actual, expected):
+    return (torch.linalg.norm(actual - expected) / torch.linalg.norm(expected)).item()
+
+
+def test_kernels_match_neural_tangents(fc_case, fc_reference):
+    name = fc_case["name"]
+    x1 = torch.from_numpy(fc_reference[f"{name}/x1"])
+    x2 = None if fc_case["x2_shape"] is None else torch.from_numpy(fc_reference[f"{name}/x2"])
+    get = tuple(fc_case.get("get", ("nngp", "ntk", "cov1", "cov2")))
+    if x2 is None:
+        get = tuple(key for key in get if key != "cov2")
+
+    model = build_model(fc_case["network"])
+    kernels = model.kernel_fn(x1, x2, get=get, diagonal_batch=fc_case["diagonal_batch"])
+
+    tolerance = TOLERANCE[fc_case["tolerance"]]
+    errors = {}
+    for key in get:
+        expected = torch.from_numpy(fc_reference[f"{name}/{key}"])
+        actual = getattr(kernels, key)
+        assert actual.shape == expected.shape, f"{key}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+        errors[key] = relative_error(actual, expected)
+    assert all(error <= tolerance for error in errors.values()), f"relative errors {errors} > {tolerance}"
