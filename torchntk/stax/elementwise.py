@@ -443,56 +443,88 @@ class ElementwiseNumerical(Elementwise):
         return torch.func.jvp(self.fn, (x,), (torch.ones_like(x),))[1]
 
     def kernel_map(self, cov12, var1, var2, with_derivative):
-        cov12, var1, var2 = torch.broadcast_tensors(cov12, var1, var2)
+        shape = torch.broadcast_shapes(cov12.shape, var1.shape, var2.shape)
+        cov12, var1, var2 = (t.expand(shape).reshape(-1) for t in (cov12, var1, var2))
+        # Chunks of entries bound the (chunk, deg, deg) quadrature grid to ~2²² values.
+        chunk = max(1, 2**22 // self.deg**2)
+        parts = [self._quadrature(*args, with_derivative)
+                 for args in zip(cov12.split(chunk), var1.split(chunk), var2.split(chunk))]
+        nngp = torch.cat([p[0] for p in parts]).reshape(shape)
+        d_nngp = torch.cat([p[1] for p in parts]).reshape(shape) if with_derivative else None
+        return nngp, d_nngp
+
+    def _quadrature(self, cov12: Tensor, var1: Tensor, var2: Tensor,
+                    with_derivative: bool) -> KernelMap:
         z = self.nodes.to(cov12)
         w = self.weights.to(cov12)
         sd1 = maps.safe_sqrt(var1)
         slope = torch.where(sd1 > 0, cov12 / torch.where(sd1 > 0, sd1, 1.), 0.)
         residual = maps.safe_sqrt(var2 - slope**2)
-        u = sd1[..., None] * z                                              # (..., deg)
-        v = slope[..., None, None] * z[:, None] + residual[..., None, None] * z  # (..., deg, deg)
+        u = sd1[:, None] * z                                            # (chunk, deg)
+        v = slope[:, None, None] * z[:, None] + residual[:, None, None] * z  # (chunk, deg, deg)
         w2 = w[:, None] * w
 
         def expectation(g: Callable[[Tensor], Tensor]) -> Tensor:
-            return torch.einsum('...i,...ij,ij->...', g(u), g(v), w2)
+            return torch.einsum('ni,nij,ij->n', g(u), g(v), w2)
 
-        nngp = expectation(self.fn)
-        return nngp, expectation(self._derivative) if with_derivative else None
+        return expectation(self.fn), expectation(self._derivative) if with_derivative else None
 
     def extra_repr(self) -> str:
         return f"fn={getattr(self.fn, '__name__', self.fn)}, deg={self.deg}"
 
 
 class Tanh(ElementwiseNumerical):
-    """`φ = tanh`, kernels by `deg`-point Gauss–Hermite quadrature (see `ElementwiseNumerical`)."""
+    """`φ = tanh`, kernels by `deg`-point Gauss–Hermite quadrature (see `ElementwiseNumerical`).
 
-    def __init__(self, deg: int = 25) -> None:
+    Measured relative error against `deg=300` for variances up to 4:
+    nngp 2e-6 and NTK 7e-5 at `deg=100` (5e-3 and 6e-2 at `deg=25`); tanh's
+    poles at ±iπ/2 make the rule converge slowly. Cost: `deg²` evaluations per
+    kernel entry.
+    """
+
+    def __init__(self, deg: int = 100) -> None:
         super().__init__(torch.tanh, deg)
 
 
 class Sigmoid(ElementwiseNumerical):
-    """`φ = 1 / (1 + e^{-x})`, kernels by quadrature (see `ElementwiseNumerical`)."""
+    """`φ = 1 / (1 + e^{-x})`, kernels by quadrature (see `ElementwiseNumerical`).
 
-    def __init__(self, deg: int = 25) -> None:
+    Measured relative error against `deg=300` for variances up to 4 at the
+    default `deg=50`: nngp 1e-8, NTK 1e-6.
+    """
+
+    def __init__(self, deg: int = 50) -> None:
         super().__init__(torch.sigmoid, deg)
 
 
 class Softplus(ElementwiseNumerical):
-    """`φ = log(1 + e^x)`, kernels by quadrature (see `ElementwiseNumerical`)."""
+    """`φ = log(1 + e^x)`, kernels by quadrature (see `ElementwiseNumerical`).
 
-    def __init__(self, deg: int = 25) -> None:
+    Measured relative error against `deg=300` for variances up to 4 at the
+    default `deg=50`: nngp 2e-10, NTK 1e-8.
+    """
+
+    def __init__(self, deg: int = 50) -> None:
         super().__init__(F.softplus, deg)
 
 
 class SiLU(ElementwiseNumerical):
-    """`φ = x·sigmoid(x)`, kernels by quadrature (see `ElementwiseNumerical`)."""
+    """`φ = x·sigmoid(x)`, kernels by quadrature (see `ElementwiseNumerical`).
 
-    def __init__(self, deg: int = 25) -> None:
+    Measured relative error against `deg=300` for variances up to 4 at the
+    default `deg=50`: nngp 2e-8, NTK 6e-7.
+    """
+
+    def __init__(self, deg: int = 50) -> None:
         super().__init__(F.silu, deg)
 
 
 class Mish(ElementwiseNumerical):
-    """`φ = x·tanh(softplus(x))`, kernels by quadrature (see `ElementwiseNumerical`)."""
+    """`φ = x·tanh(softplus(x))`, kernels by quadrature (see `ElementwiseNumerical`).
 
-    def __init__(self, deg: int = 25) -> None:
+    Measured relative error against `deg=300` for variances up to 4 at the
+    default `deg=50`: nngp 1e-6, NTK 2e-5.
+    """
+
+    def __init__(self, deg: int = 50) -> None:
         super().__init__(F.mish, deg)
