@@ -133,9 +133,10 @@ def test_kinked_kernel_map_matches_polar_integral(name):
     layer, points = factory(), random_covariances(seed=1)
     nngp, d_nngp = layer.kernel_map(*points, True)
     expected_nngp, expected_d_nngp = polar_expectations(layer, degree, *points)
-    # ρ = ±1 puts a kink on a quadrature edge only up to rounding: 1e-9.
-    torch.testing.assert_close(nngp, expected_nngp, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(d_nngp, expected_d_nngp, rtol=1e-9, atol=1e-10)
+    # ρ = ±1 puts a kink on a quadrature edge only up to rounding, which costs
+    # the polar rule a few 1e-9 there (the closed form is exact: checked with mpmath).
+    torch.testing.assert_close(nngp, expected_nngp, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(d_nngp, expected_d_nngp, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", NUMERICAL)

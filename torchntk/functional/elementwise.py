@@ -57,19 +57,14 @@ class _SafeSqrt(torch.autograd.Function):
         return tangent * _SafeSqrt._derivative(root)
 
 
-class _Angle(torch.autograd.Function):
-    """`θ = atan2(s, c) ∈ [0, π]` for `s ≥ 0`, computed as `π/2 − atan2(c, s)`.
-
-    The second form equals `π/2` at `s = c = 0` (the limit along `c = 0`, so
-    that ReLU-like kernels use φ'(0) = (φ'(0⁻) + φ'(0⁺))/2), with gradient 0
-    there instead of NaN.
-    """
+class _SafeAtan2(torch.autograd.Function):
+    """`atan2(y, x)` (0 at the origin) whose gradient is 0, not NaN, at `x = y = 0`."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(s: Tensor, c: Tensor) -> Tensor:
-        return torch.atan2(c, s).neg_().add_(math.pi / 2)
+    def forward(y: Tensor, x: Tensor) -> Tensor:
+        return torch.atan2(y, x)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -77,21 +72,21 @@ class _Angle(torch.autograd.Function):
         ctx.save_for_forward(*inputs)
 
     @staticmethod
-    def _partials(s: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        """`(∂θ/∂s, ∂θ/∂c) = (c, −s) / (s² + c²)`, zero at the origin."""
-        norm2 = s * s + c * c
+    def _partials(y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """`(∂/∂y, ∂/∂x) = (x, −y) / (x² + y²)`, zero at the origin."""
+        norm2 = x * x + y * y
         inverse = torch.where(norm2 > 0, 1 / torch.where(norm2 > 0, norm2, 1.), 0.)
-        return c * inverse, -s * inverse
+        return x * inverse, -y * inverse
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
-        d_s, d_c = _Angle._partials(*ctx.saved_tensors)
-        return grad * d_s, grad * d_c
+        d_y, d_x = _SafeAtan2._partials(*ctx.saved_tensors)
+        return grad * d_y, grad * d_x
 
     @staticmethod
-    def jvp(ctx, tangent_s: Tensor, tangent_c: Tensor) -> Tensor:
-        d_s, d_c = _Angle._partials(*ctx.saved_tensors)
-        return tangent_s * d_s + tangent_c * d_c
+    def jvp(ctx, tangent_y: Tensor, tangent_x: Tensor) -> Tensor:
+        d_y, d_x = _SafeAtan2._partials(*ctx.saved_tensors)
+        return tangent_y * d_y + tangent_x * d_x
 
 
 def safe_sqrt(x: Tensor) -> Tensor:
@@ -100,16 +95,34 @@ def safe_sqrt(x: Tensor) -> Tensor:
     return _SafeSqrt.apply(x)
 
 
-def angle(s: Tensor, c: Tensor) -> Tensor:
-    """The angle `θ = atan2(s, c) ∈ [0, π]` of `(c, s)`, `s ≥ 0`; `π/2` with
-    derivative 0 at `s = c = 0`."""
-    return _Angle.apply(s, c)
+def safe_atan2(y: Tensor, x: Tensor) -> Tensor:
+    """`atan2(y, x)`, 0 with gradient 0 at `x = y = 0`."""
+    return _SafeAtan2.apply(y, x)
+
+
+def _sine(cov12: Tensor, var1: Tensor, var2: Tensor) -> Tensor:
+    """`s = sqrt(var1·var2 − cov12²)`, the sine of the angle between the inputs
+    times their norms."""
+    # Both products rounded alike, so that an example paired with itself gets
+    # exactly s = 0 (a fused multiply-add would leave the rounding error of
+    # var1·var2, ~1e-8 after the square root, which the NTK of ReLU-like
+    # layers amplifies).
+    return safe_sqrt(var1 * var2 - cov12 * cov12)
 
 
 def _angle(cov12: Tensor, var1: Tensor, var2: Tensor) -> tuple[Tensor, Tensor]:
-    """`s = sqrt(var1·var2 − cov12²)` and the angle `θ = atan2(s, cov12)`."""
-    s = safe_sqrt(var1 * var2 - cov12**2)
-    return s, angle(s, cov12)
+    """`s` and the angle `θ = atan2(s, cov12) = π/2 − atan2(cov12, s) ∈ [0, π]`.
+
+    The second form is `π/2` at `s = cov12 = 0` (zero variances), the limit
+    along `cov12 = 0`, so that ReLU-like kernels use φ'(0) = (φ'(0⁻) + φ'(0⁺))/2.
+    """
+    s = _sine(cov12, var1, var2)
+    return s, math.pi / 2 - safe_atan2(cov12, s)
+
+
+def _like(x: Scalar, other: Tensor) -> Tensor:
+    """`x` as a tensor of `other`'s dtype and device (keeping any autograd history)."""
+    return torch.as_tensor(x, dtype=other.dtype, device=other.device)
 
 
 def _cos(x: Scalar) -> Scalar:
@@ -128,10 +141,14 @@ def abrelu(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar,
 
     At zero variances `θ = π/2`, so that φ'(0) = (a + b)/2.
     """
-    s, theta = _angle(cov12, var1, var2)
-    nngp = (a - b)**2 / (2 * math.pi) * (s - theta * cov12) + (a**2 + b**2) / 2 * cov12
-    d_nngp = (a**2 + b**2) / 2 - (a - b)**2 / (2 * math.pi) * theta if with_derivative else None
-    return nngp, d_nngp
+    # With ψ = atan2(cov12, s) = π/2 − θ and k1 = (a − b)²/(2π):
+    # d_nngp = (a² + b²)/2 − k1·π/2 + k1·ψ and nngp = k1·s + cov12·d_nngp.
+    s = _sine(cov12, var1, var2)
+    psi = safe_atan2(cov12, s)
+    k1 = (a - b)**2 / (2 * math.pi)
+    d_nngp = torch.addcmul(_like((a**2 + b**2) / 2 - k1 * math.pi / 2, psi), _like(k1, psi), psi)
+    nngp = torch.addcmul(k1 * s, cov12, d_nngp)
+    return nngp, d_nngp if with_derivative else None
 
 
 def sign(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> KernelMap:

@@ -129,7 +129,7 @@ class Dense(Layer):
             if self.parameterization == 'ntk':
                 ntk = torch.addcmul(nngp, W_var, ntk)
             else:
-                ntk = torch.addcmul(W_var * ntk, torch.as_tensor(k.shape1[1] / self.s[0]), k.nngp)
+                ntk = torch.addcmul(W_var * ntk, torch.as_tensor(k.shape1[1] / self.s[0], dtype=dtype, device=device), k.nngp)
                 ntk = ntk if self.b_std is None else ntk + 1.
         return k.replace(nngp=nngp, ntk=ntk, cov1=affine(k.cov1), cov2=affine(k.cov2),
                          is_gaussian=True, shape1=self.output_shape(k.shape1),
