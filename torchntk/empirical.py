@@ -110,7 +110,15 @@ def _ntk_by_vector_products(f: Callable, params: Params, x1: torch.Tensor,
         return jvp(lambda p: f(p, x1), (params,), (tangent,))[1]
 
     basis = torch.eye(out2.numel(), dtype=out2.dtype, device=out2.device).reshape(-1, *out2.shape)
-    columns = vmap(column)(basis)                     # (|out2|, *out1)
+    try:
+        columns = vmap(column)(basis)                 # (|out2|, *out1)
+    except RuntimeError as error:
+        if 'random' not in str(error):
+            raise
+        raise ValueError("empirical_ntk_fn: implementation='ntk_vector_products' needs a "
+                         "deterministic model (random layers such as dropout in training mode "
+                         "draw new values in every product); call model.eval() or use "
+                         "implementation='jacobian_contraction'") from error
     return columns.reshape(out2.numel(), out1.numel()).T.reshape(*out1.shape, *out2.shape)
 
 

@@ -28,6 +28,13 @@ class Serial(Layer):
         return functools.reduce(operator.rshift, (l.requirements for l in self.children()),
                                 Requirements())
 
+    def __getitem__(self, index: int | slice) -> Layer:
+        layers = list(self.children())
+        return Serial(*layers[index]) if isinstance(index, slice) else layers[index]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
     def forward(self, x):
         for layer in self.children():
             x = layer(x)
@@ -55,6 +62,8 @@ class Parallel(Layer):
 
     def __init__(self, *layers: Layer) -> None:
         super().__init__()
+        if not layers:
+            raise ValueError("parallel: expected at least one layer")
         _check_layers(layers, 'parallel')
         for i, layer in enumerate(layers):
             self.add_module(str(i), layer)
@@ -100,10 +109,19 @@ def repeat(layer: Layer, n: int) -> Serial:
     """`serial` of `n` independent copies of `layer` (parameters are not shared).
 
     The infinite-width kernels assume independent weights in every layer, so
-    each copy gets its own parameters, as in neural-tangents' `repeat`.
+    each copy gets its own parameters, as in neural-tangents' `repeat`: they
+    are uninitialized and drawn on first use (or by `init_parameters`).
     """
     check_positive_int(n, 'n', 'repeat')
-    return Serial(*(copy.deepcopy(layer) for _ in range(n)))
+    return Serial(*(_uninitialized_copy(layer) for _ in range(n)))
+
+
+def _uninitialized_copy(layer: Layer) -> Layer:
+    clone = copy.deepcopy(layer)
+    for module in clone.modules():
+        for name, _ in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.parameter.UninitializedParameter())
+    return clone
 
 
 def _check_layers(layers: Sequence, combinator: str) -> None:

@@ -92,11 +92,37 @@ class Elementwise(Layer):
 
     def kernel_rule(self, k: Kernel) -> Kernel:
         var1, var2 = k.variances()
-        nngp, d_nngp = self.kernel_map(k.nngp, *k.outer(var1, var2), k.ntk is not None)
+        nngp, ntk = self._map_in_row_blocks(k.nngp, k.ntk, *k.outer(var1, var2))
         cov1, _ = self.kernel_map(k.cov1, *k.outer_self(var1), False)
         cov2 = None if k.cov2 is None else self.kernel_map(k.cov2, *k.outer_self(var2), False)[0]
-        return k.replace(nngp=nngp, ntk=None if k.ntk is None else d_nngp * k.ntk,
-                         cov1=cov1, cov2=cov2, is_gaussian=False)
+        return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False)
+
+    def _map_in_row_blocks(self, nngp: Tensor, ntk: Tensor | None, var1: Tensor,
+                           var2: Tensor) -> tuple[Tensor, Tensor | None]:
+        """`kernel_map` of `nngp` and `ntk' = d_nngp ⊙ ntk`, a block of rows at a time.
+
+        The dozen tensor passes of a kernel map then run on a block that stays
+        in cache (~2¹⁶ entries) instead of streaming the whole matrix through
+        memory each time. torch.compile fuses the passes itself: one block.
+        """
+        ntk = None if ntk is None else ntk.expand_as(nngp)
+        rows = max(1, _BLOCK_ENTRIES // max(1, nngp[0].numel()))
+        if rows >= nngp.shape[0] or torch.compiler.is_compiling():
+            new_nngp, d_nngp = self.kernel_map(nngp, var1, var2, ntk is not None)
+            return new_nngp, None if ntk is None else d_nngp * ntk
+        new_nngp = torch.empty_like(nngp)
+        new_ntk = None if ntk is None else torch.empty_like(nngp)
+        for start in range(0, nngp.shape[0], rows):
+            block = slice(start, start + rows)
+            block_var1 = var1[block] if var1.shape[0] > 1 else var1
+            new_nngp[block], d_nngp = self.kernel_map(nngp[block], block_var1, var2,
+                                                      ntk is not None)
+            if ntk is not None:
+                new_ntk[block] = d_nngp * ntk[block]
+        return new_nngp, new_ntk
+
+
+_BLOCK_ENTRIES = 2**16
 
 
 class ABRelu(Elementwise):
@@ -432,6 +458,9 @@ class ElementwiseNumerical(Elementwise):
         check_positive_int(deg, 'deg', self._name())
         self.deg, self.df = deg, df
         nodes, weights = np.polynomial.hermite.hermgauss(deg)
+        if not np.isfinite(weights).all():
+            raise ValueError(f"{self._name()}: deg={deg} is beyond the Gauss–Hermite rule's "
+                             "floating-point range (weights overflow); use deg <= 300")
         # Rescale the rule for ∫e^{-x²} to the standard normal density.
         self.register_buffer('nodes', torch.from_numpy(nodes * math.sqrt(2)), persistent=False)
         self.register_buffer('weights', torch.from_numpy(weights / math.sqrt(math.pi)),

@@ -86,8 +86,9 @@ class Layer(nn.Module):
         """
         names = canonical_get(get)
         if isinstance(x1, Kernel) or _is_kernel_sequence(x1):
-            if x2 is not None:
-                raise ValueError(f"{self._name()}: x2 must be None when x1 is a Kernel")
+            if x2 is not None or diagonal_batch is not None or diagonal_spatial is not None:
+                raise ValueError(f"{self._name()}: x2, diagonal_batch and diagonal_spatial must be "
+                                 "None when x1 is a Kernel (its layout is already fixed)")
             k = x1
         else:
             diagonal_batch, diagonal_spatial = resolve_layout(

@@ -1,0 +1,38 @@
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+REFERENCE_DIR = pathlib.Path(__file__).parent / "reference"
+
+
+def _fc_cases():
+    return json.loads((REFERENCE_DIR / "cases.json").read_text())
+
+
+def pytest_generate_tests(metafunc):
+    # Cases are parameters, not a fixture's value, so each one is its own test id.
+    if "fc_case" in metafunc.fixturenames:
+        cases = _fc_cases()
+        metafunc.parametrize("fc_case", cases, ids=[case["name"] for case in cases])
+
+
+@pytest.fixture(scope="session")
+def fc_reference():
+    """neural-tangents' kernels for the cases in cases.json, by key ``f"{name}/{kernel}"``."""
+    with np.load(REFERENCE_DIR / "fc_reference.npz") as data:
+        return dict(data)
+
+
+# Hypothesis profiles: 'ci' is reproducible (derandomized) and bounded; 'dev'
+# explores new random examples. Chosen by HYPOTHESIS_PROFILE, else 'ci' when CI=true.
+import os  # noqa: E402
+
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=20,
+                          print_blob=True)
+settings.register_profile("dev", deadline=None, max_examples=20, print_blob=True)
+settings.load_profile(os.environ.get(
+    "HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI", "").lower() == "true" else "dev"))

@@ -1,0 +1,292 @@
+"""Nonlinearities inside networks: exact identities between them, agreement with
+quadrature of their own finite function, and convergence of finite networks
+to the analytic kernels (property tests over random architectures).
+
+Finite-width fluctuations of the empirical NTK and of the Monte Carlo NNGP
+are O(1/sqrt(width)) (Jacot et al. 2018; Hanin & Nica 2019), so tolerances are
+`width_tolerance(width, CONSTANT, depth)`; the constant was calibrated on a few
+hundred random architectures (errors at most ~0.4 of the tolerance), so that
+random examples of the 'dev' profile do not fail by chance.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+import torchntk
+from torchntk import stax
+
+from tests.strategies import (KERNEL_ONLY, UNIT_VARIANCE, Architecture, Nonlinearity,
+                              all_nonlinearities, architectures, inputs, relative_error,
+                              width_tolerance)
+
+CONSTANT = 8.
+# Heavy-tailed φ (polynomials, Exp; `Nonlinearity.tame` false) fluctuate more.
+HEAVY_TAIL_FACTOR = 2.
+# Hidden widths by depth: depth-1 networks are cheap (width·C parameters), deep
+# ones cost width² per layer.
+WIDTHS = {1: 32768, 2: 2048, 3: 1024, 4: 1024}
+NTK_SEEDS = 2
+NNGP_READOUT, NNGP_SEEDS = 1024, 4
+# The Monte Carlo NNGP's accuracy is bounded by the readout width: hidden layers
+# wider than twice that only cost time.
+NNGP_WIDTHS = {depth: min(width, 2 * NNGP_READOUT) for depth, width in WIDTHS.items()}
+# The property tests build wide networks: keep the number of examples small.
+PROPERTY_EXAMPLES = min(settings().max_examples, 6)
+
+
+def gaussian(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.fixture
+def x1():
+    return gaussian(4, 6, seed=0)
+
+
+@pytest.fixture
+def x2():
+    return gaussian(3, 6, seed=1)
+
+
+def with_dense(phi, W_std=1.3, b_std=0.2):
+    """`Dense → φ → Dense(1)`: φ's kernel on a generic Gaussian input kernel."""
+    return stax.serial(stax.Dense(8, W_std=W_std, b_std=b_std), phi,
+                       stax.Dense(1, W_std=0.9, b_std=0.1))
+
+
+def assert_kernels_close(actual, expected, rtol=1e-13, atol=1e-13):
+    for name in ('nngp', 'ntk', 'cov1', 'cov2'):
+        a, e = getattr(actual, name), getattr(expected, name)
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# --- exact identities -------------------------------------------------------------------------
+
+def test_abrelu_zero_one_is_relu(x1, x2):
+    assert_kernels_close(with_dense(stax.ABRelu(0., 1.)).kernel_fn(x1, x2),
+                         with_dense(stax.Relu()).kernel_fn(x1, x2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('a', [-1.3, 0.5, 2.])
+def test_abrelu_a_a_is_linear_with_slope_a(x1, x2, a):
+    # φ(x) = a·x scales the nngp and the ntk of its input by a².
+    before = stax.Dense(8, W_std=1.3, b_std=0.2)
+    after = stax.serial(stax.Dense(8, W_std=1.3, b_std=0.2), stax.ABRelu(a, a))
+    k_before, k_after = before.kernel_fn(x1, x2), after.kernel_fn(x1, x2)
+    for name in ('nngp', 'ntk', 'cov1', 'cov2'):
+        torch.testing.assert_close(getattr(k_after, name), a**2 * getattr(k_before, name),
+                                   rtol=1e-13, atol=1e-13)
+
+
+def test_abrelu_a_a_network_equals_network_with_scaled_weights(x1, x2):
+    linear = stax.serial(stax.Dense(8, W_std=1.3, b_std=0.2), stax.ABRelu(-0.7, -0.7),
+                         stax.Dense(1, W_std=1.5, b_std=0.4))
+    scaled = stax.serial(stax.Dense(8, W_std=1.3, b_std=0.2), stax.Dense(1, W_std=1.5 * 0.7,
+                                                                         b_std=0.4))
+    assert_kernels_close(linear.kernel_fn(x1, x2), scaled.kernel_fn(x1, x2))
+
+
+@pytest.mark.parametrize('alpha', [0., 0.1, 0.5, -0.3])
+def test_leaky_relu_is_abrelu_alpha_one(x1, x2, alpha):
+    assert_kernels_close(with_dense(stax.LeakyRelu(alpha)).kernel_fn(x1, x2),
+                         with_dense(stax.ABRelu(alpha, 1.)).kernel_fn(x1, x2), rtol=0, atol=0)
+
+
+def test_abs_is_abrelu_minus_one_one(x1, x2):
+    assert_kernels_close(with_dense(stax.Abs()).kernel_fn(x1, x2),
+                         with_dense(stax.ABRelu(-1., 1.)).kernel_fn(x1, x2), rtol=0, atol=0)
+
+
+def test_abs_kernels_are_four_relu_kernels_minus_linear(x1, x2):
+    # |x| = 2·relu(x) − x, and relu(x)·x is half of x·x in expectation, so
+    # E|u||v| = 4·E[relu(u)relu(v)] − E[uv]; likewise for E[φ'φ'] and hence the NTK.
+    pre = stax.Dense(8, W_std=1.3, b_std=0.2).kernel_fn(x1, x2)
+    relu = stax.serial(stax.Dense(8, W_std=1.3, b_std=0.2), stax.Relu()).kernel_fn(x1, x2)
+    abs_ = stax.serial(stax.Dense(8, W_std=1.3, b_std=0.2), stax.Abs()).kernel_fn(x1, x2)
+    torch.testing.assert_close(abs_.nngp, 4 * relu.nngp - pre.nngp, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(abs_.ntk, 4 * relu.ntk - pre.ntk, rtol=1e-13, atol=1e-13)
+
+
+def test_relu_of_inputs_with_itself_is_half_the_variance(x1):
+    # E[relu(u)²] = var/2, and the diagonal of E[relu'(u)²] is 1/2.
+    pre = stax.Dense(8, W_std=1.3, b_std=0.2).kernel_fn(x1)
+    relu = stax.serial(stax.Dense(8, W_std=1.3, b_std=0.2), stax.Relu()).kernel_fn(x1)
+    torch.testing.assert_close(relu.cov1, pre.cov1 / 2, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(relu.nngp.diagonal(), pre.cov1 / 2, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(relu.ntk.diagonal(), pre.ntk.diagonal() / 2, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize('phi', [lambda s: stax.Relu(do_stabilize=s),
+                                 lambda s: stax.ABRelu(-0.4, 1.3, do_stabilize=s),
+                                 lambda s: stax.Abs(do_stabilize=s)], ids=['Relu', 'ABRelu', 'Abs'])
+def test_abrelu_stabilization_does_not_change_kernels(x1, x2, phi):
+    assert_kernels_close(with_dense(phi(True)).kernel_fn(x1, x2),
+                         with_dense(phi(False)).kernel_fn(x1, x2), rtol=1e-14, atol=1e-14)
+
+
+def test_abrelu_stabilization_keeps_huge_kernels_finite(x1, x2):
+    # Variances ~(W_std²/2)^depth = 50^150 ≈ 1e255: var1·var2 overflows without rescaling.
+    model = stax.serial(*[layer for _ in range(150)
+                          for layer in (stax.Dense(8, W_std=10.), stax.Relu(do_stabilize=True))],
+                        stax.Dense(1))
+    kernel = model.kernel_fn(x1, x2)
+    for name in ('nngp', 'ntk', 'cov1', 'cov2'):
+        assert torch.isfinite(getattr(kernel, name)).all(), name
+    assert kernel.nngp.min() > 1e250
+
+
+def test_sigmoid_like_is_erf_with_its_constants(x1, x2):
+    assert_kernels_close(with_dense(stax.Sigmoid_like()).kernel_fn(x1, x2),
+                         with_dense(stax.Erf(0.5, 1 / 2.4020563531719796, 0.5)).kernel_fn(x1, x2),
+                         rtol=0, atol=0)
+
+
+def test_rectified_monomial_of_degree_one_is_relu(x1, x2):
+    assert_kernels_close(with_dense(stax.RectifiedMonomial(1)).kernel_fn(x1, x2),
+                         with_dense(stax.Relu()).kernel_fn(x1, x2))
+
+
+def test_monomial_of_degree_one_is_identity(x1, x2):
+    assert_kernels_close(with_dense(stax.Monomial(1)).kernel_fn(x1, x2),
+                         with_dense(stax.ABRelu(1., 1.)).kernel_fn(x1, x2))
+
+
+def test_elementwise_with_autodiff_ntk_matches_closed_form(x1, x2):
+    # Only the nngp map is given: the NTK's E[φ'φ'] = ∂nngp/∂cov12 comes from autograd.
+    from torchntk.functional import elementwise as maps
+    custom = stax.Elementwise(torch.special.erf,
+                              lambda c, v1, v2: maps.erf(c, v1, v2, 1., 1., 0., False)[0])
+    assert_kernels_close(with_dense(custom).kernel_fn(x1, x2),
+                         with_dense(stax.Erf()).kernel_fn(x1, x2))
+
+
+def test_elementwise_numerical_erf_matches_closed_form(x1, x2):
+    numerical = stax.ElementwiseNumerical(torch.special.erf, deg=200)  # variances up to ~5
+    assert_kernels_close(with_dense(numerical).kernel_fn(x1, x2),
+                         with_dense(stax.Erf()).kernel_fn(x1, x2), rtol=1e-8, atol=1e-8)
+
+
+def test_sign_nngp_is_limit_of_steep_erf(x1, x2):
+    # erf(b·x) → sign(x) as b → ∞; the nngp converges at rate 1/(b²·var).
+    steep = with_dense(stax.Erf(a=1., b=1e4, c=0.)).kernel_fn(x1, x2, get='nngp')
+    torch.testing.assert_close(with_dense(stax.Sign()).kernel_fn(x1, x2, get='nngp'), steep,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_sign_ntk_has_no_contribution_from_before_sign(x1, x2):
+    # sign' = 0 almost everywhere: only the readout's own term remains, ntk = nngp.
+    kernel = with_dense(stax.Sign()).kernel_fn(x1, x2)
+    torch.testing.assert_close(kernel.ntk, kernel.nngp, rtol=1e-14, atol=1e-14)
+
+
+# Kinks make Gauss–Hermite quadrature converge slowly (jumps, `Sign`, worse still:
+# it is checked against a steep Erf instead).
+NON_SMOOTH = {'Relu', 'ABRelu', 'LeakyRelu', 'Abs', 'RectifiedMonomial'}
+FINITE = [phi for phi in all_nonlinearities() if phi.name not in KERNEL_ONLY]
+
+
+@pytest.mark.parametrize('phi', [p for p in FINITE if p.closed_form and p.name != 'Sign'], ids=repr)
+def test_closed_form_kernels_match_quadrature_of_forward(phi, x1, x2):
+    layer = phi.build()
+    # Many nodes: narrow functions (Gabor, Gaussian) at variances ~3 need them.
+    numerical = stax.ElementwiseNumerical(layer.forward, deg=150)
+    if phi.name in UNIT_VARIANCE:
+        model = lambda act: stax.serial(stax.Dense(8, W_std=1.3, b_std=0.2), stax.LayerNorm(), act,
+                                        stax.Dense(1))
+    else:
+        model = with_dense
+    closed = model(layer).kernel_fn(x1, x2, get=('nngp', 'ntk'))
+    quadrature = model(numerical).kernel_fn(x1, x2, get=('nngp', 'ntk'))
+    tolerance = 3e-2 if phi.name in NON_SMOOTH else 1e-7
+    assert relative_error(closed.nngp, quadrature.nngp) < tolerance
+    assert relative_error(closed.ntk, quadrature.ntk) < tolerance
+
+
+# --- finite networks converge to the kernels --------------------------------------------------
+
+def constant(architecture: Architecture) -> float:
+    return CONSTANT * (1. if architecture.nonlinearity.tame else HEAVY_TAIL_FACTOR)
+
+
+def empirical_ntk(architecture: Architecture, x: torch.Tensor, width: int, seeds: int):
+    model = architecture.build(width, out_dim=1)
+    ntk = 0
+    for seed in range(seeds):
+        model.init_parameters(x.shape, generator=torch.Generator().manual_seed(seed),
+                              dtype=torch.float64)
+        ntk = ntk + torchntk.empirical_ntk_fn(model)(x) / seeds
+    return ntk, model.kernel_fn(x, get='ntk')
+
+
+def monte_carlo_nngp(architecture: Architecture, x: torch.Tensor, width: int, readout: int,
+                     seeds: int):
+    model = architecture.build(width, out_dim=readout)
+    nngp = 0
+    for seed in range(seeds):
+        model.init_parameters(x.shape, generator=torch.Generator().manual_seed(seed),
+                              dtype=torch.float64)
+        nngp = nngp + torchntk.empirical_nngp_fn(model)(x) / seeds
+    return nngp, model.kernel_fn(x, get='nngp')
+
+
+@settings(max_examples=PROPERTY_EXAMPLES)
+@given(architecture=architectures(), xs=inputs())
+def test_empirical_ntk_of_wide_network_approaches_analytic_ntk(architecture, xs):
+    x, _ = xs
+    width = WIDTHS[architecture.depth]
+    empirical, analytic = empirical_ntk(architecture, x, width, NTK_SEEDS)
+    tolerance = width_tolerance(width * NTK_SEEDS, constant(architecture), architecture.depth)
+    assert relative_error(empirical, analytic) < tolerance
+
+
+@settings(max_examples=PROPERTY_EXAMPLES)
+@given(architecture=architectures(), xs=inputs())
+def test_monte_carlo_nngp_of_wide_network_approaches_analytic_nngp(architecture, xs):
+    x, _ = xs
+    width = NNGP_WIDTHS[architecture.depth]
+    monte_carlo, analytic = monte_carlo_nngp(architecture, x, width, NNGP_READOUT, NNGP_SEEDS)
+    # The readout's width bounds the accuracy as much as the hidden width.
+    tolerance = width_tolerance(min(width, NNGP_READOUT) * NNGP_SEEDS, constant(architecture),
+                                architecture.depth)
+    assert relative_error(monte_carlo, analytic) < tolerance
+
+
+@pytest.mark.parametrize('phi', FINITE, ids=repr)
+def test_every_nonlinearity_one_hidden_layer_network_converges(phi):
+    # Deterministic coverage of every nonlinearity, next to the random architectures.
+    W_std = 1.0 if phi.tame else 0.8
+    architecture = Architecture(phi, hidden=((W_std, 0.2),), readout=(1.2, 0.1))
+    x = gaussian(5, 6, seed=4)
+    width = WIDTHS[1]
+    ntk, analytic_ntk = empirical_ntk(architecture, x, width, NTK_SEEDS)
+    assert relative_error(ntk, analytic_ntk) < width_tolerance(width * NTK_SEEDS,
+                                                               constant(architecture))
+    nngp, analytic_nngp = monte_carlo_nngp(architecture, x, NNGP_WIDTHS[1], NNGP_READOUT,
+                                           NNGP_SEEDS)
+    assert relative_error(nngp, analytic_nngp) < width_tolerance(NNGP_READOUT * NNGP_SEEDS,
+                                                                 constant(architecture))
+
+
+@pytest.mark.parametrize('phi', [Nonlinearity('Relu'),
+                                 Nonlinearity('Erf', (('a', 1.), ('b', 1.), ('c', 0.2))),
+                                 Nonlinearity('Tanh', closed_form=False)], ids=repr)
+def test_empirical_ntk_error_shrinks_with_width(phi):
+    # 16x wider: the error, averaged over seeds, should shrink ~4x; a wrong analytic
+    # kernel would leave it at the size of the mistake.
+    architecture = Architecture(phi, hidden=((1.4, 0.2), (1.2, 0.1)), readout=(1.1, 0.3))
+    x = gaussian(5, 6, seed=5)
+
+    def mean_error(width):
+        errors = []
+        for seed in range(3):
+            model = architecture.build(width)
+            model.init_parameters(x.shape, generator=torch.Generator().manual_seed(seed),
+                                  dtype=torch.float64)
+            errors.append(relative_error(torchntk.empirical_ntk_fn(model)(x),
+                                         model.kernel_fn(x, get='ntk')))
+        return sum(errors) / len(errors)
+
+    narrow, wide = mean_error(64), mean_error(1024)
+    assert wide < 0.5 * narrow
+    assert wide < width_tolerance(1024, CONSTANT, depth=2) / 2
