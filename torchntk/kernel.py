@@ -187,7 +187,11 @@ def kernel_from_inputs(x1: torch.Tensor, x2: torch.Tensor | None, *, diagonal_ba
     The NTK of the inputs is a scalar zero: they carry no parameters.
     """
     nngp = _gram(x1, x1 if x2 is None else x2, True, diagonal_spatial)
-    cov1 = _gram(x1, x1, not diagonal_batch, diagonal_spatial)
+    if x2 is None:
+        # The same numbers as nngp's own same-example entries, not a second rounding of them.
+        cov1 = nngp if not diagonal_batch else torch.diagonal(nngp, 0, 0, 1).movedim(-1, 0)
+    else:
+        cov1 = _gram(x1, x1, not diagonal_batch, diagonal_spatial)
     cov2 = None if x2 is None else _gram(x2, x2, not diagonal_batch, diagonal_spatial)
     if x2 is None:
         x1_is_x2 = torch.ones((), dtype=torch.bool, device=x1.device)

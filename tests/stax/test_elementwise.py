@@ -290,3 +290,22 @@ def test_empirical_ntk_error_shrinks_with_width(phi):
     narrow, wide = mean_error(64), mean_error(1024)
     assert wide < 0.5 * narrow
     assert wide < width_tolerance(1024, CONSTANT, depth=2) / 2
+
+
+@pytest.mark.parametrize('dtype, rtol', [(torch.float64, 1e-13), (torch.float32, 1e-5)])
+def test_relu_kernel_diagonal_with_x2_none_is_exact(dtype, rtol):
+    """An example paired with itself has angle 0 at every ReLU: nngp' = q/2 and
+    d_nngp = 1/2 exactly. Rounding the correlation to 1 − ε instead costs the
+    NTK ~sqrt(ε) (neural-tangents: 2e-8 in float64, 4e-4 in float32)."""
+    W_var, b_var = 2.25, 0.0025
+    model = stax.serial(stax.Dense(64, 1.5, 0.05), stax.Relu(), stax.Dense(64, 1.5, 0.05),
+                        stax.Relu(), stax.Dense(1, 1.5, 0.05))
+    x = torch.randn(200, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kernel = model.kernel_fn(x.to(dtype), None, get=('nngp', 'ntk'))
+    nngp = W_var * (x * x).mean(1) + b_var
+    ntk = nngp
+    for _ in range(2):
+        nngp = W_var * nngp / 2 + b_var
+        ntk = nngp + W_var * ntk / 2
+    torch.testing.assert_close(kernel.nngp.diagonal().double(), nngp, rtol=rtol, atol=0)
+    torch.testing.assert_close(kernel.ntk.diagonal().double(), ntk, rtol=rtol, atol=0)

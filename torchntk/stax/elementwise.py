@@ -92,9 +92,21 @@ class Elementwise(Layer):
 
     def kernel_rule(self, k: Kernel) -> Kernel:
         var1, var2 = k.variances()
+        x2_is_x1 = k.cov2 is None
+        cov1, d_cov1 = self.kernel_map(k.cov1, *k.outer_self(var1),
+                                       x2_is_x1 and k.ntk is not None)
+        cov2 = None if x2_is_x1 else self.kernel_map(k.cov2, *k.outer_self(var2), False)[0]
         nngp, ntk = self._map_in_row_blocks(k.nngp, k.ntk, *k.outer(var1, var2))
-        cov1, _ = self.kernel_map(k.cov1, *k.outer_self(var1), False)
-        cov2 = None if k.cov2 is None else self.kernel_map(k.cov2, *k.outer_self(var2), False)[0]
+        if x2_is_x1:
+            # An example paired with itself has correlation exactly 1, but the
+            # rounding of nngp[i, i] against var1[i] can move it by ~1e-16, which
+            # the NTK of ReLU-like maps (slope ∝ 1/sqrt(1 − ρ)) turns into ~1e-8:
+            # take these entries from cov1, whose diagonal is var1 itself.
+            cov1_is_pairs = not k.diagonal_batch
+            _same_example(nngp, True).copy_(_same_example(cov1, cov1_is_pairs))
+            if ntk is not None:
+                ntk_in = _same_example(k.ntk.expand_as(k.nngp), True)
+                _same_example(ntk, True).copy_(_same_example(d_cov1, cov1_is_pairs) * ntk_in)
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False)
 
     def _map_in_row_blocks(self, nngp: Tensor, ntk: Tensor | None, var1: Tensor,
@@ -106,10 +118,8 @@ class Elementwise(Layer):
         memory each time. torch.compile fuses the passes itself: one block.
         """
         ntk = None if ntk is None else ntk.expand_as(nngp)
-        rows = max(1, _BLOCK_ENTRIES // max(1, nngp[0].numel()))
-        if rows >= nngp.shape[0] or torch.compiler.is_compiling():
-            new_nngp, d_nngp = self.kernel_map(nngp, var1, var2, ntk is not None)
-            return new_nngp, None if ntk is None else d_nngp * ntk
+        rows = nngp.shape[0] if torch.compiler.is_compiling() else \
+            max(1, _BLOCK_ENTRIES // max(1, nngp[0].numel()))
         new_nngp = torch.empty_like(nngp)
         new_ntk = None if ntk is None else torch.empty_like(nngp)
         for start in range(0, nngp.shape[0], rows):
@@ -120,6 +130,12 @@ class Elementwise(Layer):
             if ntk is not None:
                 new_ntk[block] = d_nngp * ntk[block]
         return new_nngp, new_ntk
+
+
+def _same_example(t: Tensor, is_pairs: bool) -> Tensor:
+    """View of the same-example entries `(N, …)` of `t`: its batch diagonal if
+    `t` is laid out in pairs `(N, N, …)`, else `t` itself."""
+    return torch.diagonal(t, 0, 0, 1).movedim(-1, 0) if is_pairs else t
 
 
 _BLOCK_ENTRIES = 2**16
