@@ -114,7 +114,7 @@ class Elementwise(Layer):
         """`kernel_map` of `nngp` and `ntk' = d_nngp ⊙ ntk`, a block of rows at a time.
 
         The dozen tensor passes of a kernel map then run on a block that stays
-        in cache (~2¹⁶ entries) instead of streaming the whole matrix through
+        in cache (~2¹⁸ entries) instead of streaming the whole matrix through
         memory each time. torch.compile fuses the passes itself: one block.
         """
         ntk = None if ntk is None else ntk.expand_as(nngp)
@@ -138,7 +138,7 @@ def _same_example(t: Tensor, is_pairs: bool) -> Tensor:
     return torch.diagonal(t, 0, 0, 1).movedim(-1, 0) if is_pairs else t
 
 
-_BLOCK_ENTRIES = 2**16
+_BLOCK_ENTRIES = 2**18
 
 
 class ABRelu(Elementwise):
