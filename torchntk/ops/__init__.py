@@ -1,0 +1,21 @@
+"""Hot loops of kernel propagation, with a compiled extension and a torch fallback.
+
+`diagonal_conv` is the full-spatial covariance of a shared-weight convolution
+along one spatial dimension (Novak et al. 2019, arXiv:1810.05148, eq. 7):
+
+    out[b, p, q] = (1/k) Σ_{i<k} cov_pad[b, s·p + i, s·q + i]
+
+— a sum along the diagonals of each `(X, X')` pair, O(k) work per output entry
+(neural-tangents spends O(k²) on a dense k×k depthwise convolution). A
+D-dimensional convolution applies it once per spatial dimension.
+
+The backend is the C++/CUDA extension `torchntk._C` when it was built, else
+pure torch; `TORCHNTK_BACKEND=torch|extension` forces one, and `backend()` says
+which is in use.
+"""
+
+from __future__ import annotations
+
+from .diagonal_conv import backend, diagonal_conv, diagonal_conv_output_size, same_padding
+
+__all__ = ['backend', 'diagonal_conv', 'diagonal_conv_output_size', 'same_padding']
