@@ -208,6 +208,11 @@ def inputs(draw: Callable, n: tuple[int, int] = (4, 6), channels: tuple[int, int
     return x1, torch.randn(n2, c, generator=generator, dtype=torch.float64)
 
 
+def gaussian(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Standard normal float64 tensor, reproducible from `seed`."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Relative Frobenius error `‖actual − expected‖ / ‖expected‖`."""
     return (torch.linalg.norm(actual - expected) / torch.linalg.norm(expected)).item()

@@ -6,20 +6,6 @@ import torch
 from torchntk import Kernel, stax
 
 
-def gaussian(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-@pytest.fixture
-def x1():
-    return gaussian(4, 6, seed=0)
-
-
-@pytest.fixture
-def x2():
-    return gaussian(3, 6, seed=1)
-
-
 def block():
     return stax.serial(stax.Dense(8, W_std=1.3, b_std=0.1), stax.Relu())
 

@@ -17,8 +17,8 @@ import torchntk
 from torchntk import stax
 
 from tests.strategies import (KERNEL_ONLY, UNIT_VARIANCE, Architecture, Nonlinearity,
-                              all_nonlinearities, architectures, inputs, relative_error,
-                              width_tolerance)
+                              all_nonlinearities, architectures, gaussian, inputs,
+                              relative_error, width_tolerance)
 
 CONSTANT = 8.
 # Heavy-tailed φ (polynomials, Exp; `Nonlinearity.tame` false) fluctuate more.
@@ -33,20 +33,6 @@ NNGP_READOUT, NNGP_SEEDS = 1024, 4
 NNGP_WIDTHS = {depth: min(width, 2 * NNGP_READOUT) for depth, width in WIDTHS.items()}
 # The property tests build wide networks: keep the number of examples small.
 PROPERTY_EXAMPLES = min(settings().max_examples, 6)
-
-
-def gaussian(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-@pytest.fixture
-def x1():
-    return gaussian(4, 6, seed=0)
-
-
-@pytest.fixture
-def x2():
-    return gaussian(3, 6, seed=1)
 
 
 def with_dense(phi, W_std=1.3, b_std=0.2):

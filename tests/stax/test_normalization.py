@@ -6,21 +6,7 @@ import torch
 import torchntk
 from torchntk import stax
 
-from tests.strategies import relative_error
-
-
-def gaussian(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-@pytest.fixture
-def x1():
-    return gaussian(4, 6, seed=0)
-
-
-@pytest.fixture
-def x2():
-    return gaussian(3, 6, seed=1)
+from tests.strategies import gaussian, relative_error
 
 
 def before():

@@ -1,0 +1,13 @@
+import pytest
+
+from tests.strategies import gaussian
+
+
+@pytest.fixture
+def x1():
+    return gaussian(4, 6, seed=0)
+
+
+@pytest.fixture
+def x2():
+    return gaussian(3, 6, seed=1)
