@@ -13,9 +13,16 @@ kernel, so the only O(N1 N2 d) work is the input Gram matrix x1 x2^T, costing
 With `--nt-python`, the same network is timed in neural-tangents (jitted
 kernel_fn, warmed up, float64 through jax_enable_x64) in a subprocess of that
 interpreter, and its kernels are compared with ours on a corner block. With
-`x2=None` that block holds the diagonal, where the ReLU NTK's arccos is taken at
-correlation 1 and loses half the digits (about sqrt(eps) relative: 1e-8 in
-float64, 4e-4 in float32, in both libraries against the exact value).
+`x2=None` that block holds the diagonal, where neural-tangents takes the ReLU
+NTK's arccos at a correlation rounded off 1 and loses half the digits (about
+sqrt(eps): 2e-8 in float64, 4e-4 in float32); torchntk's diagonal is exact to
+rounding, so `max rel diff` there is neural-tangents' error.
+
+Every layer allocates N1 x N2 tensors; above glibc's 32 MiB mmap limit each
+allocation is fresh memory whose page faults cost more than the arithmetic.
+`--reuse-freed-memory` reruns the benchmark with glibc told to keep freed
+memory for reuse (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, a process
+setting any user can make; XLA reuses its buffers itself).
 
     .venv/bin/python benchmarks/bench_fc.py --nt-python /path/to/nt-venv/bin/python
 """
@@ -48,6 +55,7 @@ GET = ('nngp', 'ntk')
 # Our kernels are compared with neural-tangents' on this top-left block.
 CHECK_BLOCK = 256
 DTYPES = {'float32': torch.float32, 'float64': torch.float64}
+MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(2**32), 'MALLOC_TRIM_THRESHOLD_': str(2**32)}
 
 NT_SCRIPT = textwrap.dedent('''
     import json, sys, time
@@ -128,7 +136,11 @@ def main() -> None:
     parser.add_argument('--warmup', type=int, default=1, help='untimed runs before timing')
     parser.add_argument('--nt-python', help='python of a venv with neural-tangents')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--reuse-freed-memory', action='store_true',
+                        help='run with glibc keeping freed memory for reuse (see above)')
     args = parser.parse_args()
+    if args.reuse_freed_memory and MALLOC_ENV.keys() - os.environ.keys():
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
 
     model = stax.serial(
         stax.Dense(WIDTH, W_std=W_STD, b_std=B_STD), stax.Relu(),
@@ -181,7 +193,8 @@ def main() -> None:
 
     print(f'kernel_fn of Dense({WIDTH})-Relu-Dense({WIDTH})-Relu-Dense(10), '
           f'{FEATURES} features, get={GET}; median of {args.repeats} runs, '
-          f'torch {torch.__version__}, {torch.get_num_threads()} threads')
+          f'torch {torch.__version__}, {torch.get_num_threads()} threads'
+          + (', glibc keeps freed memory' if args.reuse_freed_memory else ''))
     header = (f"{'N1 x N2':>11} {'x2':>5} {'dtype':>8} {'torchntk ms':>12} {'matmul ms':>10} "
               f"{'GFLOP/s':>8} {'x matmul':>9}")
     if nt_ms:
