@@ -7,21 +7,33 @@ import pytest
 REFERENCE_DIR = pathlib.Path(__file__).parent / "reference"
 
 
-def _fc_cases():
-    return json.loads((REFERENCE_DIR / "cases.json").read_text())
+# Parameter name -> case file: fully connected and convolutional reference cases.
+_CASE_FILES = {"fc_case": "cases.json", "conv_case": "conv_cases.json"}
+
+
+def _cases(file_name):
+    return json.loads((REFERENCE_DIR / file_name).read_text())
 
 
 def pytest_generate_tests(metafunc):
     # Cases are parameters, not a fixture's value, so each one is its own test id.
-    if "fc_case" in metafunc.fixturenames:
-        cases = _fc_cases()
-        metafunc.parametrize("fc_case", cases, ids=[case["name"] for case in cases])
+    for parameter, file_name in _CASE_FILES.items():
+        if parameter in metafunc.fixturenames:
+            cases = _cases(file_name)
+            metafunc.parametrize(parameter, cases, ids=[case["name"] for case in cases])
 
 
 @pytest.fixture(scope="session")
 def fc_reference():
     """neural-tangents' kernels for the cases in cases.json, by key ``f"{name}/{kernel}"``."""
     with np.load(REFERENCE_DIR / "fc_reference.npz") as data:
+        return dict(data)
+
+
+@pytest.fixture(scope="session")
+def conv_reference():
+    """neural-tangents' kernels for the cases in conv_cases.json, by key ``f"{name}/{kernel}"``."""
+    with np.load(REFERENCE_DIR / "conv_reference.npz") as data:
         return dict(data)
 
 

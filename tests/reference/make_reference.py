@@ -1,7 +1,8 @@
-"""Compute reference NNGP/NTK values with neural-tangents for the cases in cases.json.
+"""Compute reference NNGP/NTK values with neural-tangents for the cases in cases.json
+(fully connected networks) and conv_cases.json (convolutional networks).
 
-The values in ``fc_reference.npz`` come from an independent implementation,
-neural-tangents 0.6.5 in float64, so that ``tests/stax/test_reference.py`` can
+The values in ``fc_reference.npz`` and ``conv_reference.npz`` come from an
+independent implementation, neural-tangents 0.6.5 in float64, so that ``tests/stax/test_reference.py`` can
 check torchntk's kernels against them. This script is a tool for maintainers:
 it is never imported by torchntk or by the tests, and it needs its own
 environment, because neural-tangents depends on jax and tensorflow::
@@ -12,15 +13,17 @@ environment, because neural-tangents depends on jax and tensorflow::
 
 Then, from the repository root::
 
-    /path/to/nt-venv/bin/python tests/reference/make_reference.py
+    /path/to/nt-venv/bin/python tests/reference/make_reference.py [conv_cases.json ...]
 
-It reads ``tests/reference/cases.json`` and rewrites
-``tests/reference/fc_reference.npz`` with, for every case ``name``, the keys
+It reads each case file (all of them, or those named) and rewrites its
+reference file (``cases.json`` -> ``fc_reference.npz``, ``conv_cases.json``
+-> ``conv_reference.npz``, about 1.5 minutes on 2 cores) with, for every case ``name``, the keys
 ``name/x1``, ``name/x2`` (only when the case gives ``x2_shape``),
 ``name/nngp``, ``name/ntk``, ``name/cov1`` and ``name/cov2`` (only with x2).
 Inputs are stored in torchntk's (PyTorch) layout: batch axis 0, channel axis 1.
 
-Besides the fields every case has, a case may give ``zero_rows``, rows of x1
+Besides the fields every case has, a case may give ``diagonal_spatial``, the
+layout to force (both libraries get it), ``zero_rows``, rows of x1
 set to zero, and ``get``, the kernels to store and compare when
 neural-tangents cannot give all of them (its RectifiedMonomial is NaN where
 the two inputs coincide, so only the x1-x2 ``nngp`` and ``ntk`` are usable).
@@ -40,11 +43,21 @@ to "the same": neural-tangents' Sign sets every nonzero entry of a full cov1 to
 A case's network is written in torchntk's vocabulary (see cases.json); the
 table ``LAYERS`` below translates each layer name to the neural-tangents layer
 that computes the same kernel. A new layer family is added there, as one entry.
+Images are channels-first in torchntk and channels-last in neural-tangents:
+the inputs and ``ImageResize``'s ``shape`` move the channel axis last; filter,
+window and stride sizes keep their (H, W) order, and both libraries lay the
+kernels out as (N1, N2, H, H', W, W'). neural-tangents keeps the spatial axes
+of a kernel reversed after an odd number of full-spatial shared convolutions
+(``is_reversed``); ``unreverse`` restores the order. (Its ``ImageResize``
+ignores that flag and resizes the wrong axes of a reversed kernel, so
+conv_cases.json resizes only after an even number of such convolutions, or
+to a square size.)
 """
 import json
 import logging
 import os
 import pathlib
+import sys
 import zlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -60,8 +73,11 @@ import numpy as np  # noqa: E402
 from neural_tangents import stax  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
-CASES = HERE / "cases.json"
-OUTPUT = HERE / "fc_reference.npz"
+# (case file, reference file) pairs: fully connected, and convolutional networks.
+CASE_FILES = [
+    (HERE / "cases.json", HERE / "fc_reference.npz"),
+    (HERE / "conv_cases.json", HERE / "conv_reference.npz"),
+]
 
 # Activations that torchntk names and neural-tangents only has through quadrature.
 NUMERICAL_FNS = {
@@ -89,6 +105,16 @@ def to_channels_last(x):
     return np.moveaxis(x, 1, -1)
 
 
+def channels_last_shape(shape):
+    """An (N, C, *spatial) shape, e.g. ImageResize's, in neural-tangents' (N, *spatial, C) order."""
+    return (shape[0], *shape[2:], shape[1])
+
+
+def _window_args(**kw):
+    """Filter, window and stride sizes as tuples; spatial axes keep their order (H, W)."""
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in kw.items()}
+
+
 def _numerical(fn, deg):
     return stax.ElementwiseNumerical(fn=NUMERICAL_FNS[fn], deg=deg)
 
@@ -107,6 +133,12 @@ LAYERS = {
     "Softplus": lambda ndim, deg: _numerical("softplus", deg),
     "SiLU": lambda ndim, deg: _numerical("silu", deg),
     "Mish": lambda ndim, deg: _numerical("mish", deg),
+    "Conv": lambda ndim, **kw: stax.Conv(**_window_args(**kw)),
+    "ConvTranspose": lambda ndim, **kw: stax.ConvTranspose(**_window_args(**kw)),
+    "ConvLocal": lambda ndim, **kw: stax.ConvLocal(**_window_args(**kw)),
+    "AvgPool": lambda ndim, **kw: stax.AvgPool(**_window_args(**kw)),
+    "SumPool": lambda ndim, **kw: stax.SumPool(**_window_args(**kw)),
+    "ImageResize": lambda ndim, shape, **kw: stax.ImageResize(shape=channels_last_shape(shape), **kw),
 }
 
 COMBINATORS = {
@@ -137,6 +169,16 @@ def draw_inputs(case):
     return xs
 
 
+def unreverse(value, batch_ndim):
+    """Undo neural-tangents' ``is_reversed``: its full-spatial shared convolutions
+    reverse the order of the (X, X') pairs of spatial axes."""
+    n_pairs = (value.ndim - batch_ndim) // 2
+    order = list(range(batch_ndim))
+    for pair in reversed(range(n_pairs)):
+        order += [batch_ndim + 2 * pair, batch_ndim + 2 * pair + 1]
+    return value.transpose(order)
+
+
 def reference(case):
     x1, x2 = draw_inputs(case)
     _, _, kernel_fn = build(case["network"], x1.ndim)
@@ -144,26 +186,29 @@ def reference(case):
     if x2 is None:
         get = tuple(key for key in get if key != "cov2")
     # Always the full batch, then the diagonal: see "Accuracy" in the module docstring.
-    kernels = kernel_fn(
+    kernel = kernel_fn(
         to_channels_last(x1),
         None if x2 is None else to_channels_last(x2),
-        get=get,
+        get=None,
         diagonal_batch=False,
+        diagonal_spatial=case.get("diagonal_spatial"),
     )
     arrays = {"x1": x1} if x2 is None else {"x1": x1, "x2": x2}
-    for key, value in zip(get, kernels):
-        value = np.asarray(value)
+    for key in get:
+        value = np.asarray(getattr(kernel, key))
+        if kernel.is_reversed and not kernel.diagonal_spatial:
+            value = unreverse(value, 2)
         if key in ("cov1", "cov2") and case["diagonal_batch"]:
             value = np.einsum("ii...->i...", value)
         arrays[key] = value
     return arrays
 
 
-def main():
-    cases = json.loads(CASES.read_text())
+def write_references(case_file, output):
+    cases = json.loads(case_file.read_text())
     names = [case["name"] for case in cases]
     if len(set(names)) != len(names):
-        raise ValueError("cases.json: case names must be unique")
+        raise ValueError(f"{case_file.name}: case names must be unique")
     results = {}
     for case in cases:
         arrays = reference(case)
@@ -171,10 +216,17 @@ def main():
         if bad:
             raise ValueError(f"case {case['name']!r}: neural-tangents gave non-finite {bad}")
         results.update({f"{case['name']}/{key}": value for key, value in arrays.items()})
-    np.savez_compressed(OUTPUT, **results)
-    logging.info("wrote %d cases to %s", len(cases), OUTPUT)
+    np.savez_compressed(output, **results)
+    logging.info("wrote %d cases to %s", len(cases), output)
+
+
+def main(names):
+    """Rewrite the references of the case files named in ``names`` (all when empty)."""
+    for case_file, output in CASE_FILES:
+        if not names or case_file.name in names:
+            write_references(case_file, output)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main()
+    main(sys.argv[1:])

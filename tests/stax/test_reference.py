@@ -1,7 +1,9 @@
-"""torchntk's fully connected kernels against neural-tangents 0.6.5.
+"""torchntk's kernels against neural-tangents 0.6.5.
 
-The cases are in tests/reference/cases.json and the reference values in
-tests/reference/fc_reference.npz, made by tests/reference/make_reference.py.
+The cases are in tests/reference/cases.json (fully connected) and
+tests/reference/conv_cases.json (convolutional), the reference values in
+fc_reference.npz and conv_reference.npz beside them, made by
+tests/reference/make_reference.py. A case may fix ``diagonal_spatial``.
 """
 import torch
 import torch.nn.functional as F
@@ -44,20 +46,29 @@ def relative_error(actual, expected):
 
 
 def test_kernels_match_neural_tangents(fc_case, fc_reference):
-    name = fc_case["name"]
-    x1 = torch.from_numpy(fc_reference[f"{name}/x1"])
-    x2 = None if fc_case["x2_shape"] is None else torch.from_numpy(fc_reference[f"{name}/x2"])
-    get = tuple(fc_case.get("get", ("nngp", "ntk", "cov1", "cov2")))
+    check_case(fc_case, fc_reference)
+
+
+def test_conv_kernels_match_neural_tangents(conv_case, conv_reference):
+    check_case(conv_case, conv_reference)
+
+
+def check_case(case, reference):
+    name = case["name"]
+    x1 = torch.from_numpy(reference[f"{name}/x1"])
+    x2 = None if case["x2_shape"] is None else torch.from_numpy(reference[f"{name}/x2"])
+    get = tuple(case.get("get", ("nngp", "ntk", "cov1", "cov2")))
     if x2 is None:
         get = tuple(key for key in get if key != "cov2")
 
-    model = build_model(fc_case["network"])
-    kernels = model.kernel_fn(x1, x2, get=get, diagonal_batch=fc_case["diagonal_batch"])
+    model = build_model(case["network"])
+    kernels = model.kernel_fn(x1, x2, get=get, diagonal_batch=case["diagonal_batch"],
+                              diagonal_spatial=case.get("diagonal_spatial"))
 
-    tolerance = TOLERANCE[fc_case["tolerance"]]
+    tolerance = TOLERANCE[case["tolerance"]]
     errors = {}
     for key in get:
-        expected = torch.from_numpy(fc_reference[f"{name}/{key}"])
+        expected = torch.from_numpy(reference[f"{name}/{key}"])
         actual = getattr(kernels, key)
         assert actual.shape == expected.shape, f"{key}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
         errors[key] = relative_error(actual, expected)

@@ -1,0 +1,357 @@
+"""Convolutions: `Conv`, `ConvTranspose` and `ConvLocal` (unshared weights).
+
+Images are channels-first, `(N, C, *S)` with 1, 2 or 3 spatial axes, as in
+PyTorch. The kernel rules are in `torchntk.functional.conv`; a shared-weight
+convolution needs covariances between different positions (full-spatial
+kernels) whenever a later layer mixes positions (pooling), and only the
+same-position ones when the network ends with `Flatten`; `kernel_fn` picks the
+layout from the layers' `requirements`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..functional import conv as conv_maps
+from ..kernel import Kernel, Shape
+from .linear import PARAMETERIZATIONS
+from .module import Layer, Scalar, check_nonnegative, check_positive_int
+from .requirements import Bool, Diagonal, Requirements
+
+Tensor = torch.Tensor
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE_FNS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def check_window(values: Sequence[int] | None, arg: str, layer_name: str,
+                 n_spatial: int | None = None) -> tuple[int, ...] | None:
+    """Validate a per-spatial-dimension tuple of positive integers (1 to 3 of them)."""
+    if values is None:
+        return None
+    if isinstance(values, int) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                          for v in values):
+        raise ValueError(f"{layer_name}: {arg} must be a tuple of positive integers, one per "
+                         f"spatial dimension, got {values!r}")
+    values = tuple(values)
+    if not 1 <= len(values) <= 3 or any(v < 1 for v in values):
+        raise ValueError(f"{layer_name}: {arg} must hold 1 to 3 positive integers, got {values!r}")
+    if n_spatial is not None and len(values) != n_spatial:
+        raise ValueError(f"{layer_name}: {arg} {values} has {len(values)} entries but the "
+                         f"window has {n_spatial} spatial dimensions")
+    return values
+
+
+def check_padding(padding: str, layer_name: str) -> str:
+    if not isinstance(padding, str) or padding.upper() not in conv_maps.PADDINGS:
+        raise ValueError(f"{layer_name}: padding must be one of {conv_maps.PADDINGS}, "
+                         f"got {padding!r}")
+    return padding.upper()
+
+
+def check_input_rank(shape: Shape, n_spatial: int, layer_name: str) -> None:
+    if len(shape) != n_spatial + 2:
+        raise ValueError(f"{layer_name}: a {n_spatial}-d window needs inputs of shape "
+                         f"(N, C, {', '.join('XYZ'[:n_spatial])}), got shape {tuple(shape)}")
+
+
+def pad_input(x: Tensor, window: Sequence[int], strides: Sequence[int], padding: str) -> Tensor:
+    """Pad the spatial axes of `(N, C, *S)` inputs as `padding` prescribes for a VALID window."""
+    for d, (k, stride) in enumerate(zip(window, strides)):
+        low, high = conv_maps.conv_padding(x.shape[2 + d], k, stride, padding)
+        x = conv_maps.pad_axis(x, 2 + d, low, high, circular=padding == 'CIRCULAR')
+    return x
+
+
+class _Conv(Layer):
+    """What `Conv`, `ConvTranspose` and `ConvLocal` share: arguments, parameters
+    and the affine part of the kernel rule. Subclasses give the weight shape,
+    the finite-width linear map and its covariance map."""
+
+    def __init__(self, out_chan: int, filter_shape: Sequence[int],
+                 strides: Sequence[int] | None = None, padding: str = 'VALID',
+                 W_std: Scalar = 1., b_std: Scalar | None = None,
+                 parameterization: str = 'ntk', s: tuple[int, int] = (1, 1)) -> None:
+        super().__init__()
+        name = self._name()
+        check_positive_int(out_chan, 'out_chan', name)
+        self.filter_shape = check_window(filter_shape, 'filter_shape', name)
+        self.strides = check_window(strides, 'strides', name, len(self.filter_shape)) or \
+            (1,) * len(self.filter_shape)
+        self.padding = check_padding(padding, name)
+        check_nonnegative(W_std, 'W_std', name)
+        check_nonnegative(b_std, 'b_std', name, allow_none=True)
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"{name}: parameterization must be one of {PARAMETERIZATIONS}, "
+                             f"got {parameterization!r}")
+        if len(s) != 2:
+            raise ValueError(f"{name}: s must be a pair (s_in, s_out), got {s!r}")
+        for value in s:
+            check_positive_int(value, 's', name)
+        self.out_chan, self.W_std, self.b_std = out_chan, W_std, b_std
+        self.parameterization, self.s = parameterization, tuple(s)
+        self.weight = nn.parameter.UninitializedParameter()
+        self.bias = None if b_std is None else nn.parameter.UninitializedParameter()
+
+    @property
+    def n_spatial(self) -> int:
+        return len(self.filter_shape)
+
+    @property
+    def width(self) -> int:
+        """Number of output channels of the finite network."""
+        return self.out_chan * (self.s[1] if self.parameterization == 'standard' else 1)
+
+    def fan_in(self, in_chan: int) -> int:
+        return in_chan * math.prod(self.filter_shape)
+
+    def output_spatial(self, spatial: Shape) -> Shape:
+        return tuple(conv_maps.conv_output_size(size, k, stride, self.padding)
+                     for size, k, stride in zip(spatial, self.filter_shape, self.strides))
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        check_input_rank(input_shape, self.n_spatial, self._name())
+        return (input_shape[0], self.width, *self.output_spatial(input_shape[2:]))
+
+    def weight_shape(self, input_shape: Shape) -> Shape:
+        return (self.width, input_shape[1], *self.filter_shape)
+
+    def bias_shape(self, input_shape: Shape) -> Shape:
+        return (self.width,)
+
+    def init_parameters(self, input_shape: Shape, generator: torch.Generator | None = None,
+                        dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> Shape:
+        output_shape = self.output_shape(input_shape)
+        sample_device = None if generator is None else generator.device
+        weight = torch.randn(self.weight_shape(input_shape), generator=generator,
+                             device=sample_device, dtype=dtype)
+        bias = None if self.b_std is None else torch.randn(
+            self.bias_shape(input_shape), generator=generator, device=sample_device, dtype=dtype)
+        if self.parameterization == 'standard':
+            weight = weight * float(self.W_std) / math.sqrt(self.fan_in(input_shape[1]) / self.s[0])
+            bias = None if bias is None else bias * float(self.b_std)
+        self.weight = nn.Parameter(weight.to(device))
+        self.bias = None if bias is None else nn.Parameter(bias.to(device))
+        return output_shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input_rank(x.shape, self.n_spatial, self._name())
+        if nn.parameter.is_lazy(self.weight):
+            self.init_parameters(x.shape, dtype=x.dtype, device=x.device)
+        expected = self.weight_shape(x.shape)
+        if tuple(self.weight.shape) != expected:
+            raise ValueError(f"{self._name()}: the weight of shape {tuple(self.weight.shape)} was "
+                             f"made for other inputs than {tuple(x.shape)} (expected {expected})")
+        z = self.linear(x)
+        bias = None if self.bias is None else \
+            self.bias.view(*self.bias.shape, *[1] * (z.ndim - 1 - self.bias.ndim))
+        if self.parameterization == 'ntk':
+            z = z * (self.W_std / math.sqrt(self.fan_in(x.shape[1])))
+            return z if bias is None else z + self.b_std * bias
+        z = z / math.sqrt(self.s[0])
+        return z if bias is None else z + bias
+
+    def linear(self, x: Tensor) -> Tensor:
+        """The unscaled linear map of the finite layer (subclasses)."""
+        raise NotImplementedError
+
+    def cov_map(self, cov: Tensor, batch_ndim: int, diagonal_spatial: bool) -> Tensor:
+        """The covariance map of `linear` with unit-variance weights (subclasses)."""
+        raise NotImplementedError
+
+    @property
+    def requirements(self) -> Requirements:
+        return Requirements(diagonal_spatial=Diagonal(input=Bool.YES, output=Bool.NO))
+
+    def kernel_rule(self, k: Kernel) -> Kernel:
+        check_input_rank(k.shape1, self.n_spatial, self._name())
+        return self._affine_rule(k)
+
+    def _affine_rule(self, k: Kernel) -> Kernel:
+        r"""NTK parameterization: `nngp' = σ_W²·A(nngp) + σ_b²`, `ntk' = nngp' + σ_W²·A(ntk)`;
+        standard: `ntk' = (fan_in / s_in)·A(nngp) + σ_W²·A(ntk) (+ 1 with a bias)`,
+        where `A` is `cov_map` and `fan_in = C_in·prod(filter_shape)`."""
+        dtype, device = k.nngp.dtype, k.nngp.device
+        W_var = torch.as_tensor(self.W_std, dtype=dtype, device=device)**2
+        b_var = torch.as_tensor(0. if self.b_std is None else self.b_std, dtype=dtype,
+                                device=device)**2
+        cov_batch_ndim = 1 if k.diagonal_batch else 2
+
+        def linear(cov: Tensor | None, batch_ndim: int) -> Tensor | None:
+            return None if cov is None else self.cov_map(cov, batch_ndim, k.diagonal_spatial)
+
+        def affine(cov: Tensor | None, batch_ndim: int) -> Tensor | None:
+            cov = linear(cov, batch_ndim)
+            return None if cov is None else torch.addcmul(b_var, W_var, cov)
+
+        nngp_linear = linear(k.nngp, 2)
+        nngp = torch.addcmul(b_var, W_var, nngp_linear)
+        ntk = k.ntk
+        if ntk is not None:
+            ntk_linear = linear(ntk, 2)
+            if self.parameterization == 'ntk':
+                ntk = torch.addcmul(nngp, W_var, ntk_linear)
+            else:
+                fan_in = self.fan_in(k.shape1[1]) / self.s[0]
+                ntk = torch.addcmul(fan_in * nngp_linear, W_var, ntk_linear)
+                ntk = ntk if self.b_std is None else ntk + 1.
+        return k.replace(nngp=nngp, ntk=ntk, cov1=affine(k.cov1, cov_batch_ndim),
+                         cov2=affine(k.cov2, cov_batch_ndim), is_gaussian=True,
+                         shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
+
+    def extra_repr(self) -> str:
+        text = f"{self.out_chan}, filter_shape={self.filter_shape}"
+        if self.strides != (1,) * self.n_spatial:
+            text += f", strides={self.strides}"
+        if self.padding != 'VALID':
+            text += f", padding={self.padding!r}"
+        text += f", W_std={self.W_std}, b_std={self.b_std}"
+        if self.parameterization == 'standard':
+            text += f", parameterization='standard', s={self.s}"
+        return text
+
+
+class Conv(_Conv):
+    r"""Convolution with weights shared across positions (`torch.nn.Conv{1,2,3}d`).
+
+    NTK parameterization, `W, b ~ N(0, 1)`, `W` of shape `(out_chan, C_in, *filter_shape)`:
+    :math:`z = \sigma_W / \sqrt{C_{in} k}\; W \star x + \sigma_b b` with `k = prod(filter_shape)`,
+    and the kernel rule (Novak et al. 2019, arXiv:1810.05148), per spatial dimension,
+
+        nngp'[p, q] = σ_W² (1/k) Σ_i nngp_pad[s·p + i, s·q + i] + σ_b²,
+        ntk'[p, q]  = nngp'[p, q] + σ_W² (1/k) Σ_i ntk_pad[s·p + i, s·q + i].
+
+    Standard parameterization as `Dense`, with fan-in `C_in·k`.
+
+    Args:
+        out_chan: output channels; the NTK-parameterized kernel does not depend on it.
+        filter_shape: filter size per spatial dimension, e.g. `(3, 3)`.
+        strides: stride per spatial dimension; `None` for 1.
+        padding: `'VALID'`, `'SAME'` (zeros; output size `ceil(X / stride)`) or
+            `'CIRCULAR'` (periodic, `'SAME'` sizes).
+        W_std, b_std: weight and bias standard deviations (`b_std=None`: no bias).
+        parameterization: `'ntk'` or `'standard'`.
+        s: `(s_in, s_out)` width multipliers of the standard parameterization.
+
+    Shape:
+        Input `(N, C_in, *S)`, output `(N, out_chan, *S_out)` with
+        `S_out = (S + pads − filter_shape) // strides + 1`.
+    """
+
+    def linear(self, x: Tensor) -> Tensor:
+        x = pad_input(x, self.filter_shape, self.strides, self.padding)
+        return _CONV_FNS[self.n_spatial](x, self.weight, stride=self.strides)
+
+    def cov_map(self, cov: Tensor, batch_ndim: int, diagonal_spatial: bool) -> Tensor:
+        return conv_maps.conv(cov, batch_ndim, diagonal_spatial, self.filter_shape, self.strides,
+                              self.padding)
+
+
+class ConvTranspose(_Conv):
+    r"""Transposed convolution with shared weights (`torch.nn.ConvTranspose{1,2,3}d`).
+
+    The finite layer is `F.conv_transpose{n}d(x, W, stride)`, `W` of shape
+    `(C_in, out_chan, *filter_shape)`, scaled like `Conv` (fan-in
+    `C_in·prod(filter_shape)`, as neural-tangents), then cropped or zero-padded
+    to neural-tangents' (`jax.lax.conv_transpose`) output: `'VALID'` gives
+    `X·s + max(k − s, 0)` positions (PyTorch's `(X − 1)·s + k` when `k ≥ s`),
+    `'SAME'` gives `X·s`, and `'CIRCULAR'` folds the `'VALID'` output
+    periodically onto `X·s` positions. The kernel rule is the convolution
+    rule with stride 1 on the stride-dilated covariance
+    (`functional.conv.conv_transpose`).
+
+    Args: as `Conv`.
+
+    Shape:
+        Input `(N, C_in, *S)`, output `(N, out_chan, *S_out)` as above.
+    """
+
+    def weight_shape(self, input_shape: Shape) -> Shape:
+        return (input_shape[1], self.width, *self.filter_shape)
+
+    def output_spatial(self, spatial: Shape) -> Shape:
+        return tuple(conv_maps.transpose_output_size(size, k, stride, self.padding)
+                     for size, k, stride in zip(spatial, self.filter_shape, self.strides))
+
+    def linear(self, x: Tensor) -> Tensor:
+        z = _CONV_TRANSPOSE_FNS[self.n_spatial](x, self.weight, stride=self.strides)
+        apply_padding = 'VALID' if self.padding == 'CIRCULAR' else self.padding
+        for d, (size, k, stride) in enumerate(zip(x.shape[2:], self.filter_shape, self.strides)):
+            # PyTorch's output is the full one, padded by k − 1 on both sides.
+            low, high = conv_maps.transpose_padding(k, stride, apply_padding)
+            z = conv_maps.pad_axis(z, 2 + d, low - (k - 1), high - (k - 1))
+            if self.padding == 'CIRCULAR':
+                z = conv_maps.fold_circular(z, 2 + d, size * stride)
+        return z
+
+    def cov_map(self, cov: Tensor, batch_ndim: int, diagonal_spatial: bool) -> Tensor:
+        return conv_maps.conv_transpose(cov, batch_ndim, diagonal_spatial, self.filter_shape,
+                                        self.strides, self.padding)
+
+
+class ConvLocal(_Conv):
+    r"""Locally connected layer: a convolution with different weights at each
+    output position (Novak et al. 2019, "LCN").
+
+    `W` has shape `(out_chan, C_in, *filter_shape, *S_out)` and the bias
+    `(out_chan, *S_out)`. Weights at different positions are independent, so
+    the outputs at different positions are uncorrelated: the kernel is the
+    same-position convolution rule of `Conv` on the spatial diagonal and zero
+    off it. It therefore needs only the same-position input covariances and
+    lets later pooling run diagonal-spatial (requirement `Diagonal(YES, MAYBE)`).
+
+    Args: as `Conv`.
+
+    Shape:
+        As `Conv`.
+    """
+
+    @property
+    def requirements(self) -> Requirements:
+        return Requirements(diagonal_spatial=Diagonal(input=Bool.YES, output=Bool.MAYBE))
+
+    def weight_shape(self, input_shape: Shape) -> Shape:
+        return (self.width, input_shape[1], *self.filter_shape,
+                *self.output_spatial(input_shape[2:]))
+
+    def bias_shape(self, input_shape: Shape) -> Shape:
+        return (self.width, *self.output_spatial(input_shape[2:]))
+
+    def linear(self, x: Tensor) -> Tensor:
+        x = pad_input(x, self.filter_shape, self.strides, self.padding)
+        for d, (k, stride) in enumerate(zip(self.filter_shape, self.strides)):
+            x = x.unfold(2 + d, k, stride)  # (N, C, *S_out, *filter)
+        out, window = 'xyz'[:self.n_spatial], 'ijk'[:self.n_spatial]
+        return torch.einsum(f'nc{out}{window},wc{window}{out}->nw{out}', x, self.weight)
+
+    def cov_map(self, cov: Tensor, batch_ndim: int, diagonal_spatial: bool) -> Tensor:
+        if not diagonal_spatial:
+            raise ValueError("ConvLocal: cov_map works on same-position covariances only")
+        return conv_maps.conv(cov, batch_ndim, True, self.filter_shape, self.strides,
+                              self.padding)
+
+    def kernel_rule(self, k: Kernel) -> Kernel:
+        check_input_rank(k.shape1, self.n_spatial, self._name())
+        if k.diagonal_spatial:
+            return self._affine_rule(k)
+        # The bias too is independent across positions: the whole rule runs on
+        # the spatial diagonal, and the off-diagonal covariances are zero.
+        cov_batch_ndim = 1 if k.diagonal_batch else 2
+        on_diagonal = self._affine_rule(_map_fields(
+            k, lambda cov, b: conv_maps.spatial_diagonal(cov, b), cov_batch_ndim
+        ).replace(diagonal_spatial=True))
+        return _map_fields(on_diagonal, lambda cov, b: conv_maps.embed_spatial_diagonal(cov, b),
+                           cov_batch_ndim).replace(diagonal_spatial=False)
+
+
+def _map_fields(k: Kernel, fn: Callable[[Tensor, int], Tensor], cov_batch_ndim: int) -> Kernel:
+    """Apply `fn(tensor, batch_ndim)` to `nngp`, `ntk`, `cov1` and `cov2`."""
+    def apply(t: Tensor | None, batch_ndim: int) -> Tensor | None:
+        return None if t is None else fn(t, batch_ndim)
+    return k.replace(nngp=apply(k.nngp, 2), ntk=apply(k.ntk, 2),
+                     cov1=apply(k.cov1, cov_batch_ndim), cov2=apply(k.cov2, cov_batch_ndim))

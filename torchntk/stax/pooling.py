@@ -1,0 +1,213 @@
+"""Pooling: `AvgPool`, `SumPool`, `GlobalAvgPool`, `GlobalSumPool`, and `Flatten`.
+
+All are linear and parameter-free: the output covariance is the input
+covariance pooled on both positions of each pair
+(`torchntk.functional.conv`). Local pooling mixes positions, so it needs the
+covariances between different positions unless those are zero (after
+`ConvLocal`); global pooling and `Flatten` end the spatial part of a network,
+so the layers before them may keep only what these read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..functional import conv as conv_maps
+from ..kernel import Kernel, Shape
+from .conv import check_input_rank, check_padding, check_window, pad_input
+from .module import Layer
+from .requirements import Bool, Diagonal, Requirements
+
+Tensor = torch.Tensor
+_AVG_POOL_FNS = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+class _Pool(Layer):
+    """Shared arguments and rule of `AvgPool` and `SumPool`."""
+
+    average = True
+
+    def __init__(self, window_shape: Sequence[int], strides: Sequence[int] | None = None,
+                 padding: str = 'VALID', normalize_edges: bool = False) -> None:
+        super().__init__()
+        name = self._name()
+        self.window_shape = check_window(window_shape, 'window_shape', name)
+        self.strides = check_window(strides, 'strides', name, len(self.window_shape)) or \
+            (1,) * len(self.window_shape)
+        self.padding = check_padding(padding, name)
+        if not isinstance(normalize_edges, bool):
+            raise TypeError(f"{name}: normalize_edges must be a bool, got {normalize_edges!r}")
+        self.normalize_edges = normalize_edges
+
+    @property
+    def n_spatial(self) -> int:
+        return len(self.window_shape)
+
+    @property
+    def requirements(self) -> Requirements:
+        return Requirements(diagonal_spatial=Diagonal(input=Bool.MAYBE))
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        check_input_rank(input_shape, self.n_spatial, self._name())
+        return (*input_shape[:2], *(conv_maps.conv_output_size(size, k, stride, self.padding)
+                                    for size, k, stride in zip(input_shape[2:], self.window_shape,
+                                                               self.strides)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input_rank(x.shape, self.n_spatial, self._name())
+        pool = _AVG_POOL_FNS[self.n_spatial]
+        out = pool(pad_input(x, self.window_shape, self.strides, self.padding),
+                   self.window_shape, self.strides)
+        if not self.average:
+            return out * math.prod(self.window_shape)
+        if self.normalize_edges and self.padding == 'SAME':
+            inside = pad_input(x.new_ones(1, 1, *x.shape[2:]), self.window_shape, self.strides,
+                               self.padding)
+            out = out / pool(inside, self.window_shape, self.strides)
+        return out
+
+    def kernel_rule(self, k: Kernel) -> Kernel:
+        check_input_rank(k.shape1, self.n_spatial, self._name())
+
+        def pool(cov: Tensor | None, batch_ndim: int) -> Tensor | None:
+            if cov is None:
+                return None
+            return conv_maps.pool(cov, batch_ndim, k.diagonal_spatial, self.window_shape,
+                                  self.strides, self.padding, self.average, self.normalize_edges)
+
+        cov_batch_ndim = 1 if k.diagonal_batch else 2
+        return k.replace(nngp=pool(k.nngp, 2), ntk=pool(k.ntk, 2),
+                         cov1=pool(k.cov1, cov_batch_ndim), cov2=pool(k.cov2, cov_batch_ndim),
+                         shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
+
+    def extra_repr(self) -> str:
+        text = f"{self.window_shape}"
+        if self.strides != (1,) * self.n_spatial:
+            text += f", strides={self.strides}"
+        if self.padding != 'VALID':
+            text += f", padding={self.padding!r}"
+        if self.normalize_edges:
+            text += ", normalize_edges=True"
+        return text
+
+
+class AvgPool(_Pool):
+    r"""Average over windows (`torch.nn.AvgPool{1,2,3}d`, neural-tangents' defaults).
+
+    :math:`z[p] = (1/n_p) Σ_{i<k} x_pad[s·p + i]` per spatial dimension, with
+    `n_p = k`, or with `normalize_edges=True` and `'SAME'` padding the number of
+    non-padding entries in the window (`count_include_pad=False`). The kernel
+    pools both positions of each pair: `K'[p, q] = Σ_{i,j} K[s·p+i, s·q+j] / (n_p n_q)`.
+
+    Args:
+        window_shape: window size per spatial dimension, e.g. `(2, 2)`.
+        strides: stride per spatial dimension; `None` for 1 (as neural-tangents;
+            `torch.nn.AvgPool2d` defaults to the window size).
+        padding: `'VALID'`, `'SAME'` or `'CIRCULAR'`.
+        normalize_edges: divide by the true window size at `'SAME'` edges.
+
+    Shape:
+        Input `(N, C, *S)`, output `(N, C, *S_out)` as for `Conv`.
+    """
+
+
+class SumPool(_Pool):
+    r"""Sum over windows: `AvgPool` times the window size, `z[p] = Σ_{i<k} x_pad[s·p + i]`.
+
+    Args:
+        window_shape, strides, padding: as `AvgPool`.
+
+    Shape:
+        As `AvgPool`.
+    """
+
+    average = False
+
+    def __init__(self, window_shape: Sequence[int], strides: Sequence[int] | None = None,
+                 padding: str = 'VALID') -> None:
+        super().__init__(window_shape, strides, padding)
+
+
+class _GlobalPool(Layer):
+    """Reduce all spatial axes; the output is `(N, C)`."""
+
+    average = True
+
+    @property
+    def requirements(self) -> Requirements:
+        return Requirements(diagonal_spatial=Diagonal(input=Bool.MAYBE, output=Bool.YES))
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        return tuple(input_shape[:2])
+
+    def forward(self, x: Tensor) -> Tensor:
+        axes = tuple(range(2, x.ndim))
+        return x.mean(axes) if self.average else x.sum(axes)
+
+    def kernel_rule(self, k: Kernel) -> Kernel:
+        def pool(cov: Tensor | None, batch_ndim: int) -> Tensor | None:
+            if cov is None:
+                return None
+            return conv_maps.global_pool(cov, batch_ndim, k.diagonal_spatial, self.average)
+
+        cov_batch_ndim = 1 if k.diagonal_batch else 2
+        return k.replace(nngp=pool(k.nngp, 2), ntk=pool(k.ntk, 2),
+                         cov1=pool(k.cov1, cov_batch_ndim), cov2=pool(k.cov2, cov_batch_ndim),
+                         shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
+
+
+class GlobalAvgPool(_GlobalPool):
+    r"""Mean over all positions: :math:`z = (1/|S|) Σ_p x[p]`,
+    `K' = (1/|S|²) Σ_{p,q} K[p, q]` (Novak et al. 2019, arXiv:1810.05148).
+
+    Shape:
+        Input `(N, C, *S)`, output `(N, C)`.
+    """
+
+
+class GlobalSumPool(_GlobalPool):
+    r"""Sum over all positions: :math:`z = Σ_p x[p]`, `K' = Σ_{p,q} K[p, q]`.
+
+    Shape:
+        Input `(N, C, *S)`, output `(N, C)`.
+    """
+
+    average = False
+
+
+class Flatten(Layer):
+    r"""Flatten channels and positions into one feature axis (`torch.nn.Flatten`).
+
+    A following `Dense` layer has independent weights per position, so only
+    same-position covariances survive: `K' = (1/|S|) Σ_p K[p, p]` (Novak et al.
+    2019, arXiv:1810.05148, "vectorization"). The output is no longer Gaussian
+    per channel (channels at different positions are not identically
+    distributed), so a nonlinearity needs an affine layer after it.
+
+    Shape:
+        Input `(N, C, *S)`, output `(N, C·prod(S))`.
+    """
+
+    @property
+    def requirements(self) -> Requirements:
+        return Requirements(diagonal_spatial=Diagonal(input=Bool.YES, output=Bool.YES))
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        return (input_shape[0], math.prod(input_shape[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], -1)
+
+    def kernel_rule(self, k: Kernel) -> Kernel:
+        def flatten(cov: Tensor | None, batch_ndim: int) -> Tensor | None:
+            return None if cov is None else conv_maps.flatten(cov, batch_ndim, k.diagonal_spatial)
+
+        cov_batch_ndim = 1 if k.diagonal_batch else 2
+        return k.replace(nngp=flatten(k.nngp, 2), ntk=flatten(k.ntk, 2),
+                         cov1=flatten(k.cov1, cov_batch_ndim), cov2=flatten(k.cov2, cov_batch_ndim),
+                         is_gaussian=False, diagonal_spatial=False,
+                         shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
