@@ -253,7 +253,7 @@ def test_elementwise_without_function_raises(x):
 def test_dense_forward_with_wrong_input_size_raises(x):
     model = stax.Dense(3)
     model.init_parameters((1, 5), dtype=torch.float64)
-    with pytest.raises(ValueError, match=r'Dense: expected 5 input channels \(axis 1\)'):
+    with pytest.raises(ValueError, match=r'Dense: the weight of shape \(3, 5\) was made for other inputs than \(4, 6\)'):
         model(x)
 
 

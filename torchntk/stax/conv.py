@@ -15,12 +15,11 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..functional import conv as conv_maps
 from ..kernel import Kernel, Shape
-from .linear import PARAMETERIZATIONS
-from .module import Layer, Scalar, check_nonnegative, check_positive_int
+from .linear import Affine
+from .module import Scalar
 from .requirements import Bool, Diagonal, Requirements
 
 Tensor = torch.Tensor
@@ -67,44 +66,24 @@ def pad_input(x: Tensor, window: Sequence[int], strides: Sequence[int], padding:
     return x
 
 
-class _Conv(Layer):
-    """What `Conv`, `ConvTranspose` and `ConvLocal` share: arguments, parameters
-    and the affine part of the kernel rule. Subclasses give the weight shape,
-    the finite-width linear map and its covariance map."""
+class _Conv(Affine):
+    """What `Conv`, `ConvTranspose` and `ConvLocal` share: the window arguments
+    on top of `Affine` (fan-in `C_in·prod(filter_shape)`)."""
 
     def __init__(self, out_chan: int, filter_shape: Sequence[int],
                  strides: Sequence[int] | None = None, padding: str = 'VALID',
                  W_std: Scalar = 1., b_std: Scalar | None = None,
                  parameterization: str = 'ntk', s: tuple[int, int] = (1, 1)) -> None:
-        super().__init__()
+        super().__init__(out_chan, W_std, b_std, parameterization, s)
         name = self._name()
-        check_positive_int(out_chan, 'out_chan', name)
         self.filter_shape = check_window(filter_shape, 'filter_shape', name)
         self.strides = check_window(strides, 'strides', name, len(self.filter_shape)) or \
             (1,) * len(self.filter_shape)
         self.padding = check_padding(padding, name)
-        check_nonnegative(W_std, 'W_std', name)
-        check_nonnegative(b_std, 'b_std', name, allow_none=True)
-        if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"{name}: parameterization must be one of {PARAMETERIZATIONS}, "
-                             f"got {parameterization!r}")
-        if len(s) != 2:
-            raise ValueError(f"{name}: s must be a pair (s_in, s_out), got {s!r}")
-        for value in s:
-            check_positive_int(value, 's', name)
-        self.out_chan, self.W_std, self.b_std = out_chan, W_std, b_std
-        self.parameterization, self.s = parameterization, tuple(s)
-        self.weight = nn.parameter.UninitializedParameter()
-        self.bias = None if b_std is None else nn.parameter.UninitializedParameter()
 
     @property
     def n_spatial(self) -> int:
         return len(self.filter_shape)
-
-    @property
-    def width(self) -> int:
-        """Number of output channels of the finite network."""
-        return self.out_chan * (self.s[1] if self.parameterization == 'standard' else 1)
 
     def fan_in(self, in_chan: int) -> int:
         return in_chan * math.prod(self.filter_shape)
@@ -120,100 +99,13 @@ class _Conv(Layer):
     def weight_shape(self, input_shape: Shape) -> Shape:
         return (self.width, input_shape[1], *self.filter_shape)
 
-    def bias_shape(self, input_shape: Shape) -> Shape:
-        return (self.width,)
-
-    def init_parameters(self, input_shape: Shape, generator: torch.Generator | None = None,
-                        dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None) -> Shape:
-        output_shape = self.output_shape(input_shape)
-        sample_device = None if generator is None else generator.device
-        weight = torch.randn(self.weight_shape(input_shape), generator=generator,
-                             device=sample_device, dtype=dtype)
-        bias = None if self.b_std is None else torch.randn(
-            self.bias_shape(input_shape), generator=generator, device=sample_device, dtype=dtype)
-        if self.parameterization == 'standard':
-            weight = weight * float(self.W_std) / math.sqrt(self.fan_in(input_shape[1]) / self.s[0])
-            bias = None if bias is None else bias * float(self.b_std)
-        self.weight = nn.Parameter(weight.to(device))
-        self.bias = None if bias is None else nn.Parameter(bias.to(device))
-        return output_shape
-
-    def forward(self, x: Tensor) -> Tensor:
-        check_input_rank(x.shape, self.n_spatial, self._name())
-        if nn.parameter.is_lazy(self.weight):
-            self.init_parameters(x.shape, dtype=x.dtype, device=x.device)
-        expected = self.weight_shape(x.shape)
-        if tuple(self.weight.shape) != expected:
-            raise ValueError(f"{self._name()}: the weight of shape {tuple(self.weight.shape)} was "
-                             f"made for other inputs than {tuple(x.shape)} (expected {expected})")
-        z = self.linear(x)
-        bias = None if self.bias is None else \
-            self.bias.view(*self.bias.shape, *[1] * (z.ndim - 1 - self.bias.ndim))
-        if self.parameterization == 'ntk':
-            z = z * (self.W_std / math.sqrt(self.fan_in(x.shape[1])))
-            return z if bias is None else z + self.b_std * bias
-        z = z / math.sqrt(self.s[0])
-        return z if bias is None else z + bias
-
-    def linear(self, x: Tensor) -> Tensor:
-        """The unscaled linear map of the finite layer (subclasses)."""
-        raise NotImplementedError
-
-    def cov_map(self, cov: Tensor, batch_ndim: int, diagonal_spatial: bool) -> Tensor:
-        """The covariance map of `linear` with unit-variance weights (subclasses)."""
-        raise NotImplementedError
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements(diagonal_spatial=Diagonal(input=Bool.YES, output=Bool.NO))
-
-    def kernel_rule(self, k: Kernel) -> Kernel:
-        check_input_rank(k.shape1, self.n_spatial, self._name())
-        return self._affine_rule(k)
-
-    def _affine_rule(self, k: Kernel) -> Kernel:
-        r"""NTK parameterization: `nngp' = σ_W²·A(nngp) + σ_b²`, `ntk' = nngp' + σ_W²·A(ntk)`;
-        standard: `ntk' = (fan_in / s_in)·A(nngp) + σ_W²·A(ntk) (+ 1 with a bias)`,
-        where `A` is `cov_map` and `fan_in = C_in·prod(filter_shape)`."""
-        dtype, device = k.nngp.dtype, k.nngp.device
-        W_var = torch.as_tensor(self.W_std, dtype=dtype, device=device)**2
-        b_var = torch.as_tensor(0. if self.b_std is None else self.b_std, dtype=dtype,
-                                device=device)**2
-        cov_batch_ndim = 1 if k.diagonal_batch else 2
-
-        def linear(cov: Tensor | None, batch_ndim: int) -> Tensor | None:
-            return None if cov is None else self.cov_map(cov, batch_ndim, k.diagonal_spatial)
-
-        def affine(cov: Tensor | None, batch_ndim: int) -> Tensor | None:
-            cov = linear(cov, batch_ndim)
-            return None if cov is None else torch.addcmul(b_var, W_var, cov)
-
-        nngp_linear = linear(k.nngp, 2)
-        nngp = torch.addcmul(b_var, W_var, nngp_linear)
-        ntk = k.ntk
-        if ntk is not None:
-            ntk_linear = linear(ntk, 2)
-            if self.parameterization == 'ntk':
-                ntk = torch.addcmul(nngp, W_var, ntk_linear)
-            else:
-                fan_in = self.fan_in(k.shape1[1]) / self.s[0]
-                ntk = torch.addcmul(fan_in * nngp_linear, W_var, ntk_linear)
-                ntk = ntk if self.b_std is None else ntk + 1.
-        return k.replace(nngp=nngp, ntk=ntk, cov1=affine(k.cov1, cov_batch_ndim),
-                         cov2=affine(k.cov2, cov_batch_ndim), is_gaussian=True,
-                         shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
-
     def extra_repr(self) -> str:
         text = f"{self.out_chan}, filter_shape={self.filter_shape}"
         if self.strides != (1,) * self.n_spatial:
             text += f", strides={self.strides}"
         if self.padding != 'VALID':
             text += f", padding={self.padding!r}"
-        text += f", W_std={self.W_std}, b_std={self.b_std}"
-        if self.parameterization == 'standard':
-            text += f", parameterization='standard', s={self.s}"
-        return text
+        return f"{text}, {self.hyperparameters_repr()}"
 
 
 class Conv(_Conv):
@@ -336,13 +228,12 @@ class ConvLocal(_Conv):
                               self.padding)
 
     def kernel_rule(self, k: Kernel) -> Kernel:
-        check_input_rank(k.shape1, self.n_spatial, self._name())
         if k.diagonal_spatial:
-            return self._affine_rule(k)
+            return super().kernel_rule(k)
         # The bias too is independent across positions: the whole rule runs on
         # the spatial diagonal, and the off-diagonal covariances are zero.
         cov_batch_ndim = 1 if k.diagonal_batch else 2
-        on_diagonal = self._affine_rule(_map_fields(
+        on_diagonal = super().kernel_rule(_map_fields(
             k, lambda cov, b: conv_maps.spatial_diagonal(cov, b), cov_batch_ndim
         ).replace(diagonal_spatial=True))
         return _map_fields(on_diagonal, lambda cov, b: conv_maps.embed_spatial_diagonal(cov, b),

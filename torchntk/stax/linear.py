@@ -1,7 +1,8 @@
-"""Affine layers: `Identity` and `Dense`."""
+"""Affine layers: `Identity`, `Dense`, and `Affine`, the base of `Dense` and the convolutions."""
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -24,23 +25,156 @@ class Identity(Layer):
         return k
 
 
-class Dense(Layer):
+class Affine(Layer, abc.ABC):
+    """What `Dense` and the convolutions share: a linear map `L` of the inputs
+    with i.i.d. weights plus a bias, in the NTK or standard parameterization.
+
+    Subclasses give the weight shape, the fan-in, the finite-width map `L`
+    (`linear`) and its covariance map `A` (`cov_map`, with unit-variance
+    weights); the kernel rule is then, in the NTK parameterization
+    (Jacot et al. 2018, arXiv:1806.07572),
+
+        nngp' = σ_W²·A(nngp) + σ_b²,     ntk' = nngp' + σ_W²·A(ntk),
+
+    and in the standard one (Sohl-Dickstein et al. 2020, arXiv:2001.07301)
+
+        ntk' = (fan_in / s_in)·A(nngp) + σ_W²·A(ntk) (+ 1 if the layer has a bias).
+    """
+
+    def __init__(self, out_chan: int, W_std: Scalar = 1., b_std: Scalar | None = None,
+                 parameterization: str = 'ntk', s: tuple[int, int] = (1, 1)) -> None:
+        super().__init__()
+        name = self._name()
+        check_positive_int(out_chan, 'out_chan' if name != 'Dense' else 'out_dim', name)
+        check_nonnegative(W_std, 'W_std', name)
+        check_nonnegative(b_std, 'b_std', name, allow_none=True)
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"{name}: parameterization must be one of {PARAMETERIZATIONS}, "
+                             f"got {parameterization!r}")
+        if len(s) != 2:
+            raise ValueError(f"{name}: s must be a pair (s_in, s_out), got {s!r}")
+        for value in s:
+            check_positive_int(value, 's', name)
+        self.out_chan, self.W_std, self.b_std = out_chan, W_std, b_std
+        self.parameterization, self.s = parameterization, tuple(s)
+        self.weight = nn.parameter.UninitializedParameter()
+        self.bias = None if b_std is None else nn.parameter.UninitializedParameter()
+
+    @property
+    def width(self) -> int:
+        """Number of output channels of the finite network."""
+        return self.out_chan * (self.s[1] if self.parameterization == 'standard' else 1)
+
+    @abc.abstractmethod
+    def fan_in(self, in_chan: int) -> int:
+        """Number of inputs each output sums over."""
+
+    @abc.abstractmethod
+    def weight_shape(self, input_shape: Shape) -> Shape:
+        """Shape of the weight for inputs of `input_shape`."""
+
+    def bias_shape(self, input_shape: Shape) -> Shape:
+        return (self.width,)
+
+    @abc.abstractmethod
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The unscaled linear map `L(x)` of the finite layer."""
+
+    @abc.abstractmethod
+    def cov_map(self, cov: torch.Tensor, batch_ndim: int, diagonal_spatial: bool) -> torch.Tensor:
+        """The covariance map `A` of `linear` with unit-variance weights, on a
+        covariance tensor with `batch_ndim` leading batch axes."""
+
+    @property
+    def requirements(self) -> Requirements:
+        return Requirements(diagonal_spatial=Diagonal())
+
+    def init_parameters(self, input_shape: Shape, generator: torch.Generator | None = None,
+                        dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> Shape:
+        output_shape = self.output_shape(input_shape)
+        sample_device = None if generator is None else generator.device
+        weight = torch.randn(self.weight_shape(input_shape), generator=generator,
+                             device=sample_device, dtype=dtype)
+        bias = None if self.b_std is None else torch.randn(
+            self.bias_shape(input_shape), generator=generator, device=sample_device, dtype=dtype)
+        if self.parameterization == 'standard':
+            weight = weight * float(self.W_std) / math.sqrt(self.fan_in(input_shape[1]) / self.s[0])
+            bias = None if bias is None else bias * float(self.b_std)
+        self.weight = nn.Parameter(weight.to(device))
+        self.bias = None if bias is None else nn.Parameter(bias.to(device))
+        return output_shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.output_shape(x.shape)  # validates the input's rank
+        if nn.parameter.is_lazy(self.weight):
+            self.init_parameters(x.shape, dtype=x.dtype, device=x.device)
+        expected = self.weight_shape(x.shape)
+        if tuple(self.weight.shape) != expected:
+            raise ValueError(f"{self._name()}: the weight of shape {tuple(self.weight.shape)} was "
+                             f"made for other inputs than {tuple(x.shape)} (expected {expected})")
+        z = self.linear(x)
+        bias = None if self.bias is None else \
+            self.bias.view(*self.bias.shape, *[1] * (z.ndim - 1 - self.bias.ndim))
+        if self.parameterization == 'ntk':
+            z = z * (self.W_std / math.sqrt(self.fan_in(x.shape[1])))
+            return z if bias is None else z + self.b_std * bias
+        z = z / math.sqrt(self.s[0])
+        return z if bias is None else z + bias
+
+    def kernel_rule(self, k: Kernel) -> Kernel:
+        self.output_shape(k.shape1)
+        dtype, device = k.nngp.dtype, k.nngp.device
+        W_var = torch.as_tensor(self.W_std, dtype=dtype, device=device)**2
+        b_var = torch.as_tensor(0. if self.b_std is None else self.b_std, dtype=dtype,
+                                device=device)**2
+        cov_batch_ndim = 1 if k.diagonal_batch else 2
+
+        def linear(cov: torch.Tensor | None, batch_ndim: int) -> torch.Tensor | None:
+            return None if cov is None else self.cov_map(cov, batch_ndim, k.diagonal_spatial)
+
+        def affine(cov: torch.Tensor | None, batch_ndim: int) -> torch.Tensor | None:
+            cov = linear(cov, batch_ndim)
+            return None if cov is None else torch.addcmul(b_var, W_var, cov)
+
+        nngp_linear = linear(k.nngp, 2)
+        nngp = torch.addcmul(b_var, W_var, nngp_linear)
+        ntk = k.ntk
+        if ntk is not None:
+            ntk_linear = linear(ntk, 2)
+            if self.parameterization == 'ntk':
+                ntk = torch.addcmul(nngp, W_var, ntk_linear)
+            else:
+                fan_in = torch.as_tensor(self.fan_in(k.shape1[1]) / self.s[0], dtype=dtype,
+                                         device=device)
+                ntk = torch.addcmul(W_var * ntk_linear, fan_in, nngp_linear)
+                ntk = ntk if self.b_std is None else ntk + 1.
+        return k.replace(nngp=nngp, ntk=ntk, cov1=affine(k.cov1, cov_batch_ndim),
+                         cov2=affine(k.cov2, cov_batch_ndim), is_gaussian=True,
+                         shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
+
+    def hyperparameters_repr(self) -> str:
+        text = f"W_std={self.W_std}, b_std={self.b_std}"
+        if self.parameterization == 'standard':
+            text += f", parameterization='standard', s={self.s}"
+        return text
+
+
+class Dense(Affine):
     r"""Fully connected layer acting on the channel axis (axis 1).
 
-    NTK parameterization (Jacot et al. 2018, arXiv:1806.07572), `W, b ~ N(0, 1)`:
+    NTK parameterization, `W, b ~ N(0, 1)`:
     :math:`z = \sigma_W / \sqrt{C_{in}}\, W x + \sigma_b b`, with kernel rule
 
         nngp' = σ_W²·nngp + σ_b²,     ntk' = nngp' + σ_W²·ntk.
 
-    Standard parameterization (Sohl-Dickstein et al. 2020, arXiv:2001.07301),
-    `W ~ N(0, σ_W² s_in / C_in)`, `b ~ N(0, σ_b²)`, `W` of shape
-    `(s_out·out_dim, C_in)`: :math:`z = W x / \sqrt{s_{in}} + b`, and
+    Standard parameterization, `W ~ N(0, σ_W² s_in / C_in)`, `b ~ N(0, σ_b²)`,
+    `W` of shape `(s_out·out_dim, C_in)`: :math:`z = W x / \sqrt{s_{in}} + b`, and
 
-        nngp' = σ_W²·nngp + σ_b²,
-        ntk'  = (C_in / s_in)·nngp + σ_W²·ntk (+ 1 if the layer has a bias).
+        ntk' = (C_in / s_in)·nngp + σ_W²·ntk (+ 1 if the layer has a bias).
 
     `b_std=None` means no bias, which differs from `b_std=0.` in the standard
-    parameterization (the bias still trains there).
+    parameterization (the bias still trains there). See `Affine`.
 
     Args:
         out_dim: output channels (`s_out·out_dim` in the standard
@@ -56,87 +190,28 @@ class Dense(Layer):
 
     def __init__(self, out_dim: int, W_std: Scalar = 1., b_std: Scalar | None = None,
                  parameterization: str = 'ntk', s: tuple[int, int] = (1, 1)) -> None:
-        super().__init__()
-        check_positive_int(out_dim, 'out_dim', 'Dense')
-        check_nonnegative(W_std, 'W_std', 'Dense')
-        check_nonnegative(b_std, 'b_std', 'Dense', allow_none=True)
-        if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"Dense: parameterization must be one of {PARAMETERIZATIONS}, "
-                             f"got {parameterization!r}")
-        if len(s) != 2:
-            raise ValueError(f"Dense: s must be a pair (s_in, s_out), got {s!r}")
-        for value in s:
-            check_positive_int(value, 's', 'Dense')
-        self.out_dim, self.W_std, self.b_std = out_dim, W_std, b_std
-        self.parameterization, self.s = parameterization, tuple(s)
-        self.weight = nn.parameter.UninitializedParameter()
-        self.bias = None if b_std is None else nn.parameter.UninitializedParameter()
+        super().__init__(out_dim, W_std, b_std, parameterization, s)
 
     @property
-    def requirements(self) -> Requirements:
-        return Requirements(diagonal_spatial=Diagonal())
+    def out_dim(self) -> int:
+        return self.out_chan
 
-    @property
-    def width(self) -> int:
-        """Number of output channels of the finite network."""
-        return self.out_dim * (self.s[1] if self.parameterization == 'standard' else 1)
+    def fan_in(self, in_chan: int) -> int:
+        return in_chan
+
+    def weight_shape(self, input_shape: Shape) -> Shape:
+        return (self.width, input_shape[1])
 
     def output_shape(self, input_shape: Shape) -> Shape:
+        if len(input_shape) < 2:
+            raise ValueError(f"Dense: inputs must have shape (N, C, *spatial), got {tuple(input_shape)}")
         return (input_shape[0], self.width, *input_shape[2:])
 
-    def init_parameters(self, input_shape: Shape, generator: torch.Generator | None = None,
-                        dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None) -> Shape:
-        in_dim = input_shape[1]
-        sample_device = None if generator is None else generator.device
-        weight = torch.randn(self.width, in_dim, generator=generator, device=sample_device,
-                             dtype=dtype)
-        bias = None if self.b_std is None else torch.randn(self.width, generator=generator,
-                                                           device=sample_device, dtype=dtype)
-        if self.parameterization == 'standard':
-            weight = weight * float(self.W_std) / math.sqrt(in_dim / self.s[0])
-            bias = None if bias is None else bias * float(self.b_std)
-        self.weight = nn.Parameter(weight.to(device))
-        self.bias = None if bias is None else nn.Parameter(bias.to(device))
-        return self.output_shape(input_shape)
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum('nc...,oc->no...', x, self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if nn.parameter.is_lazy(self.weight):
-            self.init_parameters(x.shape, dtype=x.dtype, device=x.device)
-        if x.shape[1] != self.weight.shape[1]:
-            raise ValueError(f"Dense: expected {self.weight.shape[1]} input channels (axis 1), "
-                             f"got input of shape {tuple(x.shape)}")
-        z = torch.einsum('nc...,oc->no...', x, self.weight)
-        bias = None if self.bias is None else self.bias.view(-1, *([1] * (x.ndim - 2)))
-        if self.parameterization == 'ntk':
-            z = z * (self.W_std / math.sqrt(x.shape[1]))
-            return z if bias is None else z + self.b_std * bias
-        z = z / math.sqrt(self.s[0])
-        return z if bias is None else z + bias
-
-    def kernel_rule(self, k: Kernel) -> Kernel:
-        dtype, device = k.nngp.dtype, k.nngp.device
-        W_var = torch.as_tensor(self.W_std, dtype=dtype, device=device)**2
-        b_var = torch.as_tensor(0. if self.b_std is None else self.b_std, dtype=dtype,
-                                device=device)**2
-
-        def affine(cov: torch.Tensor | None) -> torch.Tensor | None:
-            return None if cov is None else torch.addcmul(b_var, W_var, cov)
-
-        nngp = affine(k.nngp)
-        ntk = k.ntk
-        if ntk is not None:
-            if self.parameterization == 'ntk':
-                ntk = torch.addcmul(nngp, W_var, ntk)
-            else:
-                ntk = torch.addcmul(W_var * ntk, torch.as_tensor(k.shape1[1] / self.s[0], dtype=dtype, device=device), k.nngp)
-                ntk = ntk if self.b_std is None else ntk + 1.
-        return k.replace(nngp=nngp, ntk=ntk, cov1=affine(k.cov1), cov2=affine(k.cov2),
-                         is_gaussian=True, shape1=self.output_shape(k.shape1),
-                         shape2=self.output_shape(k.shape2))
+    def cov_map(self, cov: torch.Tensor, batch_ndim: int, diagonal_spatial: bool) -> torch.Tensor:
+        return cov
 
     def extra_repr(self) -> str:
-        text = f"{self.out_dim}, W_std={self.W_std}, b_std={self.b_std}"
-        if self.parameterization == 'standard':
-            text += f", parameterization='standard', s={self.s}"
-        return text
+        return f"{self.out_dim}, {self.hyperparameters_repr()}"
