@@ -1,15 +1,24 @@
-"""Infinite-width kernel regression, and the finite network it describes, on digits.
+"""Infinite-width networks against a finite one, over training time, on digits.
 
-One `stax` model gives three predictors on scikit-learn's bundled digits data
-(8x8 images, 10 classes):
+One `stax` model gives, on scikit-learn's bundled digits data (8x8 images, 10
+classes), trained by full-batch gradient descent on the mean squared error:
 
-* NNGP: the posterior mean of the Gaussian process that the network's outputs
-  at initialization converge to as the width goes to infinity;
-* NTK: the infinite-width network trained to convergence by gradient descent
-  on the mean squared error (the mean prediction of the ensemble);
+* NNGP: the mean of an infinite ensemble of infinitely wide networks whose
+  readout layer alone is trained (at `t = ∞`: the posterior mean of the
+  Gaussian process that the network's outputs at initialization converge to);
+* NTK: the mean of an infinite ensemble of infinitely wide networks with all
+  layers trained (`torchntk.predict.gradient_descent_mse` from zero outputs;
+  `gradient_descent_mse_ensemble` gives the same mean and the covariance);
+* NTK from the same start: one infinitely wide network started from the
+  outputs of the finite network below at initialization
+  (`torchntk.predict.gradient_descent_mse`);
 * the finite network of the same architecture (width 512, NTK
-  parameterization), trained by full-batch gradient descent (with momentum)
-  on the same loss.
+  parameterization), trained by gradient descent (`torch.optim.SGD`) with the
+  same learning rate and loss.
+
+It prints train and test accuracy against the training time `t` (in steps of
+gradient descent) and saves a plot of these learning curves to
+`examples/output/digits_learning_curves.png` when matplotlib is installed.
 
 Run it with `bash scripts/setup.sh && .venv/bin/python examples/digits_kernel_regression.py`.
 """
@@ -17,6 +26,9 @@ Run it with `bash scripts/setup.sh && .venv/bin/python examples/digits_kernel_re
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import pathlib
 import time
 
 import torch
@@ -25,9 +37,11 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from torchntk import stax
+from torchntk import predict, stax
 
 N_CLASSES = 10
+DEFAULT_PLOT = pathlib.Path(__file__).parent / 'output' / 'digits_learning_curves.png'
+logger = logging.getLogger('digits')
 
 
 def load_data(test_size: float, seed: int) -> tuple[torch.Tensor, ...]:
@@ -48,36 +62,105 @@ def load_data(test_size: float, seed: int) -> tuple[torch.Tensor, ...]:
     return x[train], y[train], x[test], y[test]
 
 
-def kernel_regression(k_train_train: torch.Tensor, k_test_train: torch.Tensor,
-                      y_train: torch.Tensor, diag_reg: float) -> torch.Tensor:
-    """Posterior mean `K(x*, X) (K(X, X) + eps I)^-1 Y`, `eps = diag_reg * mean(diag K)`.
-
-    The regularizer is relative to the kernel's scale, as in neural-tangents'
-    `predict`, so one value of `diag_reg` suits kernels of any depth and W_std.
-    """
-    eps = diag_reg * k_train_train.diagonal().mean()
-    eye = torch.eye(len(k_train_train), dtype=k_train_train.dtype)
-    cholesky = torch.linalg.cholesky(k_train_train + eps * eye)
-    return k_test_train @ torch.cholesky_solve(y_train, cholesky)
-
-
 def accuracy(prediction: torch.Tensor, y: torch.Tensor) -> float:
-    return (prediction.argmax(dim=1) == y.argmax(dim=1)).double().mean().item()
+    return (prediction.argmax(dim=-1) == y.argmax(dim=-1)).double().mean(dim=-1).tolist()
 
 
 def mse(prediction: torch.Tensor, y: torch.Tensor) -> float:
-    return 0.5 * (prediction - y).square().sum(dim=1).mean().item()
+    """Squared error summed over classes, averaged over examples (halved)."""
+    return (0.5 * (prediction - y).square().sum(dim=-1).mean(dim=-1)).tolist()
+
+
+TABLE_TIMES = (0, 1, 3, 10, 30, 100, 300, 1000, 10 ** 4, 10 ** 5, math.inf)
+
+
+def checkpoints(steps: int) -> list[int]:
+    """The steps at which the finite network is evaluated: log-spaced, and the table's."""
+    grid = {round(10 ** (e * math.log10(steps) / 24)) for e in range(25)}
+    return sorted(grid | {0, steps} | {t for t in TABLE_TIMES if t <= steps})
+
+
+def train_finite(model: stax.Layer, x_train: torch.Tensor, y_train: torch.Tensor,
+                 x_test: torch.Tensor, learning_rate: float, steps: int,
+                 seed: int) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], float]:
+    """Full-batch gradient descent on `0.5 · mean((f - y)²)`, in float32 as networks
+    usually train; outputs on train and test at `checkpoints(steps)`, and seconds."""
+    x_train, y_train, x_test = x_train.float(), y_train.float(), x_test.float()
+    start = time.perf_counter()
+    model.init_parameters(x_train.shape, generator=torch.Generator().manual_seed(seed),
+                          dtype=x_train.dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
+    wanted, outputs = set(checkpoints(steps)), {}
+    progress = tqdm(range(steps + 1), desc='finite network, gradient descent')
+    for step in progress:
+        if step in wanted:
+            with torch.no_grad():
+                outputs[step] = (model(x_train).double(), model(x_test).double())
+        if step == steps:
+            break
+        optimizer.zero_grad()
+        loss = 0.5 * (model(x_train) - y_train).square().mean()
+        loss.backward()
+        optimizer.step()
+        progress.set_postfix(loss=f'{loss.item():.4f}', refresh=False)
+    return outputs, time.perf_counter() - start
+
+
+def plot(path: pathlib.Path, times: torch.Tensor, curves: dict[str, dict[str, list[float]]],
+         finite_steps: list[int], finite: dict[str, list[float]], width: int) -> None:
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot (pip install matplotlib, or "
+                       "bash scripts/setup.sh, which installs the demo extras)")
+        return
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    shown = times > 0   # a log axis: t = 0 is in the printed table
+    styles = {'NNGP': ('tab:blue', '-'), 'NTK': ('tab:orange', '-'),
+              'NTK, same start': ('tab:green', '--')}
+    steps = torch.tensor(finite_steps)
+    finite_shown = steps > 0
+    for ax, metric, title in ((axes[0], 'accuracy', 'accuracy'), (axes[1], 'mse', 'squared error')):
+        for name, (color, line) in styles.items():
+            for split, alpha in (('train', 0.45), ('test', 1.0)):
+                values = torch.tensor(curves[name][f'{split} {metric}'])
+                ax.plot(times[shown], values[shown], line, color=color, alpha=alpha,
+                        label=f'{name} (infinite), {split}')
+        for split, marker in (('train', 'o'), ('test', 's')):
+            values = torch.tensor(finite[f'{split} {metric}'])
+            ax.plot(steps[finite_shown], values[finite_shown], marker, color='black',
+                    markersize=4, fillstyle='none' if split == 'train' else 'full',
+                    label=f'finite, width {width}, {split}')
+        ax.set_xscale('log')
+        ax.set_xlabel('training time t (steps of gradient descent)')
+        ax.set_title(f'digits: {title}')
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale('log')
+    axes[1].set_ylim(bottom=1e-4)
+    axes[0].legend(fontsize=7, loc='lower right')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    logger.info("learning curves saved to %s", path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--width', type=int, default=512, help='width of the finite network')
-    parser.add_argument('--steps', type=int, default=500, help='gradient descent steps')
+    parser.add_argument('--steps', type=int, default=200,
+                        help='gradient descent steps of the finite network')
+    parser.add_argument('--lr-fraction', type=float, default=0.75,
+                        help='learning rate as a fraction of predict.max_learning_rate')
     parser.add_argument('--diag-reg', type=float, default=1e-4,
-                        help='kernel regression regularizer, relative to mean(diag K)')
+                        help='kernel regularizer, relative to mean(diag K)')
     parser.add_argument('--test-size', type=float, default=0.25, help='fraction held out')
+    parser.add_argument('--plot', type=pathlib.Path, default=DEFAULT_PLOT,
+                        help='where to save the learning curves (needs matplotlib)')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')
 
     x_train, y_train, x_test, y_test = load_data(args.test_size, args.seed)
     model = stax.serial(
@@ -85,52 +168,76 @@ def main() -> None:
         stax.Dense(args.width, W_std=1.5, b_std=0.05), stax.Relu(),
         stax.Dense(N_CLASSES, W_std=1.5, b_std=0.05),
     )
-    results = []
 
     start = time.perf_counter()
-    kernels = {}
-    pairs = {'train x train': (x_train, None), 'test x train': (x_test, x_train)}
-    for name, (x1, x2) in tqdm(pairs.items(), desc='kernels'):
-        kernels[name] = model.kernel_fn(x1, x2, get=('nngp', 'ntk'))
-    kernel_seconds = time.perf_counter() - start
-    for field in ('nngp', 'ntk'):
-        start = time.perf_counter()
-        prediction = kernel_regression(getattr(kernels['train x train'], field),
-                                       getattr(kernels['test x train'], field),
-                                       y_train, args.diag_reg)
-        seconds = kernel_seconds + time.perf_counter() - start
-        results.append((f'{field.upper()}, infinite width', prediction, seconds))
+    k_train_train = model.kernel_fn(x_train, None, get=('nngp', 'ntk'))
+    k_test_train = model.kernel_fn(x_test, x_train, get=('nngp', 'ntk'))
+    # t = inf: GP inference, one Cholesky solve per kernel.
+    at_infinity = predict.gp_inference(k_train_train, y_train, diag_reg=args.diag_reg)(
+        ('nngp', 'ntk'), k_test_train)
+    infinite_seconds = time.perf_counter() - start
 
-    # Gradient descent on 0.5 * mean squared error follows
-    # df/dt = -(lr / N) * NTK (f - y); with heavy-ball momentum beta it is stable for
-    # lr < 2 (1 + beta) N / max eig(NTK), so the infinite-width NTK picks the step.
-    # The finite network trains in float32, as networks usually do.
-    momentum = 0.9
-    max_eigenvalue = torch.linalg.eigvalsh(kernels['train x train'].ntk)[-1].item()
-    lr = 3.0 * len(x_train) / max_eigenvalue
-    x_train, x_test, y_train = x_train.float(), x_test.float(), y_train.float()
-    start = time.perf_counter()
-    model.init_parameters(x_train.shape, generator=torch.Generator().manual_seed(args.seed),
-                          dtype=x_train.dtype)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    steps = tqdm(range(args.steps), desc='gradient descent')
-    for _ in steps:
-        optimizer.zero_grad()
-        loss = 0.5 * (model(x_train) - y_train).square().sum(dim=1).mean()
-        loss.backward()
-        optimizer.step()
-        steps.set_postfix(loss=f'{loss.item():.4f}', refresh=False)
-    with torch.no_grad():
-        prediction = model(x_test).double()
-    results.append((f'finite, width {args.width}, {args.steps} GD steps', prediction,
-                    time.perf_counter() - start))
+    # Gradient descent on 0.5 * mean((f - y)^2) over all N * 10 outputs follows
+    # df/dt = -(lr / (N * 10)) NTK (f - y): stable below max_learning_rate.
+    learning_rate = args.lr_fraction * predict.max_learning_rate(k_train_train.ntk,
+                                                                 y_train.numel())
+    finite_steps = checkpoints(args.steps)
+    finite_outputs, finite_seconds = train_finite(model, x_train, y_train, x_test, learning_rate,
+                                                  args.steps, args.seed)
+
+    # Any times t from one cached eigendecomposition per kernel. Started from f_0 = 0 this
+    # is the mean of the infinite ensemble (predict.gradient_descent_mse_ensemble also
+    # gives its covariance); started from the finite network's f_0, one infinite network.
+    finite_times = (set(finite_steps) | {t for t in TABLE_TIMES if math.isfinite(t)}
+                    | {10 ** (e / 12) for e in range(61)})
+    times = torch.tensor(sorted(finite_times) + [math.inf], dtype=torch.float64)
+    flows = {g: predict.gradient_descent_mse(getattr(k_train_train, g), y_train, learning_rate,
+                                             diag_reg=args.diag_reg) for g in ('nngp', 'ntk')}
+    predictions = {
+        'NNGP': flows['nngp'](times, 0., 0., k_test_train.nngp),
+        'NTK': flows['ntk'](times, 0., 0., k_test_train.ntk),
+        'NTK, same start': flows['ntk'](times, finite_outputs[0][0], finite_outputs[0][1],
+                                        k_test_train.ntk),
+    }
+
+    curves = {}
+    for name, (train, test) in predictions.items():
+        curves[name] = {'train accuracy': accuracy(train, y_train),
+                        'test accuracy': accuracy(test, y_test),
+                        'train mse': mse(train, y_train), 'test mse': mse(test, y_test)}
+    finite = {'train accuracy': [accuracy(finite_outputs[s][0], y_train) for s in finite_steps],
+              'test accuracy': [accuracy(finite_outputs[s][1], y_test) for s in finite_steps],
+              'train mse': [mse(finite_outputs[s][0], y_train) for s in finite_steps],
+              'test mse': [mse(finite_outputs[s][1], y_test) for s in finite_steps]}
 
     print(f'\ndigits: {len(x_train)} train, {len(x_test)} test images; '
-          f'Dense-Relu-Dense-Relu-Dense, W_std=1.5, b_std=0.05\n')
+          f'Dense-Relu-Dense-Relu-Dense, W_std=1.5, b_std=0.05; full-batch gradient descent '
+          f'on the MSE, learning rate {learning_rate:.4g} ({args.lr_fraction} of the maximum)\n')
     print(f"{'model':<36}{'test accuracy':>14}{'test MSE':>10}{'seconds':>9}")
+    results = [('NNGP, infinite width, t = inf', at_infinity.nngp, infinite_seconds),
+               ('NTK, infinite width, t = inf', at_infinity.ntk, infinite_seconds),
+               (f'finite, width {args.width}, {args.steps} GD steps',
+                finite_outputs[args.steps][1], finite_seconds)]
     for name, prediction, seconds in results:
         print(f'{name:<36}{accuracy(prediction, y_test):>14.2%}'
               f'{mse(prediction, y_test):>10.4f}{seconds:>9.2f}')
+
+    print('\naccuracy (train / test) after t steps; infinite width from the ensemble mean '
+          "(NNGP: readout layer trained), 'same start' from the finite network's initial outputs")
+    header = ['t', 'NNGP', 'NTK', 'NTK, same start', f'finite, width {args.width}']
+    print(f'{header[0]:>8}' + ''.join(f'{h:>20}' for h in header[1:]))
+    for t in sorted(set(TABLE_TIMES) | {args.steps}):
+        i = times.tolist().index(t)
+        cells = [f"{curves[name]['train accuracy'][i]:>9.1%} / {curves[name]['test accuracy'][i]:<6.1%}"
+                 for name in ('NNGP', 'NTK', 'NTK, same start')]
+        if t in finite_steps:
+            j = finite_steps.index(t)
+            cells.append(f"{finite['train accuracy'][j]:>9.1%} / {finite['test accuracy'][j]:<6.1%}")
+        else:
+            cells.append(f"{'':>20}")
+        print(f"{'inf' if math.isinf(t) else int(t):>8}" + ''.join(f'{c:>20}' for c in cells))
+    print()
+    plot(args.plot, times, curves, finite_steps, finite, args.width)
 
 
 if __name__ == '__main__':
