@@ -13,7 +13,8 @@ import torch
 import torchntk
 from torchntk import stax
 
-IMPLEMENTATIONS = ('jacobian_contraction', 'ntk_vector_products')
+IMPLEMENTATIONS = ('jacobian_contraction', 'ntk_vector_products', 'structured_derivatives',
+                   'auto')
 ATOL = 1e-12
 
 
@@ -86,12 +87,14 @@ def test_untraced_ntk_matches_per_parameter_jacobian_loop(model, x1, x2, impleme
 
 
 @pytest.mark.parametrize('trace_axes', [(-1,), ()])
-def test_implementations_agree(model, x1, x2, trace_axes):
-    by_jacobians = torchntk.empirical_ntk_fn(model, trace_axes=trace_axes,
+@pytest.mark.parametrize('vmap_axes', [0, None])
+def test_implementations_agree(model, x1, x2, trace_axes, vmap_axes):
+    by_jacobians = torchntk.empirical_ntk_fn(model, trace_axes=trace_axes, vmap_axes=None,
                                              implementation='jacobian_contraction')(x1, x2)
-    by_products = torchntk.empirical_ntk_fn(model, trace_axes=trace_axes,
-                                            implementation='ntk_vector_products')(x1, x2)
-    torch.testing.assert_close(by_jacobians, by_products, rtol=0, atol=ATOL)
+    for implementation in IMPLEMENTATIONS:
+        ntk = torchntk.empirical_ntk_fn(model, trace_axes=trace_axes, vmap_axes=vmap_axes,
+                                        implementation=implementation)(x1, x2)
+        torch.testing.assert_close(ntk, by_jacobians, rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize('implementation', IMPLEMENTATIONS)
@@ -188,3 +191,288 @@ def test_random_model_in_train_mode_gives_kernel_or_clear_error(implementation):
         assert re.search(r'random|eval|Dropout', str(error)), str(error)
         return
     assert ntk.shape == (3, 3) and torch.isfinite(ntk).all()
+
+
+# linearize and taylor_expand.
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def perturbed(params, scale, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return {name: p + scale * torch.randn(p.shape, generator=generator, dtype=p.dtype)
+            for name, p in params.items()}
+
+
+def test_linearize_equals_model_at_params0(model, x1):
+    params0 = snapshot(model)
+    f_lin = torchntk.linearize(model, params0)
+    with torch.no_grad():
+        expected = model(x1)
+    torch.testing.assert_close(f_lin(x1), expected, rtol=0, atol=ATOL)
+    torch.testing.assert_close(f_lin(x1, params0), expected, rtol=0, atol=ATOL)
+
+
+def test_linearize_jacobian_equals_model_jacobian_at_params0(model, x1):
+    params0 = snapshot(model)
+    f_lin = torchntk.linearize(model, params0)
+    jac_lin = torch.func.jacrev(lambda p: f_lin(x1, p))(params0)
+    jac = torch.func.jacrev(lambda p: torch.func.functional_call(model, p, (x1,)))(params0)
+    for name in params0:
+        torch.testing.assert_close(jac_lin[name], jac[name], rtol=0, atol=ATOL)
+
+
+def test_linearize_is_affine_in_params(model, x1):
+    params0 = snapshot(model)
+    f_lin = torchntk.linearize(model, params0)
+    a, b = perturbed(params0, 0.3, seed=1), perturbed(params0, 0.3, seed=2)
+    midpoint = {name: (a[name] + b[name]) / 2 for name in params0}
+    torch.testing.assert_close(f_lin(x1, midpoint), (f_lin(x1, a) + f_lin(x1, b)) / 2,
+                               rtol=0, atol=ATOL)
+
+
+def test_training_linearized_model_moves_outputs_by_jacobian_times_step(model, x1, x2):
+    # Gradient descent on f_lin: after any number of steps the outputs on fresh
+    # inputs are f(θ0) + J(θ0)·(θ − θ0), with J the model's Jacobian at θ0.
+    params0 = snapshot(model)
+    f_lin = torchntk.linearize(model, params0)
+    params = {name: torch.nn.Parameter(p.clone()) for name, p in params0.items()}
+    optimizer = torch.optim.SGD(params.values(), lr=0.1)
+    target = torch.ones(x1.shape[0], model(x1).shape[1], dtype=torch.float64)
+    for _ in range(3):
+        optimizer.zero_grad()
+        ((f_lin(x1, params) - target)**2).sum().backward()
+        optimizer.step()
+    delta = {name: params[name].detach() - params0[name] for name in params0}
+    assert max(d.abs().max() for d in delta.values()) > 1e-3
+    jac = torch.func.jacrev(lambda p: torch.func.functional_call(model, p, (x2,)))(params0)
+    out_dims = model(x2).ndim
+    expected = model(x2).detach() + sum(
+        (jac[name].flatten(out_dims) * delta[name].flatten()).sum(-1) for name in params0)
+    torch.testing.assert_close(f_lin(x2, {n: p.detach() for n, p in params.items()}), expected,
+                               rtol=0, atol=1e-11)
+
+
+def test_taylor_expand_degree_1_equals_linearize(model, x1):
+    params0 = snapshot(model)
+    params = perturbed(params0, 0.5, seed=3)
+    torch.testing.assert_close(torchntk.taylor_expand(model, params0, 1)(x1, params),
+                               torchntk.linearize(model, params0)(x1, params), rtol=0, atol=ATOL)
+
+
+def test_taylor_expand_degree_0_is_constant(model, x1):
+    params0 = snapshot(model)
+    f0 = torchntk.taylor_expand(model, params0, 0)
+    torch.testing.assert_close(f0(x1, perturbed(params0, 0.5, seed=3)), f0(x1), rtol=0, atol=0)
+
+
+class Cubic(torch.nn.Module):
+    """f(x) = (a x)² ⊙ (b x): quadratic in a, linear in b, cubic in (a, b) jointly."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.a = torch.nn.Parameter(torch.randn(4, 3, generator=generator, dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.randn(4, 3, generator=generator, dtype=torch.float64))
+
+    def forward(self, x):
+        return (x @ self.a.T)**2 * (x @ self.b.T)
+
+
+def test_taylor_expand_is_exact_at_the_polynomial_degree(x1):
+    # Cubic in (a, b) jointly: degree 3 is exact, degree 2 is not.
+    x = x1[:, :3]
+    model = Cubic()
+    params0 = snapshot(model)
+    params = perturbed(params0, 0.7, seed=4)
+    exact = torch.func.functional_call(model, params, (x,))
+    torch.testing.assert_close(torchntk.taylor_expand(model, params0, 3)(x, params), exact,
+                               rtol=0, atol=1e-11)
+    assert (torchntk.taylor_expand(model, params0, 2)(x, params) - exact).abs().max() > 1e-3
+
+
+def test_taylor_expand_degree_2_is_exact_for_quadratic_function(x1):
+    model = SquaredLinear()
+    params0 = snapshot(model)
+    params = perturbed(params0, 0.7, seed=5)
+    exact = torch.func.functional_call(model, params, (x1,))
+    torch.testing.assert_close(torchntk.taylor_expand(model, params0, 2)(x1, params), exact,
+                               rtol=0, atol=1e-11)
+
+
+class SquaredLinear(torch.nn.Module):
+    """f(x) = (W x + b)²: quadratic in (W, b)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.linear(x)**2
+
+
+def test_taylor_expand_rejects_params_with_other_names(model, x1):
+    params0 = snapshot(model)
+    params = dict(params0)
+    params.pop(next(iter(params)))
+    with pytest.raises(ValueError, match='keys of params0'):
+        torchntk.taylor_expand(model, params0, 1)(x1, params)
+
+
+def test_taylor_expand_rejects_negative_degree(model):
+    with pytest.raises(ValueError, match='degree'):
+        torchntk.taylor_expand(model, snapshot(model), -1)
+
+
+# torch.nn models: every implementation, with and without vmap, equals the
+# Jacobian contraction of the whole batch.
+
+class ResNetBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(2, 4)
+        self.conv2 = torch.nn.Conv2d(4, 3, 3, padding=1, bias=False)
+        self.readout = torch.nn.Linear(3 * 5 * 5, 2)
+
+    def forward(self, x):
+        x = x + self.conv2(torch.relu(self.norm(self.conv1(x))))
+        return self.readout(x.flatten(1))
+
+
+def torch_models():
+    return {
+        'mlp': (lambda: torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
+                                            torch.nn.Linear(7, 3)), (5,)),
+        'cnn': (lambda: torch.nn.Sequential(
+            torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(4, 3, 3, stride=2, dilation=2), torch.nn.Flatten(),
+            torch.nn.Linear(3, 3)), (2, 6, 6)),
+        'cnn1d': (lambda: torch.nn.Sequential(
+            torch.nn.Conv1d(2, 4, 3, padding=2, dilation=2), torch.nn.ReLU(),
+            torch.nn.Conv1d(4, 3, 2, stride=2), torch.nn.Flatten(), torch.nn.Linear(12, 2)),
+            (2, 9)),
+        'resnet_block': (ResNetBlock, (3, 5, 5)),
+        # Training mode with dropout=0 avoids the fused inference kernel, which
+        # has no derivative rules in torch.func.
+        'transformer': (lambda: torch.nn.Sequential(
+            torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.,
+                                             batch_first=True),
+            torch.nn.Flatten(), torch.nn.Linear(24, 2)).train(), (3, 8)),
+    }
+
+
+@pytest.mark.parametrize('name', sorted(torch_models()))
+@pytest.mark.parametrize('trace_axes, diagonal_axes', [((-1,), ()), ((), ()), ((), (-1,))])
+def test_implementations_agree_on_torch_models(name, trace_axes, diagonal_axes):
+    make, shape = torch_models()[name]
+    torch.manual_seed(0)
+    model = make().to(torch.float64)
+    x1 = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x2 = torch.randn(2, *shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expected = torchntk.empirical_ntk_fn(model, trace_axes, diagonal_axes, vmap_axes=None,
+                                         implementation='jacobian_contraction')(x1, x2)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        # The math attention backend has forward-mode derivatives, needed by
+        # 'ntk_vector_products'.
+        for vmap_axes in (0, None):
+            for implementation in IMPLEMENTATIONS:
+                ntk = torchntk.empirical_ntk_fn(model, trace_axes, diagonal_axes, vmap_axes,
+                                                implementation)(x1, x2)
+                torch.testing.assert_close(ntk, expected, rtol=0, atol=ATOL)
+
+
+def test_auto_falls_back_when_forward_mode_is_missing():
+    make, shape = torch_models()['transformer']
+    model = make().to(torch.float64)
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = torchntk.empirical_ntk_fn(model, implementation='jacobian_contraction')(x)
+    torch.testing.assert_close(torchntk.empirical_ntk_fn(model)(x), expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize('trace_axes, diagonal_axes, shape', [
+    ((-1,), (), (3, 2)), ((), (), (3, 2, 4, 4)), ((), (-1,), (3, 2, 4)),
+    ((-1,), (0,), (3,)), ((1,), (), (3, 2, 5, 5))])
+def test_output_shapes_follow_neural_tangents(trace_axes, diagonal_axes, shape):
+    model = torch.nn.Linear(6, 4).double() if len(shape) != 4 or shape[-1] != 5 else None
+    x1 = torch.randn(3, 6, dtype=torch.float64)
+    x2 = None if 0 in diagonal_axes else torch.randn(2, 6, dtype=torch.float64)
+    if model is None:   # (N, C, H) outputs, channels traced
+        model = torch.nn.Sequential(torch.nn.Unflatten(1, (1, 6)), torch.nn.Conv1d(1, 4, 2)).double()
+    for implementation in IMPLEMENTATIONS:
+        ntk = torchntk.empirical_ntk_fn(model, trace_axes, diagonal_axes,
+                                        implementation=implementation)(x1, x2)
+        assert ntk.shape == (shape if x2 is not None else shape[:1] + shape[2:]
+                             if 0 in diagonal_axes else shape)
+
+
+def test_parameter_chunks_give_the_same_kernel(model, x1, x2):
+    whole = torchntk.empirical_ntk_fn(model, implementation='jacobian_contraction')(x1, x2)
+    chunked = torchntk.empirical_ntk_fn(model, implementation='jacobian_contraction',
+                                        chunk_bytes=1)(x1, x2)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize('implementation', IMPLEMENTATIONS)
+def test_batchnorm_in_training_mode_falls_back_to_whole_batch(implementation):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6),
+                                torch.nn.Tanh(), torch.nn.Linear(6, 2)).double().train()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = torch.diagonal(full_ntk_by_loop(model, x, x), dim1=2, dim2=3).mean(-1)
+    running_mean = model[1].running_mean.clone()
+    ntk = torchntk.empirical_ntk_fn(model, vmap_axes=0, implementation=implementation)(x)
+    torch.testing.assert_close(ntk, expected, rtol=0, atol=ATOL)
+    torch.testing.assert_close(model[1].running_mean, running_mean, rtol=0, atol=0)
+
+
+class CentreBatch(torch.nn.Module):
+    """Subtracts the batch mean: examples interact, and no known module says so."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+def test_undetected_batch_interaction_with_vmap_raises_value_error():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), CentreBatch(), torch.nn.Linear(6, 2))
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match='vmap_axes=None'):
+        torchntk.empirical_ntk_fn(model, vmap_axes=0)(x)
+    assert torchntk.empirical_ntk_fn(model, vmap_axes=None)(x).shape == (5, 5)
+
+
+def test_stax_layernorm_over_batch_axis_falls_back_to_whole_batch():
+    model = stax.serial(stax.Dense(6), stax.LayerNorm(axis=(0, 1)), stax.Dense(2))
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model.init_parameters(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = torch.diagonal(full_ntk_by_loop(model, x, x), dim1=2, dim2=3).mean(-1)
+    ntk = torchntk.empirical_ntk_fn(model, vmap_axes=0)(x)
+    torch.testing.assert_close(ntk, expected, rtol=0, atol=ATOL)
+
+
+def test_invalid_vmap_axes_raises_value_error():
+    with pytest.raises(ValueError, match='vmap_axes'):
+        torchntk.empirical_ntk_fn(stax.Dense(1), vmap_axes=1)
+
+
+def test_kernel_fn_get_follows_neural_tangents(model, x1, x2):
+    kernel_fn = torchntk.empirical_kernel_fn(model)
+    both = kernel_fn(x1, x2)
+    torch.testing.assert_close(both.nngp, torchntk.empirical_nngp_fn(model)(x1, x2))
+    torch.testing.assert_close(both.ntk, torchntk.empirical_ntk_fn(model)(x1, x2))
+    torch.testing.assert_close(kernel_fn(x1, x2, get='ntk'), both.ntk)
+    assert kernel_fn(x1, x2, get=('ntk', 'nngp'))._fields == ('ntk', 'nngp')
+    with pytest.raises(ValueError, match='get'):
+        kernel_fn(x1, x2, get='cov1')
+
+
+def test_wide_network_ntk_approaches_analytic_kernel():
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = stax.serial(stax.Dense(4096, W_std=1.5, b_std=0.1), stax.Erf(),
+                        stax.Dense(4096, W_std=1.5, b_std=0.1), stax.Erf(),
+                        stax.Dense(1, W_std=1.5, b_std=0.1))
+    model.init_parameters(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    analytic = model.kernel_fn(x, None, get='ntk')
+    ntk = torchntk.empirical_ntk_fn(model)(x)
+    assert (ntk - analytic).norm() / analytic.norm() < 0.05

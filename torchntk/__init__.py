@@ -1,7 +1,9 @@
 """torchntk: infinite-width neural networks (NNGP and NTK kernels) in PyTorch."""
 
-from . import functional, stax
-from .empirical import empirical_nngp_fn, empirical_ntk_fn
+from . import functional, predict, stax
+from .empirical import (empirical_kernel_fn, empirical_nngp_fn, empirical_ntk_fn, linearize,
+                        taylor_expand)
 from .kernel import Kernel
+from .monte_carlo import monte_carlo_kernel_fn
 
 __version__ = "0.1.0"

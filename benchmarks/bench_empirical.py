@@ -1,0 +1,180 @@
+"""Time the empirical NTK implementations against torch.func's recipe and neural-tangents.
+
+Two networks, float32, `x2` an independent batch of the same size:
+
+* mlp: Linear(784, 512)-ReLU-Linear(512, 512)-ReLU-Linear(512, 10), batch 64;
+* cnn: three Conv2d(·, 64, 3, padding=1)-ReLU on 3×16×16, flatten, Linear(·, 10), batch 32.
+
+Timed: our `empirical_ntk_fn` with each implementation (vmap_axes=0);
+PyTorch's documented NTK recipe ("Neural Tangent Kernels" tutorial:
+`vmap(jacrev(f))` per input, then `einsum` per parameter); and, with
+`--nt-python`, neural-tangents' jitted `empirical_ntk_fn` (vmap_axes=0) with each
+of its implementations on the same architecture, in a subprocess of that
+interpreter (stax, NHWC layout). Both `trace_axes=()` (the full
+`(N1, N2, 10, 10)` kernel, the recipe's) and `trace_axes=(-1,)` are timed.
+Times are medians in milliseconds.
+
+    .venv/bin/python benchmarks/bench_empirical.py --nt-python /work/venvs/nt/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+import torchntk
+from torchntk.empirical import IMPLEMENTATIONS
+
+NT_IMPLEMENTATIONS = {'jacobian_contraction': 1, 'ntk_vector_products': 2,
+                      'structured_derivatives': 3, 'auto': 0}
+
+NT_SCRIPT = textwrap.dedent('''
+    import json, sys, time
+    import numpy as np
+    spec = json.loads(sys.argv[1])
+    import jax
+    import jax.numpy as jnp
+    import neural_tangents as nt
+    from neural_tangents import stax
+
+    def network(case):
+        if case == "mlp":
+            return stax.serial(stax.Dense(512), stax.Relu(), stax.Dense(512), stax.Relu(),
+                               stax.Dense(10)), (64, 784)
+        return stax.serial(*[layer for _ in range(3) for layer in
+                             (stax.Conv(64, (3, 3), padding="SAME"), stax.Relu())],
+                           stax.Flatten(), stax.Dense(10)), (32, 16, 16, 3)
+
+    for case in spec["cases"]:
+        (init_fn, apply_fn, _), shape = network(case)
+        key1, key2, key3 = jax.random.split(jax.random.PRNGKey(0), 3)
+        x1 = jax.random.normal(key1, shape, dtype=jnp.float32)
+        x2 = jax.random.normal(key2, shape, dtype=jnp.float32)
+        _, params = init_fn(key3, shape)
+        for trace_axes in ([], [-1]):
+            for name, implementation in spec["implementations"].items():
+                fn = jax.jit(nt.empirical_ntk_fn(apply_fn, trace_axes=tuple(trace_axes),
+                                                 vmap_axes=0, implementation=implementation))
+                for _ in range(spec["warmup"]):
+                    fn(x1, x2, params).block_until_ready()
+                times = []
+                for _ in range(spec["repeats"]):
+                    start = time.perf_counter()
+                    fn(x1, x2, params).block_until_ready()
+                    times.append(time.perf_counter() - start)
+                print(json.dumps({"case": case, "trace_axes": trace_axes, "name": name,
+                                  "times": times}), flush=True)
+''')
+
+
+def mlp() -> tuple[nn.Module, tuple[int, ...]]:
+    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                         nn.Linear(512, 10)), (64, 784)
+
+
+def cnn() -> tuple[nn.Module, tuple[int, ...]]:
+    layers = []
+    for channels in (3, 64, 64):
+        layers += [nn.Conv2d(channels, 64, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(64 * 16 * 16, 10)), (32, 3, 16, 16)
+
+
+CASES = {'mlp': mlp, 'cnn': cnn}
+
+
+def torch_func_recipe(model: nn.Module, trace_axes: tuple[int, ...]) -> Callable:
+    """PyTorch's tutorial NTK: per-example Jacobians by vmap(jacrev), einsum per parameter."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f_single(params, x):
+        return functional_call(model, params, (x[None],))[0]
+
+    spec = 'Naf,Maf->NM' if trace_axes else 'Naf,Mbf->NMab'
+
+    def ntk(x1, x2):
+        jac1 = vmap(jacrev(f_single), (None, 0))(params, x1)
+        jac2 = vmap(jacrev(f_single), (None, 0))(params, x2)
+        jac1 = [j.flatten(2) for j in jac1.values()]
+        jac2 = [j.flatten(2) for j in jac2.values()]
+        result = sum(torch.einsum(spec, j1, j2) for j1, j2 in zip(jac1, jac2))
+        return result / 10 if trace_axes else result
+    return ntk
+
+
+def median_ms(fn: Callable, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def run_neural_tangents(python: str, cases: list[str], repeats: int, warmup: int) -> dict:
+    spec = {'cases': cases, 'repeats': repeats, 'warmup': warmup,
+            'implementations': NT_IMPLEMENTATIONS}
+    env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+    proc = subprocess.run([python, '-c', NT_SCRIPT, json.dumps(spec)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f'neural-tangents ({python}) failed:\n{proc.stderr[-4000:]}')
+    medians = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith('{'):
+            r = json.loads(line)
+            key = (r['case'], tuple(r['trace_axes']), f"neural-tangents {r['name']}")
+            medians[key] = 1e3 * statistics.median(r['times'])
+    return medians
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--nt-python', help='python of a neural-tangents environment')
+    parser.add_argument('--cases', nargs='+', default=list(CASES), choices=list(CASES))
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=1)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    times = {}
+    for case in args.cases:
+        model, shape = CASES[case]()
+        x1, x2 = torch.randn(shape), torch.randn(shape)
+        for trace_axes in ((), (-1,)):
+            for implementation in IMPLEMENTATIONS + ('auto',):
+                fn = torchntk.empirical_ntk_fn(model, trace_axes=trace_axes,
+                                               implementation=implementation)
+                times[case, trace_axes, f'torchntk {implementation}'] = median_ms(
+                    lambda: fn(x1, x2), args.repeats, args.warmup)
+            recipe = torch_func_recipe(model, trace_axes)
+            times[case, trace_axes, 'torch.func recipe'] = median_ms(
+                lambda: recipe(x1, x2), args.repeats, args.warmup)
+            problem_choice = torchntk.empirical._Problem(
+                model, torchntk.empirical._trainable(model), x1, x2, trace_axes, (), 0,
+                torchntk.empirical.DEFAULT_CHUNK_BYTES).cheapest()
+            times[case, trace_axes, f'(auto picks {problem_choice})'] = float('nan')
+    if args.nt_python:
+        times.update(run_neural_tangents(args.nt_python, args.cases, args.repeats, args.warmup))
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, vmap_axes=0, "
+          "median ms")
+    print(f"{'case':5} {'trace_axes':10} {'implementation':45} {'ms':>10}")
+    for (case, trace_axes, name), ms in sorted(times.items(), key=lambda kv: kv[0][:2]):
+        print(f"{case:5} {str(tuple(trace_axes)):10} {name:45} {ms:10.1f}")
+
+
+if __name__ == '__main__':
+    sys.exit(main())
