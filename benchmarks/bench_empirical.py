@@ -20,13 +20,9 @@ Times are medians in milliseconds.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import textwrap
-import time
 from typing import Callable
 
 import torch
@@ -35,6 +31,8 @@ from torch.func import functional_call, jacrev, vmap
 
 import torchntk
 from torchntk.empirical import IMPLEMENTATIONS
+
+from _common import median_ms, run_neural_tangents
 
 NT_IMPLEMENTATIONS = {'jacobian_contraction': 1, 'ntk_vector_products': 2,
                       'structured_derivatives': 3, 'auto': 0}
@@ -112,32 +110,12 @@ def torch_func_recipe(model: nn.Module, trace_axes: tuple[int, ...]) -> Callable
     return ntk
 
 
-def median_ms(fn: Callable, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def run_neural_tangents(python: str, cases: list[str], repeats: int, warmup: int) -> dict:
+def neural_tangents_ms(python: str, cases: list[str], repeats: int, warmup: int) -> dict:
     spec = {'cases': cases, 'repeats': repeats, 'warmup': warmup,
             'implementations': NT_IMPLEMENTATIONS}
-    env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-    proc = subprocess.run([python, '-c', NT_SCRIPT, json.dumps(spec)], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f'neural-tangents ({python}) failed:\n{proc.stderr[-4000:]}')
-    medians = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith('{'):
-            r = json.loads(line)
-            key = (r['case'], tuple(r['trace_axes']), f"neural-tangents {r['name']}")
-            medians[key] = 1e3 * statistics.median(r['times'])
-    return medians
+    return {(r['case'], tuple(r['trace_axes']), f"neural-tangents {r['name']}"):
+            1e3 * statistics.median(r['times'])
+            for r in run_neural_tangents(python, NT_SCRIPT, spec)}
 
 
 def main() -> None:
@@ -167,7 +145,7 @@ def main() -> None:
                 torchntk.empirical.DEFAULT_CHUNK_BYTES).cheapest()
             times[case, trace_axes, f'(auto picks {problem_choice})'] = float('nan')
     if args.nt_python:
-        times.update(run_neural_tangents(args.nt_python, args.cases, args.repeats, args.warmup))
+        times.update(neural_tangents_ms(args.nt_python, args.cases, args.repeats, args.warmup))
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, vmap_axes=0, "
           "median ms")

@@ -30,22 +30,20 @@ setting any user can make; XLA reuses its buffers itself).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from torchntk import stax
+
+from _common import median_ms, run_neural_tangents
 
 FEATURES = 784
 WIDTH = 512
@@ -92,33 +90,13 @@ NT_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def run_neural_tangents(python: str, dtype: str, cases: list[dict], repeats: int,
-                        warmup: int) -> dict[str, float]:
+def neural_tangents_ms(python: str, dtype: str, cases: list[dict], repeats: int,
+                      warmup: int) -> dict[str, float]:
     """Median ms per case name, timed by neural-tangents in `python`."""
     spec = {'dtype': dtype, 'cases': cases, 'repeats': repeats, 'warmup': warmup,
             'width': WIDTH, 'W_std': W_STD, 'b_std': B_STD, 'block': CHECK_BLOCK}
-    env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-    proc = subprocess.run([python, '-c', NT_SCRIPT, json.dumps(spec)], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f'neural-tangents ({python}) failed:\n{proc.stderr[-4000:]}')
-    medians = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith('{'):
-            result = json.loads(line)
-            medians[result['name']] = 1e3 * statistics.median(result['times'])
-    return medians
+    return {r['name']: 1e3 * statistics.median(r['times'])
+            for r in run_neural_tangents(python, NT_SCRIPT, spec)}
 
 
 def max_relative_difference(ours: torch.Tensor, theirs: np.ndarray) -> float:
@@ -183,7 +161,7 @@ def main() -> None:
         nt_ms = {}
         if args.nt_python:
             for dtype in tqdm(args.dtypes, desc='neural-tangents', file=sys.stderr):
-                nt_ms.update(run_neural_tangents(
+                nt_ms.update(neural_tangents_ms(
                     args.nt_python, dtype, [c for c in cases if c['dtype'] == dtype],
                     args.repeats, args.warmup))
             for row in rows:

@@ -11,3 +11,13 @@ def x1():
 @pytest.fixture
 def x2():
     return gaussian(3, 6, seed=1)
+
+
+@pytest.fixture
+def images1():
+    return gaussian(3, 2, 6, 5, seed=0)
+
+
+@pytest.fixture
+def images2():
+    return gaussian(2, 2, 6, 5, seed=1)

@@ -63,16 +63,6 @@ def cnn21(readout):
     return stax.serial(*body, readout, stax.Dense(1))
 
 
-@pytest.fixture
-def images1():
-    return gaussian(3, 2, 6, 5, seed=0)
-
-
-@pytest.fixture
-def images2():
-    return gaussian(2, 2, 6, 5, seed=1)
-
-
 # --- the kernel is the covariance of the finite layer -----------------------------------------
 
 def exact_nngp(layer, x1, x2):

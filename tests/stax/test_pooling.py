@@ -11,16 +11,6 @@ from torchntk.stax.requirements import resolve_layout
 from tests.strategies import gaussian
 
 
-@pytest.fixture
-def images1():
-    return gaussian(3, 2, 6, 5, seed=0)
-
-
-@pytest.fixture
-def images2():
-    return gaussian(2, 2, 6, 5, seed=1)
-
-
 # --- finite forward -------------------------------------------------------------------------------
 
 def test_avg_pool_forward_is_torch_avg_pool2d(images1):

@@ -8,18 +8,6 @@ from torchntk import stax
 from torchntk.kernel import kernel_from_inputs
 from torchntk.stax.requirements import resolve_layout
 
-from tests.strategies import gaussian
-
-
-@pytest.fixture
-def images1():
-    return gaussian(3, 2, 6, 5, seed=0)
-
-
-@pytest.fixture
-def images2():
-    return gaussian(2, 2, 6, 5, seed=1)
-
 
 def test_linear_upsampling_is_torch_bilinear(images1):
     ours = stax.ImageResize((-1, -1, 12, 8), 'bilinear')(images1)
