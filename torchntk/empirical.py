@@ -36,6 +36,7 @@ expansions of a model in its parameters.
 
 from __future__ import annotations
 
+import abc
 import collections
 import contextlib
 import logging
@@ -562,7 +563,7 @@ def _batch_mixing_modules(modules: dict[str, nn.Module], calls) -> list[str]:
 
 # Structured derivatives: layers whose output is affine in the weight.
 
-class _AffineRule:
+class _AffineRule(abc.ABC):
     """A layer computing `y[p, j] = Σ_i W[j, i] a[p, i] + bias_scale · b[j]` at positions `p`.
 
     Subclasses turn the layer's input `(M, …)` into `a` of shape `(M·P, I)`
@@ -583,11 +584,13 @@ class _AffineRule:
         out_features, in_features = self.module.weight.shape[0], self.module.weight[0].numel()
         return math.prod(self.output_shape[1:]) // out_features, in_features, out_features
 
+    @abc.abstractmethod
     def patches(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The module's inputs as rows of patches `(positions, I)`."""
 
+    @abc.abstractmethod
     def cotangents(self, g: torch.Tensor, n_lead: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Output cotangents `(*lead, M, …)` as `(*lead, M·P, J)`."""
 
     def bias_scale(self):
         return 1.
