@@ -269,7 +269,7 @@ def global_pool(cov: Tensor, batch_ndim: int, diagonal_spatial: bool,
     axes = tuple(range(batch_ndim, cov.ndim))
     out = cov.sum(axes)
     if average:
-        size = math.prod(cov.shape[a[0]] for a in _pairs(cov, batch_ndim, diagonal_spatial))
+        size = math.prod([cov.shape[a[0]] for a in _pairs(cov, batch_ndim, diagonal_spatial)])
         out = out / size**2
     return out
 

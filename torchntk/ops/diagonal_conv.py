@@ -60,7 +60,8 @@ def _check(name: str, tensor: torch.Tensor, size: int, k: int, stride: int,
 
 
 def _use_extension(tensor: torch.Tensor) -> bool:
-    if _EXTENSION is None or tensor.dtype not in _DTYPES:
+    # torch.compile cannot trace into the extension; it fuses the torch version itself.
+    if _EXTENSION is None or tensor.dtype not in _DTYPES or torch.compiler.is_compiling():
         return False
     return tensor.device.type == 'cpu' or (tensor.device.type == 'cuda' and _EXTENSION.with_cuda)
 
