@@ -213,6 +213,19 @@ def gaussian(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def average_over_inits(model: stax.Layer, kernel_fn_of: Callable, x: torch.Tensor,
+                       seeds: int) -> torch.Tensor:
+    """Mean of `kernel_fn_of(model)(x)` over `seeds` initializations of `model`
+    (float64, generators seeded 0 … seeds − 1): e.g. an empirical NTK or a
+    Monte Carlo NNGP estimate."""
+    total = 0
+    for seed in range(seeds):
+        model.init_parameters(x.shape, generator=torch.Generator().manual_seed(seed),
+                              dtype=torch.float64)
+        total = total + kernel_fn_of(model)(x)
+    return total / seeds
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Relative Frobenius error `‖actual − expected‖ / ‖expected‖`."""
     return (torch.linalg.norm(actual - expected) / torch.linalg.norm(expected)).item()

@@ -3,13 +3,12 @@ finite network's NTK for a residual block."""
 
 import math
 
-import pytest
 import torch
 
 import torchntk
 from torchntk import stax
 
-from tests.strategies import gaussian, relative_error
+from tests.strategies import average_over_inits, gaussian, relative_error
 
 
 def assert_close(actual, expected, tol=1e-14):
@@ -124,12 +123,7 @@ def test_residual_network_empirical_ntk_approaches_analytic():
                            stax.parallel(stax.serial(stax.Relu(), stax.Dense(width, W_std=1.2)),
                                          stax.Identity()),
                            stax.FanInSum(), stax.Erf(), stax.Dense(1, W_std=1.3, b_std=0.2))
-    model = network()
-    empirical = 0
-    for seed in range(2):
-        model.init_parameters(x.shape, generator=torch.Generator().manual_seed(seed),
-                              dtype=torch.float64)
-        empirical = empirical + torchntk.empirical_ntk_fn(model)(x) / 2
+    empirical = average_over_inits(network(), torchntk.empirical_ntk_fn, x, seeds=2)
     assert relative_error(empirical, network().kernel_fn(x, get='ntk')) < 0.15
 
 

@@ -17,8 +17,8 @@ import torchntk
 from torchntk import stax
 
 from tests.strategies import (KERNEL_ONLY, UNIT_VARIANCE, Architecture, Nonlinearity,
-                              all_nonlinearities, architectures, gaussian, inputs,
-                              relative_error, width_tolerance)
+                              all_nonlinearities, architectures, average_over_inits, gaussian,
+                              inputs, relative_error, width_tolerance)
 
 CONSTANT = 8.
 # Heavy-tailed φ (polynomials, Exp; `Nonlinearity.tame` false) fluctuate more.
@@ -197,23 +197,15 @@ def constant(architecture: Architecture) -> float:
 
 def empirical_ntk(architecture: Architecture, x: torch.Tensor, width: int, seeds: int):
     model = architecture.build(width, out_dim=1)
-    ntk = 0
-    for seed in range(seeds):
-        model.init_parameters(x.shape, generator=torch.Generator().manual_seed(seed),
-                              dtype=torch.float64)
-        ntk = ntk + torchntk.empirical_ntk_fn(model)(x) / seeds
-    return ntk, model.kernel_fn(x, get='ntk')
+    return (average_over_inits(model, torchntk.empirical_ntk_fn, x, seeds),
+            model.kernel_fn(x, get='ntk'))
 
 
 def monte_carlo_nngp(architecture: Architecture, x: torch.Tensor, width: int, readout: int,
                      seeds: int):
     model = architecture.build(width, out_dim=readout)
-    nngp = 0
-    for seed in range(seeds):
-        model.init_parameters(x.shape, generator=torch.Generator().manual_seed(seed),
-                              dtype=torch.float64)
-        nngp = nngp + torchntk.empirical_nngp_fn(model)(x) / seeds
-    return nngp, model.kernel_fn(x, get='nngp')
+    return (average_over_inits(model, torchntk.empirical_nngp_fn, x, seeds),
+            model.kernel_fn(x, get='nngp'))
 
 
 @settings(max_examples=PROPERTY_EXAMPLES)

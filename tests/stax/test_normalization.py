@@ -1,12 +1,11 @@
 """`stax.LayerNorm`: the kernel rule, scale invariance, the finite network."""
 
-import pytest
 import torch
 
 import torchntk
 from torchntk import stax
 
-from tests.strategies import gaussian, relative_error
+from tests.strategies import average_over_inits, gaussian, relative_error
 
 
 def before():
@@ -62,12 +61,7 @@ def test_layer_norm_network_empirical_ntk_approaches_analytic():
         return stax.serial(stax.Dense(width, W_std=1.5, b_std=0.2), stax.Relu(),
                            stax.Dense(width, W_std=1.2), stax.LayerNorm(), stax.Erf(),
                            stax.Dense(1, W_std=1.3, b_std=0.1))
-    model = network()
-    empirical = 0
-    for seed in range(2):
-        model.init_parameters(x.shape, generator=torch.Generator().manual_seed(seed),
-                              dtype=torch.float64)
-        empirical = empirical + torchntk.empirical_ntk_fn(model)(x) / 2
+    empirical = average_over_inits(network(), torchntk.empirical_ntk_fn, x, seeds=2)
     assert relative_error(empirical, network().kernel_fn(x, get='ntk')) < 0.15
 
 
