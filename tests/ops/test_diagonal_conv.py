@@ -20,6 +20,10 @@ except ImportError:
     extension = None
 
 needs_extension = pytest.mark.skipif(extension is None, reason='torchntk._C is not built')
+# The CUDA twin runs every test below that goes through implementations() or
+# transposes() where it is built and a GPU is present (inputs moved there and back).
+WITH_CUDA = extension is not None and extension.with_cuda and torch.cuda.is_available()
+DEVICES = ['cpu'] + (['cuda'] if WITH_CUDA else [])
 
 DTYPES = [torch.float32, torch.float64]
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
@@ -61,6 +65,9 @@ def implementations():
     if extension is not None:
         yield 'extension', lambda cov, k, s, pad, circ: extension.diagonal_conv(
             cov, k, s, pad[0], pad[1], circ)
+    if WITH_CUDA:
+        yield 'extension-cuda', lambda cov, k, s, pad, circ: extension.diagonal_conv(
+            cov.cuda(), k, s, pad[0], pad[1], circ).cpu()
 
 
 def transposes():
@@ -68,6 +75,9 @@ def transposes():
     if extension is not None:
         yield 'extension', lambda grad, size, k, s, pad, circ: extension.diagonal_conv_transpose(
             grad, size, k, s, pad[0], pad[1], circ)
+    if WITH_CUDA:
+        yield 'extension-cuda', lambda grad, size, k, s, pad, circ: \
+            extension.diagonal_conv_transpose(grad.cuda(), size, k, s, pad[0], pad[1], circ).cpu()
 
 
 @pytest.mark.parametrize('dtype', DTYPES, ids=str)
@@ -118,18 +128,20 @@ def test_transpose_is_the_adjoint(mode, dtype):
 
 
 @needs_extension
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('dtype', DTYPES, ids=str)
-def test_extension_matches_torch_on_many_threads_worth_of_pairs(dtype):
+def test_extension_matches_torch_on_many_threads_worth_of_pairs(dtype, device):
     generator = torch.Generator().manual_seed(3)
     cov = torch.randn(257, 16, 16, generator=generator, dtype=dtype)
     for k, stride, circular in [(3, 1, False), (3, 1, True), (5, 2, False), (2, 3, True)]:
         padding = same_padding(16, k, stride)
-        torch.testing.assert_close(extension.diagonal_conv(cov, k, stride, *padding, circular),
-                                   diagonal_conv_torch(cov, k, stride, padding, circular),
-                                   **TOLERANCE[dtype])
         out = diagonal_conv_torch(cov, k, stride, padding, circular)
         torch.testing.assert_close(
-            extension.diagonal_conv_transpose(out, 16, k, stride, *padding, circular),
+            extension.diagonal_conv(cov.to(device), k, stride, *padding, circular).cpu(), out,
+            **TOLERANCE[dtype])
+        torch.testing.assert_close(
+            extension.diagonal_conv_transpose(out.to(device), 16, k, stride, *padding,
+                                              circular).cpu(),
             diagonal_conv_transpose_torch(out, 16, k, stride, padding, circular),
             **TOLERANCE[dtype])
 
@@ -141,13 +153,14 @@ def test_extension_takes_non_contiguous_input():
                                diagonal_conv_torch(cov, 3, 1, (1, 1), False))
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('circular', [False, True], ids=['zeros', 'circular'])
-def test_dispatch_gradients_pass_gradcheck(circular):
-    cov = torch.randn(2, 5, 5, 2, dtype=torch.float64, requires_grad=True)
+def test_dispatch_gradients_pass_gradcheck(circular, device):
+    cov = torch.randn(2, 5, 5, 2, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda c: ops.diagonal_conv(c, 3, 2, (1, 1), circular), cov)
     assert torch.autograd.gradgradcheck(lambda c: ops.diagonal_conv(c, 3, 2, (1, 1), circular),
                                         cov)
-    grad = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda g: ops.diagonal_conv_transpose(g, 5, 3, 2, (1, 1), circular), grad)
 

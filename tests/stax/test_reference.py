@@ -5,12 +5,15 @@ tests/reference/conv_cases.json (convolutional), the reference values in
 fc_reference.npz and conv_reference.npz beside them, made by
 tests/reference/make_reference.py. A case may fix ``diagonal_spatial``.
 """
+import pytest
 import torch
 import torch.nn.functional as F
 
 from torchntk import stax
 
 TOLERANCE = {"closed_form": 1e-10, "quadrature": 1e-6}
+# Every case also runs on the GPU where there is one (kernels follow the inputs' device).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 NUMERICAL_FNS = {
     "tanh": torch.tanh,
@@ -45,18 +48,20 @@ def relative_error(actual, expected):
     return (torch.linalg.norm(actual - expected) / torch.linalg.norm(expected)).item()
 
 
-def test_kernels_match_neural_tangents(fc_case, fc_reference):
-    check_case(fc_case, fc_reference)
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_match_neural_tangents(fc_case, fc_reference, device):
+    check_case(fc_case, fc_reference, device)
 
 
-def test_conv_kernels_match_neural_tangents(conv_case, conv_reference):
-    check_case(conv_case, conv_reference)
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_kernels_match_neural_tangents(conv_case, conv_reference, device):
+    check_case(conv_case, conv_reference, device)
 
 
-def check_case(case, reference):
+def check_case(case, reference, device):
     name = case["name"]
-    x1 = torch.from_numpy(reference[f"{name}/x1"])
-    x2 = None if case["x2_shape"] is None else torch.from_numpy(reference[f"{name}/x2"])
+    x1 = torch.from_numpy(reference[f"{name}/x1"]).to(device)
+    x2 = None if case["x2_shape"] is None else torch.from_numpy(reference[f"{name}/x2"]).to(device)
     get = tuple(case.get("get", ("nngp", "ntk", "cov1", "cov2")))
     if x2 is None:
         get = tuple(key for key in get if key != "cov2")
@@ -70,6 +75,8 @@ def check_case(case, reference):
     for key in get:
         expected = torch.from_numpy(reference[f"{name}/{key}"])
         actual = getattr(kernels, key)
+        assert actual.device.type == device, f"{key} is on {actual.device}, not {device}"
+        actual = actual.cpu()
         assert actual.shape == expected.shape, f"{key}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
         errors[key] = relative_error(actual, expected)
     assert all(error <= tolerance for error in errors.values()), f"relative errors {errors} > {tolerance}"
