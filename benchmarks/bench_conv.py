@@ -24,9 +24,11 @@ dimensions, so 2·2·k = 12 adds per entry (neural-tangents' dense k x k
 convolution does 2k² = 18 multiply-adds per entry and dimension pair);
 nonlinearities and pooling are not counted. It is priced at the machine's
 vector add throughput, measured here as torch's in-place add on vectors that
-fit in L2 cache, on all threads.
+fit in L2 cache, on all threads (with `--device cuda`: on the GPU, its peak
+memory being torch's peak allocation there).
 
     .venv/bin/python benchmarks/bench_conv.py --nt-python /work/venvs/nt/bin/python
+    python benchmarks/bench_conv.py --device cuda --n 16      # on a GPU
 """
 
 from __future__ import annotations
@@ -102,20 +104,29 @@ def peak_mib() -> float:
 def torchntk_worker(spec: dict) -> None:
     import torch
     from torchntk import ops
-    dtype = getattr(torch, spec['dtype'])
+    dtype, device = getattr(torch, spec['dtype']), torch.device(spec['device'])
     model = torchntk_model(spec['model'], spec['size'])
-    x = torch.from_numpy(np.load(spec['x'])).to(dtype)
+    x = torch.from_numpy(np.load(spec['x'])).to(device, dtype)
     baseline = resident_mib()
     times = []
     with torch.inference_mode():
         for run in range(spec['warmup'] + spec['repeats']):
             start = time.perf_counter()
             out = model.kernel_fn(x, None, get=('nngp', 'ntk'))
+            synchronize(device)
             if run >= spec['warmup']:
                 times.append(time.perf_counter() - start)
-    np.save(spec['out'], out.ntk.double().numpy())
-    print(json.dumps({'times': times, 'peak_mib': peak_mib() - baseline,
-                      'backend': ops.backend(), 'threads': torch.get_num_threads()}), flush=True)
+    np.save(spec['out'], out.ntk.double().cpu().numpy())
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda'
+            else peak_mib() - baseline)
+    print(json.dumps({'times': times, 'peak_mib': peak, 'backend': ops.backend(),
+                      'threads': torch.get_num_threads()}), flush=True)
+
+
+def synchronize(device) -> None:
+    import torch
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
 
 
 # --- the neural-tangents worker ----------------------------------------------------------------
@@ -174,21 +185,32 @@ def run_worker(command: list[str], env: dict) -> dict:
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith('{')][-1])
 
 
-def add_throughput(dtype: str) -> float:
+def add_throughput(dtype: str, device: str) -> float:
     """Adds per second of torch's in-place add on L2-resident vectors, all
-    threads: the best of several trials, so that a busy machine does not lower
-    the floor."""
+    threads (on a GPU: 16 MiB vectors, inside its L2): the best of several
+    trials, so that a busy machine does not lower the floor."""
     import torch
-    a = torch.ones(torch.get_num_threads() * 65536, dtype=getattr(torch, dtype))
+    device = torch.device(device)
+    size = 2**24 // 8 if device.type == 'cuda' else torch.get_num_threads() * 65536
+    a = torch.ones(size, dtype=getattr(torch, dtype), device=device)
     b = torch.ones_like(a)
     reps = 200
     best = float('inf')
     for _ in range(7):
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(reps):
             a.add_(b)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return a.numel() * reps / best
+
+
+def device_name(device: str) -> str:
+    import torch
+    if torch.device(device).type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'the CPU, {torch.get_num_threads()} threads'
 
 
 def main() -> None:
@@ -203,6 +225,8 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=2, help='timed runs per case (median)')
     parser.add_argument('--warmup', type=int, default=1, help='untimed runs before timing')
     parser.add_argument('--nt-python', help='python of a venv with neural-tangents')
+    parser.add_argument('--device', default='cpu', help="torchntk's device (neural-tangents "
+                        "always runs on the CPU)")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -214,7 +238,7 @@ def main() -> None:
     from tqdm import tqdm
 
     rng = np.random.default_rng(args.seed)
-    throughput = {dtype: add_throughput(dtype) for dtype in args.dtypes}
+    throughput = {dtype: add_throughput(dtype, args.device) for dtype in args.dtypes}
     libraries = list(args.backends) + (['nt'] if args.nt_python else [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,7 +253,7 @@ def main() -> None:
             spec = {'model': model, 'size': size, 'dtype': dtype, 'x': x_path,
                     'repeats': args.repeats, 'warmup': args.warmup, 'width': WIDTH,
                     'depth': DEPTH, 'W_std': W_STD, 'b_std': B_STD, 'blocks': blocks,
-                    'final_pools': final_pools}
+                    'final_pools': final_pools, 'device': args.device}
             row = {'model': model, 'size': size, 'dtype': dtype, 'n': n, 'results': {}}
             for library in libraries:
                 progress.set_description(f'{model} {size}x{size} {dtype} {library}')
@@ -252,7 +276,7 @@ def main() -> None:
         progress.close()
 
     print(f'kernel_fn, get=(nngp, ntk), x2=None, median of {args.repeats} runs after '
-          f'{args.warmup} warm-up; torch {torch.__version__}, {torch.get_num_threads()} threads; '
+          f'{args.warmup} warm-up; torch {torch.__version__} on {device_name(args.device)}; '
           + ', '.join(f'{d} add throughput {throughput[d] / 1e9:.1f} G/s' for d in args.dtypes))
     header = f"{'model':>8} {'input':>8} {'dtype':>8} {'N':>3} {'floor ms':>9}"
     for library in libraries:

@@ -50,8 +50,11 @@ class Diagonal:
         """The requirement of two parallel branches: the largest both allow."""
         return Diagonal(input=min(self.input, other.input), output=min(self.output, other.output))
 
-    def __bool__(self) -> bool:
-        """Whether the whole network can run diagonal-only."""
+    @property
+    def allows_diagonal(self) -> bool:
+        """Whether the whole network can run diagonal-only (a named property
+        rather than `__bool__`, which torch.compile cannot trace on a dataclass
+        before torch 2.13)."""
         return self.input == Bool.YES and self.output > Bool.NO
 
 
@@ -94,7 +97,8 @@ def resolve_layout(requirements: Requirements, diagonal_batch: bool | None,
     `True` where a layer needs the full kernel is an error.
     """
     allowed_batch = requirements.diagonal_batch
-    allowed_spatial = requirements.diagonal_spatial is not None and bool(requirements.diagonal_spatial)
+    allowed_spatial = (requirements.diagonal_spatial is not None
+                       and requirements.diagonal_spatial.allows_diagonal)
     if diagonal_batch and not allowed_batch:
         raise ValueError(f"{layer_name}: diagonal_batch=True is not possible: a layer in this "
                          "network mixes examples and needs the full batch covariance")
