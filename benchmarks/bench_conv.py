@@ -5,7 +5,7 @@ The networks (neural-tangents' README benchmark, and Myrtle-5):
     pooled   21 x [Conv(256, 3x3, SAME) - Relu] - GlobalAvgPool - Dense(10)
     flatten  21 x [Conv(256, 3x3, SAME) - Relu] - Flatten - Dense(10)
     myrtle5  Myrtle-5 (Shankar et al. 2020): 2 x [Conv-Relu] - AvgPool(2) -
-             [Conv-Relu] - AvgPool(2) - [Conv-Relu] - AvgPool(2) down to 1x1 -
+             [Conv-Relu] - AvgPool(2) - [Conv-Relu] - AvgPool(2) until 1x1 -
              Flatten - Dense(10)
 
 with W_std=1.5, b_std=0.05, on N x 3 x S x S inputs, get=('nngp', 'ntk'),
@@ -58,9 +58,10 @@ DEFAULT_N = {8: 8, 16: 4, 32: 2}
 
 
 def myrtle_blocks(size: int) -> tuple[list[int], int]:
-    """Conv-Relu pairs per stage of Myrtle-5, and the number of final 2x2 pools
-    that bring the last stage to 1x1 (3 on 32x32, as in neural-tangents)."""
-    return [2, 1, 1], max(size.bit_length() - 1 - 2, 0)
+    """Conv-Relu pairs per stage of Myrtle-5 (a 2x2 pool follows each stage
+    but the last), and the number of final 2x2 pools that bring the last stage
+    to 1x1 (3 on 32x32, as in neural-tangents)."""
+    return [2, 1, 1], size.bit_length() - 1 - 2
 
 
 def conv_layers(model: str, size: int) -> list[int]:
@@ -85,9 +86,10 @@ def torchntk_model(model: str, size: int):
         return stax.serial(*layers, top, stax.Dense(10, W_std=W_STD, b_std=B_STD))
     blocks, final_pools = myrtle_blocks(size)
     layers = []
-    for count in blocks:
+    for stage, count in enumerate(blocks):
+        if stage:
+            layers.append(stax.AvgPool((2, 2), strides=(2, 2)))
         layers += [layer for _ in range(count) for layer in (conv(), stax.Relu())]
-        layers.append(stax.AvgPool((2, 2), strides=(2, 2)))
     layers += [stax.AvgPool((2, 2), strides=(2, 2)) for _ in range(final_pools)]
     return stax.serial(*layers, stax.Flatten(), stax.Dense(10, W_std=W_STD, b_std=B_STD))
 
@@ -153,9 +155,10 @@ NT_SCRIPT = textwrap.dedent('''
         layers.append(stax.GlobalAvgPool() if spec["model"] == "pooled" else stax.Flatten())
     else:
         layers = []
-        for count in spec["blocks"]:
+        for stage, count in enumerate(spec["blocks"]):
+            if stage:
+                layers.append(stax.AvgPool((2, 2), strides=(2, 2)))
             layers += [l for _ in range(count) for l in (conv(), stax.Relu())]
-            layers.append(stax.AvgPool((2, 2), strides=(2, 2)))
         layers += [stax.AvgPool((2, 2), strides=(2, 2)) for _ in range(spec["final_pools"])]
         layers.append(stax.Flatten())
     _, _, kernel_fn = stax.serial(*layers, dense)
@@ -240,7 +243,17 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     throughput = {dtype: add_throughput(dtype, args.device) for dtype in args.dtypes}
     libraries = list(args.backends) + (['nt'] if args.nt_python else [])
-    rows = []
+    print(f'kernel_fn, get=(nngp, ntk), x2=None, median of {args.repeats} runs after '
+          f'{args.warmup} warm-up; torch {torch.__version__} on {device_name(args.device)}; '
+          + ', '.join(f'{d} add throughput {throughput[d] / 1e9:.1f} G/s' for d in args.dtypes))
+    header = f"{'model':>8} {'input':>8} {'dtype':>8} {'N':>3} {'floor ms':>9}"
+    for library in libraries:
+        header += f" {library + ' ms/entry':>19} {'peak MiB':>9}"
+    header += ''.join(f" {b + ' x nt':>14}" for b in args.backends if 'nt' in libraries)
+    header += ''.join(f" {b + ' x floor':>17}" for b in args.backends)
+    if 'nt' in libraries:
+        header += f" {'ntk rel diff':>12}"
+    print(header, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         cases = [(model, size, dtype) for model in args.models for size in args.sizes
                  for dtype in args.dtypes]
@@ -254,7 +267,7 @@ def main() -> None:
                     'repeats': args.repeats, 'warmup': args.warmup, 'width': WIDTH,
                     'depth': DEPTH, 'W_std': W_STD, 'b_std': B_STD, 'blocks': blocks,
                     'final_pools': final_pools, 'device': args.device}
-            row = {'model': model, 'size': size, 'dtype': dtype, 'n': n, 'results': {}}
+            results = {}
             for library in libraries:
                 progress.set_description(f'{model} {size}x{size} {dtype} {library}')
                 out = str(Path(tmp, f'{library}.npy'))
@@ -268,40 +281,23 @@ def main() -> None:
                 result = run_worker(command, env)
                 result['ms_per_entry'] = 1e3 * statistics.median(result['times']) / n**2
                 result['ntk'] = np.load(out)
-                row['results'][library] = result
+                results[library] = result
                 progress.update()
             adds = sum(n**2 * s**4 * 12 for s in conv_layers(model, size))
-            row['floor_ms'] = 1e3 * adds / throughput[dtype] / n**2
-            rows.append(row)
+            floor_ms = 1e3 * adds / throughput[dtype] / n**2
+            line = f"{model:>8} {f'3x{size}x{size}':>8} {dtype:>8} {n:>3} {floor_ms:>9.3f}"
+            for library in libraries:
+                line += f" {results[library]['ms_per_entry']:>19.2f} {results[library]['peak_mib']:>9.0f}"
+            if 'nt' in libraries:
+                line += ''.join(f" {results['nt']['ms_per_entry'] / results[b]['ms_per_entry']:>14.2f}"
+                                for b in args.backends)
+            line += ''.join(f" {results[b]['ms_per_entry'] / floor_ms:>17.1f}" for b in args.backends)
+            if 'nt' in libraries:
+                theirs = results['nt']['ntk']
+                ours = results[args.backends[0]]['ntk']
+                line += f" {np.abs(ours - theirs).max() / np.abs(theirs).max():>12.1e}"
+            progress.write(line, file=sys.stdout)
         progress.close()
-
-    print(f'kernel_fn, get=(nngp, ntk), x2=None, median of {args.repeats} runs after '
-          f'{args.warmup} warm-up; torch {torch.__version__} on {device_name(args.device)}; '
-          + ', '.join(f'{d} add throughput {throughput[d] / 1e9:.1f} G/s' for d in args.dtypes))
-    header = f"{'model':>8} {'input':>8} {'dtype':>8} {'N':>3} {'floor ms':>9}"
-    for library in libraries:
-        header += f" {library + ' ms/entry':>19} {'peak MiB':>9}"
-    header += ''.join(f" {b + ' x nt':>14}" for b in args.backends if 'nt' in libraries)
-    header += ''.join(f" {b + ' x floor':>17}" for b in args.backends)
-    if 'nt' in libraries:
-        header += f" {'ntk rel diff':>12}"
-    print(header)
-    for row in rows:
-        results = row['results']
-        line = (f"{row['model']:>8} {f'''3x{row['size']}x{row['size']}''':>8} {row['dtype']:>8} "
-                f"{row['n']:>3} {row['floor_ms']:>9.3f}")
-        for library in libraries:
-            line += f" {results[library]['ms_per_entry']:>19.2f} {results[library]['peak_mib']:>9.0f}"
-        if 'nt' in libraries:
-            line += ''.join(f" {results['nt']['ms_per_entry'] / results[b]['ms_per_entry']:>14.2f}"
-                            for b in args.backends)
-        line += ''.join(f" {results[b]['ms_per_entry'] / row['floor_ms']:>17.1f}"
-                        for b in args.backends)
-        if 'nt' in libraries:
-            theirs = results['nt']['ntk']
-            ours = results[args.backends[0]]['ntk']
-            line += f" {np.abs(ours - theirs).max() / np.abs(theirs).max():>12.1e}"
-        print(line)
 
 
 if __name__ == '__main__':
