@@ -19,8 +19,9 @@ Columns: `ms/entry` is the median time of one kernel_fn call divided by N²;
 before the first call; `x nt` how many times faster than neural-tangents;
 `x floor` how far above the arithmetic floor. The floor counts only the
 convolutions' sums: a Conv layer writes E = N² S_out⁴ covariance entries of
-nngp and of ntk, each the sum of k entries along each of its 2 spatial
-dimensions, so 2·2·k = 12 adds per entry (neural-tangents' dense k x k
+nngp and of ntk (N² S_out² in `flatten`, whose covariances are diagonal in
+space), each the sum of k entries along each of its 2 spatial dimensions, so
+2·2·k = 12 adds per entry (neural-tangents' dense k x k
 convolution does 2k² = 18 multiply-adds per entry and dimension pair);
 nonlinearities and pooling are not counted. It is priced at the machine's
 vector add throughput, measured here as torch's in-place add on vectors that
@@ -64,15 +65,14 @@ def myrtle_blocks(size: int) -> tuple[list[int], int]:
     return [2, 1, 1], size.bit_length() - 1 - 2
 
 
-def conv_layers(model: str, size: int) -> list[int]:
-    """Output spatial size of every Conv layer, for the floor."""
-    if model in ('pooled', 'flatten'):
-        return [size] * DEPTH
+def conv_entries(model: str, size: int) -> int:
+    """Covariance entries per pair of examples that the Conv layers write, for the floor."""
+    if model == 'flatten':
+        return DEPTH * size**2
+    if model == 'pooled':
+        return DEPTH * size**4
     blocks, _ = myrtle_blocks(size)
-    sizes = []
-    for stage, count in enumerate(blocks):
-        sizes += [size >> stage] * count
-    return sizes
+    return sum(count * (size >> stage)**4 for stage, count in enumerate(blocks))
 
 
 # --- the torchntk worker -----------------------------------------------------------------------
@@ -283,7 +283,7 @@ def main() -> None:
                 result['ntk'] = np.load(out)
                 results[library] = result
                 progress.update()
-            adds = sum(n**2 * s**4 * 12 for s in conv_layers(model, size))
+            adds = n**2 * conv_entries(model, size) * 12
             floor_ms = 1e3 * adds / throughput[dtype] / n**2
             line = f"{model:>8} {f'3x{size}x{size}':>8} {dtype:>8} {n:>3} {floor_ms:>9.3f}"
             for library in libraries:
