@@ -285,7 +285,7 @@ def main() -> None:
                 progress.update()
             adds = n**2 * conv_entries(model, size) * 12
             floor_ms = 1e3 * adds / throughput[dtype] / n**2
-            line = f"{model:>8} {f'3x{size}x{size}':>8} {dtype:>8} {n:>3} {floor_ms:>9.3f}"
+            line = f"{model:>8} {f'3x{size}x{size}':>8} {dtype:>8} {n:>3} {floor_ms:>9.3g}"
             for library in libraries:
                 line += f" {results[library]['ms_per_entry']:>19.2f} {results[library]['peak_mib']:>9.0f}"
             if 'nt' in libraries:
