@@ -7,8 +7,14 @@ import pytest
 REFERENCE_DIR = pathlib.Path(__file__).parent / "reference"
 
 
-# Parameter name -> case file: fully connected and convolutional reference cases.
-_CASE_FILES = {"fc_case": "cases.json", "conv_case": "conv_cases.json"}
+# Parameter name -> case file: fully connected, convolutional and masked reference cases.
+_CASE_FILES = {"fc_case": "cases.json", "conv_case": "conv_cases.json",
+               "mask_case": "mask_cases.json"}
+
+
+def _reference(file_name):
+    with np.load(REFERENCE_DIR / file_name) as data:
+        return dict(data)
 
 
 def _cases(file_name):
@@ -26,15 +32,19 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="session")
 def fc_reference():
     """neural-tangents' kernels for the cases in cases.json, by key ``f"{name}/{kernel}"``."""
-    with np.load(REFERENCE_DIR / "fc_reference.npz") as data:
-        return dict(data)
+    return _reference("fc_reference.npz")
 
 
 @pytest.fixture(scope="session")
 def conv_reference():
     """neural-tangents' kernels for the cases in conv_cases.json, by key ``f"{name}/{kernel}"``."""
-    with np.load(REFERENCE_DIR / "conv_reference.npz") as data:
-        return dict(data)
+    return _reference("conv_reference.npz")
+
+
+@pytest.fixture(scope="session")
+def mask_reference():
+    """neural-tangents' kernels for the cases in mask_cases.json, by key ``f"{name}/{kernel}"``."""
+    return _reference("mask_reference.npz")
 
 
 # Hypothesis profiles: 'ci' is reproducible (derandomized) and bounded; 'dev'

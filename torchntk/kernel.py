@@ -14,6 +14,12 @@ field                  ``diagonal_spatial=False``    ``diagonal_spatial=True``
 where ``[N1,]`` is present only when ``diagonal_batch=False``. Spatial axes of
 a pair are interleaved, as in neural-tangents. Channels are the infinite axis
 and do not appear.
+
+Masks (neural-tangents' ``mask1``/``mask2``) are boolean tensors in the layout
+of the activations, ``(N, C, *S)`` with any axis possibly of size 1
+(broadcast); ``True`` marks a masked entry, e.g. padding of variable-length
+inputs. A covariance that involves a masked position is zero wherever a layer
+says so (`torchntk.stax.Layer.remask`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import math
 from typing import Any, Sequence
 
 import torch
@@ -45,6 +52,10 @@ class Kernel:
         diagonal_batch: `cov1`/`cov2` hold only the variance of each example.
         diagonal_spatial: every field holds only same-position covariances.
         shape1, shape2: shapes of the finite-width activations on `x1`, `x2`.
+        mask1, mask2: boolean masks of the activations on `x1`, `x2`
+            (broadcastable to `shape1`, `shape2`; `True` for masked), or `None`
+            without masking. `mask2` is also `None` when `x2` is `x1`: `mask1`
+            then holds for both.
     """
 
     nngp: torch.Tensor
@@ -57,6 +68,8 @@ class Kernel:
     diagonal_spatial: bool
     shape1: Shape
     shape2: Shape
+    mask1: torch.Tensor | None = None
+    mask2: torch.Tensor | None = None
 
     def replace(self, **changes: Any) -> Kernel:
         return dataclasses.replace(self, **changes)
@@ -95,6 +108,56 @@ class Kernel:
         if self.diagonal_spatial:
             return var, var
         return _spread_spatial(var, 0), _spread_spatial(var, 1)
+
+    def position_masks(self, layer_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-example, per-position masks `(N1, *S)` and `(N2, *S)`, or `None`
+        without masking (see `position_mask`)."""
+        if self.mask1 is None:
+            return None
+        mask1 = position_mask(self.mask1, self.shape1, layer_name)
+        mask2 = mask1 if self.mask2 is None else position_mask(self.mask2, self.shape2, layer_name)
+        return mask1, mask2
+
+    def masked(self, mask1: torch.Tensor | None, mask2: torch.Tensor | None,
+               layer_name: str) -> Kernel:
+        """The kernel with masks `mask1`, `mask2` and every covariance that
+        involves a masked position set to zero (neural-tangents' `Kernel.mask`)."""
+        k = self.replace(mask1=mask1, mask2=mask2)
+        masks = k.position_masks(layer_name)
+        if masks is None:
+            return k
+        mask1, mask2 = masks
+
+        def zero(t: torch.Tensor | None, spread: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+            return None if t is None else torch.where(torch.logical_or(*spread), 0., t)
+
+        return k.replace(nngp=zero(k.nngp, k.outer(mask1, mask2)),
+                         ntk=zero(k.ntk, k.outer(mask1, mask2)),
+                         cov1=zero(k.cov1, k.outer_self(mask1)),
+                         cov2=zero(k.cov2, k.outer_self(mask2)))
+
+
+def position_mask(mask: torch.Tensor, shape: Shape, layer_name: str) -> torch.Tensor:
+    """The `(N, *S)` mask of positions of activations of `shape` `(N, C, *S)`.
+
+    Covariances are averages over the infinitely many channels, so only a mask
+    that is the same for every channel has a kernel. Affine layers give such
+    masks (an output position is masked when all its input channels are).
+    """
+    if mask.shape[1] != 1:
+        if not torch.equal(mask, mask[:, :1].expand_as(mask)):
+            raise ValueError(f"{layer_name}: the mask differs between channels at some position; "
+                             "the infinite-width kernel needs a position masked in all channels "
+                             "or in none (an affine layer before this one gives that)")
+        mask = mask[:, :1]
+    return mask[:, 0].expand(shape[0], *shape[2:])
+
+
+def input_mask(x: torch.Tensor, mask_constant: float | None) -> torch.Tensor | None:
+    """`x == mask_constant` (`isnan(x)` for a NaN constant), or `None` for no constant."""
+    if mask_constant is None:
+        return None
+    return torch.isnan(x) if math.isnan(mask_constant) else x == mask_constant
 
 
 def _variance(cov: torch.Tensor, diagonal_batch: bool, diagonal_spatial: bool,
@@ -181,11 +244,19 @@ def _namedtuple(names: tuple[str, ...]) -> type:
 
 
 def kernel_from_inputs(x1: torch.Tensor, x2: torch.Tensor | None, *, diagonal_batch: bool,
-                       diagonal_spatial: bool, compute_ntk: bool) -> Kernel:
+                       diagonal_spatial: bool, compute_ntk: bool,
+                       mask_constant: float | None = None) -> Kernel:
     """The kernel of the inputs themselves: `nngp = x1·x2ᵀ / C` over channels.
 
-    The NTK of the inputs is a scalar zero: they carry no parameters.
+    The NTK of the inputs is a scalar zero: they carry no parameters. Entries
+    equal to `mask_constant` (NaN allowed) are masked: they count as zeros and
+    their masks (`mask1`, and `mask2` when `x2` is given) go into the kernel.
     """
+    mask1 = input_mask(x1, mask_constant)
+    mask2 = None if x2 is None else input_mask(x2, mask_constant)
+    if mask1 is not None:
+        x1 = torch.where(mask1, 0., x1)
+        x2 = None if x2 is None else torch.where(mask2, 0., x2)
     nngp = _gram(x1, x1 if x2 is None else x2, True, diagonal_spatial)
     if x2 is None:
         # The same numbers as nngp's own same-example entries, not a second rounding of them.
@@ -203,7 +274,8 @@ def kernel_from_inputs(x1: torch.Tensor, x2: torch.Tensor | None, *, diagonal_ba
                   ntk=torch.zeros((), dtype=nngp.dtype, device=nngp.device) if compute_ntk else None,
                   cov1=cov1, cov2=cov2, x1_is_x2=x1_is_x2, is_gaussian=True,
                   diagonal_batch=diagonal_batch, diagonal_spatial=diagonal_spatial,
-                  shape1=tuple(x1.shape), shape2=tuple((x1 if x2 is None else x2).shape))
+                  shape1=tuple(x1.shape), shape2=tuple((x1 if x2 is None else x2).shape),
+                  mask1=mask1, mask2=mask2)
 
 
 def _gram(xa: torch.Tensor, xb: torch.Tensor, pairwise: bool, diagonal_spatial: bool) -> torch.Tensor:

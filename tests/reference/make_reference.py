@@ -1,7 +1,9 @@
 """Compute reference NNGP/NTK values with neural-tangents for the cases in cases.json
-(fully connected networks) and conv_cases.json (convolutional networks).
+(fully connected networks), conv_cases.json (convolutional networks) and
+mask_cases.json (masked inputs).
 
-The values in ``fc_reference.npz`` and ``conv_reference.npz`` come from an
+The values in ``fc_reference.npz``, ``conv_reference.npz`` and
+``mask_reference.npz`` come from an
 independent implementation, neural-tangents 0.6.5 in float64, so that ``tests/stax/test_reference.py`` can
 check torchntk's kernels against them. This script is a tool for maintainers:
 it is never imported by torchntk or by the tests, and it needs its own
@@ -17,16 +19,22 @@ Then, from the repository root::
 
 It reads each case file (all of them, or those named) and rewrites its
 reference file (``cases.json`` -> ``fc_reference.npz``, ``conv_cases.json``
--> ``conv_reference.npz``, about 1.5 minutes on 2 cores) with, for every case ``name``, the keys
+-> ``conv_reference.npz``, ``mask_cases.json`` -> ``mask_reference.npz``,
+about 2 minutes on 2 cores) with, for every case ``name``, the keys
 ``name/x1``, ``name/x2`` (only when the case gives ``x2_shape``),
 ``name/nngp``, ``name/ntk``, ``name/cov1`` and ``name/cov2`` (only with x2).
 Inputs are stored in torchntk's (PyTorch) layout: batch axis 0, channel axis 1.
 
 Besides the fields every case has, a case may give ``diagonal_spatial``, the
 layout to force (both libraries get it), ``zero_rows``, rows of x1
-set to zero, and ``get``, the kernels to store and compare when
+set to zero, ``get``, the kernels to store and compare when
 neural-tangents cannot give all of them (its RectifiedMonomial is NaN where
-the two inputs coincide, so only the x1-x2 ``nngp`` and ``ntk`` are usable).
+the two inputs coincide, so only the x1-x2 ``nngp`` and ``ntk`` are usable),
+and ``mask_constant`` (a number or ``"nan"``): then entries of the inputs are
+set to it with probability ``mask_p`` (default 0.3), independently except
+along the PyTorch-layout axes ``mask_axes`` (e.g. ``[1]``: all channels of a
+position at once), and both libraries mask them (``kernel_fn(...,
+mask_constant=...)``). The stored inputs hold the constant.
 
 Accuracy: the NTK of ReLU-like layers (and Sign's NNGP) has a square-root
 singularity where the two inputs coincide, so an ulp of disagreement between
@@ -73,10 +81,11 @@ import numpy as np  # noqa: E402
 from neural_tangents import stax  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
-# (case file, reference file) pairs: fully connected, and convolutional networks.
+# (case file, reference file) pairs: fully connected, convolutional, and masked networks.
 CASE_FILES = [
     (HERE / "cases.json", HERE / "fc_reference.npz"),
     (HERE / "conv_cases.json", HERE / "conv_reference.npz"),
+    (HERE / "mask_cases.json", HERE / "mask_reference.npz"),
 ]
 
 # Activations that torchntk names and neural-tangents only has through quadrature.
@@ -125,7 +134,9 @@ def _numerical(fn, deg):
 LAYERS = {
     "Dense": lambda ndim, s=(1, 1), **kw: stax.Dense(s=tuple(s), **kw),
     "Dropout": lambda ndim, p: stax.Dropout(rate=1.0 - p, mode="train"),
-    "LayerNorm": lambda ndim, axis: stax.LayerNorm(axis=channels_last_axis(axis, ndim)),
+    "LayerNorm": lambda ndim, axis: stax.LayerNorm(
+        axis=[channels_last_axis(a, ndim) for a in axis] if isinstance(axis, list)
+        else channels_last_axis(axis, ndim)),
     "FanInConcat": lambda ndim, axis: stax.FanInConcat(axis=channels_last_axis(axis, ndim)),
     "ElementwiseNumerical": lambda ndim, fn, deg: _numerical(fn, deg),
     "Tanh": lambda ndim, deg: _numerical("tanh", deg),
@@ -159,6 +170,12 @@ def build(spec, ndim):
     return getattr(stax, name)(**kwargs)
 
 
+def mask_constant(case):
+    """The case's ``mask_constant`` as a float (JSON has no NaN), or None."""
+    value = case.get("mask_constant")
+    return None if value is None else float(value)
+
+
 def draw_inputs(case):
     """Inputs of a case, in PyTorch layout, from a seed fixed by the case name."""
     rng = np.random.default_rng(zlib.crc32(case["name"].encode()))
@@ -166,6 +183,13 @@ def draw_inputs(case):
     xs = [None if shape is None else np.cos(rng.normal(size=shape)) for shape in shapes]
     for row in case.get("zero_rows", []):
         xs[0][row] = 0.0
+    if "mask_constant" in case:
+        for x in xs:
+            if x is not None:
+                mask_shape = [1 if axis in case.get("mask_axes", []) else size
+                              for axis, size in enumerate(x.shape)]
+                masked = np.broadcast_to(rng.random(mask_shape) < case.get("mask_p", 0.3), x.shape)
+                x[masked] = mask_constant(case)
     return xs
 
 
@@ -192,6 +216,7 @@ def reference(case):
         get=None,
         diagonal_batch=False,
         diagonal_spatial=case.get("diagonal_spatial"),
+        mask_constant=mask_constant(case),
     )
     arrays = {"x1": x1} if x2 is None else {"x1": x1, "x2": x2}
     for key in get:
@@ -212,7 +237,8 @@ def write_references(case_file, output):
     results = {}
     for case in cases:
         arrays = reference(case)
-        bad = [key for key, value in arrays.items() if not np.all(np.isfinite(value))]
+        bad = [key for key, value in arrays.items()
+               if key not in ("x1", "x2") and not np.all(np.isfinite(value))]
         if bad:
             raise ValueError(f"case {case['name']!r}: neural-tangents gave non-finite {bad}")
         results.update({f"{case['name']}/{key}": value for key, value in arrays.items()})

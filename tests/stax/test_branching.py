@@ -3,6 +3,7 @@ finite network's NTK for a residual block."""
 
 import math
 
+import pytest
 import torch
 
 import torchntk
@@ -140,3 +141,58 @@ def test_fan_in_prod_network_monte_carlo_nngp_approaches_analytic():
                               dtype=torch.float64)
         monte_carlo = monte_carlo + torchntk.empirical_nngp_fn(model)(x) / 4
     assert relative_error(monte_carlo, model.kernel_fn(x, get='nngp')) < 0.12
+
+
+def concat_of_two_branches(axis):
+    return stax.serial(stax.FanOut(2),
+                       stax.parallel(stax.Conv(3, (3, 3), padding='SAME', W_std=1.4, b_std=0.2),
+                                     stax.Dense(3, W_std=0.8, b_std=0.5)),
+                       stax.FanInConcat(axis=axis))
+
+
+def test_fan_in_concat_along_space_is_block_diagonal(images1, images2):
+    # Independent zero-mean branches are uncorrelated across the seam.
+    concat = concat_of_two_branches(axis=3).kernel_fn(images1, images2, diagonal_spatial=False)
+    conv = stax.Conv(3, (3, 3), padding='SAME', W_std=1.4, b_std=0.2).kernel_fn(
+        images1, images2, diagonal_spatial=False)
+    dense = stax.Dense(3, W_std=0.8, b_std=0.5).kernel_fn(images1, images2, diagonal_spatial=False)
+    for name in ('nngp', 'ntk', 'cov1', 'cov2'):
+        got, a, b = (getattr(k, name) for k in (concat, conv, dense))
+        assert_close(got[..., :5, :5], a)
+        assert_close(got[..., 5:, 5:], b)
+        assert not got[..., :5, 5:].any() and not got[..., 5:, :5].any()
+    assert concat.shape1 == (3, 3, 6, 10) and concat.shape2 == (2, 3, 6, 10)
+    assert concat.is_gaussian
+
+
+def test_fan_in_concat_along_space_agrees_between_layouts(images1, images2):
+    model = stax.serial(concat_of_two_branches(axis=-2), stax.Relu(), stax.Flatten())
+    diagonal = model.kernel_fn(images1, images2, diagonal_spatial=True)
+    full = model.kernel_fn(images1, images2, diagonal_spatial=False)
+    assert_close(diagonal.ntk, full.ntk, tol=1e-13)
+
+
+def test_fan_in_concat_along_batch_is_block_diagonal(images1, images2):
+    model = stax.serial(concat_of_two_branches(axis=0), stax.Relu(), stax.GlobalAvgPool())
+    concat = model.kernel_fn(images1, images2, diagonal_batch=False)
+    for i, branch in enumerate((stax.Conv(3, (3, 3), padding='SAME', W_std=1.4, b_std=0.2),
+                                stax.Dense(3, W_std=0.8, b_std=0.5))):
+        single = stax.serial(branch, stax.Relu(), stax.GlobalAvgPool()).kernel_fn(
+            images1, images2, diagonal_batch=False)
+        assert_close(concat.nngp[3 * i:3 * (i + 1), 2 * i:2 * (i + 1)], single.nngp)
+        assert_close(concat.cov1[3 * i:3 * (i + 1), 3 * i:3 * (i + 1)], single.cov1)
+    assert concat.shape1 == (6, 3) and concat.shape2 == (4, 3)
+    seam = concat_of_two_branches(axis=0).kernel_fn(images1, images2, diagonal_batch=False)
+    assert not seam.nngp[:3, 2:].any() and not seam.cov2[:2, 2:].any()
+    assert seam.shape1 == (6, 3, 6, 5) and seam.shape2 == (4, 3, 6, 5)
+    diagonal_batch = model.kernel_fn(images1, images2, diagonal_batch=True)
+    assert_close(diagonal_batch.cov1, torch.diagonal(concat.cov1), tol=1e-13)
+
+
+@pytest.mark.parametrize('axis', [0, 1, 2, -1])
+def test_fan_in_concat_forward_concatenates_along_axis(images1, axis):
+    model = stax.serial(stax.FanOut(2), stax.parallel(stax.Identity(), stax.Identity()),
+                        stax.FanInConcat(axis=axis))
+    out = model(images1)
+    torch.testing.assert_close(out, torch.cat([images1, images1], dim=axis), rtol=0, atol=0)
+    assert model.output_shape(images1.shape) == tuple(out.shape)

@@ -159,7 +159,6 @@ def test_layer_norm_axis_out_of_range_raises(x):
 @pytest.mark.parametrize('factory, message', [
     (lambda: stax.repeat(stax.Dense(2), 0), r'repeat: n must be a positive integer'),
     (lambda: stax.FanOut(0), r'FanOut: num must be a positive integer'),
-    (lambda: stax.FanInConcat(axis=0), r'FanInConcat: only concatenation along the channel axis'),
     (lambda: stax.ElementwiseNumerical(torch.tanh, deg=0), r'ElementwiseNumerical: deg must be'),
 ])
 def test_invalid_layer_arguments_raise_value_error(factory, message):
@@ -168,6 +167,33 @@ def test_invalid_layer_arguments_raise_value_error(factory, message):
 
 
 # --- combinators and branching ----------------------------------------------------------------
+
+def test_fan_in_concat_axis_that_is_not_an_int_raises():
+    with pytest.raises(TypeError, match=r'FanInConcat: axis must be an int'):
+        stax.FanInConcat(axis=1.0)
+
+
+@pytest.mark.parametrize('axis', [4, -5])
+def test_fan_in_concat_axis_out_of_range_raises(images1, axis):
+    model = stax.serial(stax.FanOut(2), stax.parallel(stax.Dense(2), stax.Dense(2)),
+                        stax.FanInConcat(axis=axis))
+    with pytest.raises(ValueError, match=rf'FanInConcat: axis={axis} is out of range'):
+        model.kernel_fn(images1)
+
+
+def test_fan_in_concat_along_space_of_non_gaussian_branches_raises(images1):
+    model = stax.serial(stax.Dense(2), stax.FanOut(2), stax.parallel(stax.Relu(), stax.Identity()),
+                        stax.FanInConcat(axis=2))
+    with pytest.raises(ValueError, match=r'FanInConcat: every branch must end with an affine'):
+        model.kernel_fn(images1)
+
+
+def test_fan_in_concat_along_space_with_other_channel_counts_raises(images1):
+    model = stax.serial(stax.FanOut(2), stax.parallel(stax.Dense(2), stax.Dense(3)),
+                        stax.FanInConcat(axis=2))
+    with pytest.raises(ValueError, match=r'FanInConcat: branches must agree in all but axis 2'):
+        model.kernel_fn(images1)
+
 
 def test_unknown_get_raises(x):
     with pytest.raises(ValueError, match=r"get: unknown kernel field 'ntks'"):

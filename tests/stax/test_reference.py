@@ -1,9 +1,10 @@
 """torchntk's kernels against neural-tangents 0.6.5.
 
-The cases are in tests/reference/cases.json (fully connected) and
-tests/reference/conv_cases.json (convolutional), the reference values in
-fc_reference.npz and conv_reference.npz beside them, made by
-tests/reference/make_reference.py. A case may fix ``diagonal_spatial``.
+The cases are in tests/reference/cases.json (fully connected),
+tests/reference/conv_cases.json (convolutional) and mask_cases.json (masked
+inputs), the reference values in fc_reference.npz, conv_reference.npz and
+mask_reference.npz beside them, made by tests/reference/make_reference.py. A
+case may fix ``diagonal_spatial`` and give a ``mask_constant``.
 """
 import pytest
 import torch
@@ -58,6 +59,11 @@ def test_conv_kernels_match_neural_tangents(conv_case, conv_reference, device):
     check_case(conv_case, conv_reference, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_kernels_match_neural_tangents(mask_case, mask_reference, device):
+    check_case(mask_case, mask_reference, device)
+
+
 def check_case(case, reference, device):
     name = case["name"]
     x1 = torch.from_numpy(reference[f"{name}/x1"]).to(device)
@@ -67,8 +73,10 @@ def check_case(case, reference, device):
         get = tuple(key for key in get if key != "cov2")
 
     model = build_model(case["network"])
+    mask_constant = case.get("mask_constant")
     kernels = model.kernel_fn(x1, x2, get=get, diagonal_batch=case["diagonal_batch"],
-                              diagonal_spatial=case.get("diagonal_spatial"))
+                              diagonal_spatial=case.get("diagonal_spatial"),
+                              mask_constant=None if mask_constant is None else float(mask_constant))
 
     tolerance = TOLERANCE[case["tolerance"]]
     errors = {}

@@ -3,6 +3,9 @@
 Fan-in rules assume that the branches are independent given the inputs, as
 after independently initialized affine layers (e.g. a residual block
 `FanOut(2) → parallel(serial(Relu(), Dense(...)), Identity()) → FanInSum()`).
+
+Masks: a sum or product is masked where every branch is; a concatenation
+concatenates the branches' masks (neural-tangents' rules).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from typing import Sequence
 
 import torch
 
+from ..functional import conv as conv_maps
 from ..kernel import Kernel, Shape
-from .module import Layer, check_positive_int
+from .module import Layer, Masks, check_positive_int
 
 
 class FanOut(Layer):
@@ -33,6 +37,9 @@ class FanOut(Layer):
 
     def output_shape(self, input_shape: Shape) -> list[Shape]:
         return [input_shape] * self.num
+
+    def mask_rule(self, mask: torch.Tensor, input_shape: Shape) -> list[torch.Tensor]:
+        return [mask] * self.num
 
     def extra_repr(self) -> str:
         return str(self.num)
@@ -57,6 +64,13 @@ class _FanIn(Layer):
     def _check_inputs(self, xs: Sequence[torch.Tensor]) -> None:
         if isinstance(xs, torch.Tensor) or not xs:
             raise ValueError(f"{type(self).__name__}: expected a list of tensors from parallel branches")
+
+    def mask_rule(self, masks: Sequence[torch.Tensor | None],
+                  input_shapes: Sequence[Shape]) -> torch.Tensor | None:
+        """Masked where every branch is (`None`: a branch without a mask)."""
+        if any(m is None for m in masks):
+            return None
+        return functools.reduce(torch.logical_and, masks)
 
 
 def _require_gaussian(ks: Sequence[Kernel], layer_name: str) -> None:
@@ -115,19 +129,36 @@ class FanInProd(_FanIn):
 
 
 class FanInConcat(_FanIn):
-    """Concatenation of the branches along `axis` (the channel axis, 1).
+    """Concatenation of the branches along `axis` (PyTorch layout: 0 batch,
+    1 channels, 2… spatial; negative axes count from the end).
 
-    Concatenating channels averages the kernels weighted by the branch widths
-    `C_i`: `k = Σ_i C_i·k_i / Σ_i C_i`. The result is not Gaussian until the
-    next affine layer.
+    Channels (`axis=1`): the kernel is the mean of the branch kernels weighted
+    by the branch widths `C_i`, `k = Σ_i C_i·k_i / Σ_i C_i`; the result is not
+    Gaussian until the next affine layer.
+
+    A spatial or the batch axis: independent branches are uncorrelated, so
+    the kernel along that axis is block-diagonal, the branch kernels on the
+    diagonal (concatenated, with `diagonal_spatial`/`diagonal_batch`). Every
+    branch must be Gaussian (end with an affine layer): a nonzero mean would
+    correlate the blocks. Along the batch axis, examples of different
+    branches are independent.
+
+    Shape:
+        Inputs `(N, C_i, *S)` (channels) or agreeing in all but `axis`;
+        output concatenated along `axis`.
     """
 
     def __init__(self, axis: int = 1) -> None:
         super().__init__()
-        if axis != 1:
-            raise ValueError(f"FanInConcat: only concatenation along the channel axis (axis=1) "
-                             f"is supported, got axis={axis}")
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"FanInConcat: axis must be an int, got {axis!r}")
         self.axis = axis
+
+    def _resolved_axis(self, ndim: int) -> int:
+        if not -ndim <= self.axis < ndim:
+            raise ValueError(f"FanInConcat: axis={self.axis} is out of range for inputs with "
+                             f"{ndim} axes")
+        return self.axis % ndim
 
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         self._check_inputs(xs)
@@ -135,10 +166,37 @@ class FanInConcat(_FanIn):
 
     def kernel_rule(self, ks: Sequence[Kernel]) -> Kernel:
         ks = self._checked(ks, same_shapes=False)
-        for k in ks:
-            if k.shape1[:1] + k.shape1[2:] != ks[0].shape1[:1] + ks[0].shape1[2:]:
-                raise ValueError(f"FanInConcat: branches must agree in all but the channel axis, "
-                                 f"got {[k.shape1 for k in ks]}")
+        axis = self._resolved_axis(len(ks[0].shape1))
+        for shapes in ([k.shape1 for k in ks], [k.shape2 for k in ks]):
+            others = {tuple(s[:axis]) + tuple(s[axis + 1:]) for s in shapes}
+            if len({len(s) for s in shapes}) != 1 or len(others) != 1:
+                raise ValueError(f"FanInConcat: branches must agree in all but axis {axis}, "
+                                 f"got {shapes}")
+        shape1 = self.output_shape([k.shape1 for k in ks])
+        shape2 = self.output_shape([k.shape2 for k in ks])
+        if axis == 1:
+            return self._concat_channels(ks).replace(shape1=shape1, shape2=shape2)
+        _require_gaussian(ks, 'FanInConcat')
+        first = ks[0]
+        cov_batch_ndim = 1 if first.diagonal_batch else 2
+
+        def concat(tensors: Sequence[torch.Tensor | None], batch_ndim: int,
+                   like: Sequence[torch.Tensor]) -> torch.Tensor | None:
+            if tensors[0] is None:
+                return None
+            # The NTK of the inputs is a scalar zero: give it the full shape.
+            tensors = [t.expand_as(l) for t, l in zip(tensors, like)]
+            return _concat_covariances(tensors, axis, batch_ndim, first.diagonal_spatial)
+
+        nngps = [k.nngp for k in ks]
+        return first.replace(
+            nngp=concat(nngps, 2, nngps), ntk=concat([k.ntk for k in ks], 2, nngps),
+            cov1=concat([k.cov1 for k in ks], cov_batch_ndim, [k.cov1 for k in ks]),
+            cov2=concat([k.cov2 for k in ks], cov_batch_ndim, [k.cov2 for k in ks]),
+            x1_is_x2=functools.reduce(torch.logical_and, [k.x1_is_x2 for k in ks]),
+            is_gaussian=True, shape1=shape1, shape2=shape2)
+
+    def _concat_channels(self, ks: Sequence[Kernel]) -> Kernel:
         widths = [k.shape1[1] for k in ks]
         total = sum(widths)
 
@@ -149,14 +207,48 @@ class FanInConcat(_FanIn):
 
         return ks[0].replace(nngp=mean([k.nngp for k in ks]), ntk=mean([k.ntk for k in ks]),
                              cov1=mean([k.cov1 for k in ks]), cov2=mean([k.cov2 for k in ks]),
-                             is_gaussian=False, shape1=self._concat_shape([k.shape1 for k in ks]),
-                             shape2=self._concat_shape([k.shape2 for k in ks]))
-
-    def _concat_shape(self, shapes: Sequence[Shape]) -> Shape:
-        return (shapes[0][0], sum(s[1] for s in shapes), *shapes[0][2:])
+                             is_gaussian=False)
 
     def output_shape(self, input_shapes: Sequence[Shape]) -> Shape:
-        return self._concat_shape(input_shapes)
+        axis = self._resolved_axis(len(input_shapes[0]))
+        shape = list(input_shapes[0])
+        shape[axis] = sum(s[axis] for s in input_shapes)
+        return tuple(shape)
+
+    def mask_rule(self, masks: Sequence[torch.Tensor | None],
+                  input_shapes: Sequence[Shape]) -> torch.Tensor:
+        """The branches' masks concatenated (`None`: nothing masked in a branch)."""
+        axis = self._resolved_axis(len(input_shapes[0]))
+        present = [m for m in masks if m is not None]
+        # Broadcast every mask to the largest mask shape off `axis`, its branch's size on it.
+        common = [max(m.shape[d] for m in present) for d in range(len(input_shapes[0]))]
+        full = []
+        for mask, shape in zip(masks, input_shapes):
+            size = [*common[:axis], shape[axis], *common[axis + 1:]]
+            full.append(torch.zeros(size, dtype=torch.bool, device=present[0].device)
+                        if mask is None else mask.expand(size))
+        return torch.cat(full, dim=axis)
 
     def extra_repr(self) -> str:
         return f"axis={self.axis}"
+
+
+def _concat_covariances(covs: Sequence[torch.Tensor], axis: int, batch_ndim: int,
+                        diagonal_spatial: bool) -> torch.Tensor:
+    """Covariance of activations concatenated along activation axis `axis`
+    (0 batch, ≥ 2 spatial) from independent, zero-mean branches: the axis
+    appears once (concatenate) or as a pair (block-diagonal, zero across
+    branches)."""
+    if axis == 0:
+        paired = batch_ndim == 2
+        first = 0
+    else:
+        paired = not diagonal_spatial
+        first = batch_ndim + (axis - 2) * (2 if paired else 1)
+    if not paired:
+        return torch.cat(list(covs), dim=first)
+    second = first + 1
+    sizes = [c.shape[second] for c in covs]
+    rows = [conv_maps.pad_axis(c, second, sum(sizes[:i]), sum(sizes[i + 1:]))
+            for i, c in enumerate(covs)]
+    return torch.cat(rows, dim=first)

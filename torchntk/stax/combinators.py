@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from ..kernel import Kernel
-from .module import Kernels, Layer, Shapes, check_positive_int
+from .module import Kernels, Layer, Masks, Shapes, check_positive_int
 from .requirements import Requirements
 
 
@@ -44,6 +44,14 @@ class Serial(Layer):
         for layer in self.children():
             k = layer.propagate(k)
         return k
+
+    def propagate_masks(self, k_in: Kernels, k_out: Kernels) -> Kernels:
+        return k_out  # each layer propagated the masks
+
+    def forward_with_mask(self, x, mask: Masks) -> tuple:
+        for layer in self.children():
+            x, mask = layer.forward_with_mask(x, mask)
+        return x, mask
 
     def output_shape(self, input_shape: Shapes) -> Shapes:
         for layer in self.children():
@@ -85,6 +93,15 @@ class Parallel(Layer):
 
     def kernel_rule(self, ks: Sequence[Kernel]) -> list[Kernel]:
         return [layer.propagate(k) for layer, k in self._zip(ks, 'kernel')]
+
+    def propagate_masks(self, k_in: Kernels, k_out: Kernels) -> Kernels:
+        return k_out  # each branch propagated its masks
+
+    def forward_with_mask(self, xs: Sequence[torch.Tensor], masks: Masks) -> tuple[list, list]:
+        masks = [None] * len(xs) if masks is None else masks
+        outputs = [layer.forward_with_mask(x, mask)
+                   for (layer, x), mask in zip(self._zip(xs, 'input'), masks)]
+        return [y for y, _ in outputs], [mask for _, mask in outputs]
 
     def output_shape(self, input_shapes: Sequence) -> list:
         return [layer.output_shape(s) for layer, s in self._zip(input_shapes, 'input shape')]

@@ -66,6 +66,36 @@ def pad_input(x: Tensor, window: Sequence[int], strides: Sequence[int], padding:
     return x
 
 
+def window_centre_mask(mask: Tensor, spatial: Shape, window: Sequence[int],
+                       strides: Sequence[int], padding: str) -> Tensor:
+    """Mask of a windowed layer's outputs `(N, 1, *S_out)` from the mask of its
+    input positions `(N, 1, *S)` (size-1 axes broadcast to `spatial`): an
+    output is masked when the centre of its window (the entry left of it for
+    even windows) is, as in neural-tangents."""
+    mask = mask.expand(*mask.shape[:2], *spatial)
+    for d, (size, k, stride) in enumerate(zip(spatial, window, strides)):
+        low, _ = conv_maps.conv_padding(size, k, stride, padding)
+        out = conv_maps.conv_output_size(size, k, stride, padding)
+        index = (k - 1) // 2 - low + stride * torch.arange(out, device=mask.device)
+        mask = mask.index_select(2 + d, index)
+    return mask
+
+
+def conv_transpose(x: Tensor, weight: Tensor, strides: Sequence[int], padding: str) -> Tensor:
+    """`F.conv_transpose{n}d` cropped or zero-padded to `jax.lax.conv_transpose`'s
+    output (see `ConvTranspose`); `'CIRCULAR'` folds the `'VALID'` output."""
+    n_spatial = x.ndim - 2
+    z = _CONV_TRANSPOSE_FNS[n_spatial](x, weight, stride=tuple(strides))
+    apply_padding = 'VALID' if padding == 'CIRCULAR' else padding
+    for d, (size, k, stride) in enumerate(zip(x.shape[2:], weight.shape[2:], strides)):
+        # PyTorch's output is the full one, padded by k − 1 on both sides.
+        low, high = conv_maps.transpose_padding(k, stride, apply_padding)
+        z = conv_maps.pad_axis(z, 2 + d, low - (k - 1), high - (k - 1))
+        if padding == 'CIRCULAR':
+            z = conv_maps.fold_circular(z, 2 + d, size * stride)
+    return z
+
+
 class _Conv(Affine):
     """What `Conv`, `ConvTranspose` and `ConvLocal` share: the window arguments
     on top of `Affine` (fan-in `C_in·prod(filter_shape)`)."""
@@ -99,6 +129,10 @@ class _Conv(Affine):
     def weight_shape(self, input_shape: Shape) -> Shape:
         return (self.width, input_shape[1], *self.filter_shape)
 
+    def mask_rule(self, mask: Tensor, input_shape: Shape) -> Tensor:
+        return window_centre_mask(mask.all(dim=1, keepdim=True), input_shape[2:],
+                                  self.filter_shape, self.strides, self.padding)
+
     def extra_repr(self) -> str:
         text = f"{self.out_chan}, filter_shape={self.filter_shape}"
         if self.strides != (1,) * self.n_spatial:
@@ -118,7 +152,9 @@ class Conv(_Conv):
         nngp'[p, q] = σ_W² (1/k) Σ_i nngp_pad[s·p + i, s·q + i] + σ_b²,
         ntk'[p, q]  = nngp'[p, q] + σ_W² (1/k) Σ_i ntk_pad[s·p + i, s·q + i].
 
-    Standard parameterization as `Dense`, with fan-in `C_in·k`.
+    Standard parameterization as `Dense`, with fan-in `C_in·k`. With masks,
+    an output is masked when the centre of its window (the left one of an
+    even window) is masked in every channel, as in neural-tangents.
 
     Args:
         out_chan: output channels; the NTK-parameterized kernel does not depend on it.
@@ -171,15 +207,16 @@ class ConvTranspose(_Conv):
                      for size, k, stride in zip(spatial, self.filter_shape, self.strides))
 
     def linear(self, x: Tensor) -> Tensor:
-        z = _CONV_TRANSPOSE_FNS[self.n_spatial](x, self.weight, stride=self.strides)
-        apply_padding = 'VALID' if self.padding == 'CIRCULAR' else self.padding
-        for d, (size, k, stride) in enumerate(zip(x.shape[2:], self.filter_shape, self.strides)):
-            # PyTorch's output is the full one, padded by k − 1 on both sides.
-            low, high = conv_maps.transpose_padding(k, stride, apply_padding)
-            z = conv_maps.pad_axis(z, 2 + d, low - (k - 1), high - (k - 1))
-            if self.padding == 'CIRCULAR':
-                z = conv_maps.fold_circular(z, 2 + d, size * stride)
-        return z
+        return conv_transpose(x, self.weight, self.strides, self.padding)
+
+    def mask_rule(self, mask: Tensor, input_shape: Shape) -> Tensor:
+        # As neural-tangents: masked where any input of the (transposed) window
+        # is, with 'SAME' windows for 'CIRCULAR'.
+        mask = mask.all(dim=1, keepdim=True)
+        mask = mask.expand(*mask.shape[:2], *input_shape[2:]).to(torch.float32)
+        ones = mask.new_ones(1, 1, *self.filter_shape)
+        padding = 'SAME' if self.padding == 'CIRCULAR' else self.padding
+        return conv_transpose(mask, ones, self.strides, padding) > 0
 
     def cov_map(self, cov: Tensor, batch_ndim: int, diagonal_spatial: bool) -> Tensor:
         return conv_maps.conv_transpose(cov, batch_ndim, diagonal_spatial, self.filter_shape,

@@ -62,6 +62,9 @@ class Elementwise(Layer):
     """
 
     requires_gaussian = True
+    # Masked positions have zero variance and get φ(0)² ≠ 0: zero them (neural-
+    # tangents' choice per nonlinearity; those with φ(0) = 0 need not).
+    remask = True
 
     def __init__(self, fn: Callable[[Tensor], Tensor] | None = None,
                  nngp_fn: NngpFn | None = None, d_nngp_fn: NngpFn | None = None) -> None:
@@ -149,6 +152,8 @@ class ABRelu(Elementwise):
     keeps very deep or very wide-`W_std` networks finite.
     """
 
+    remask = False  # φ(0) = 0
+
     def __init__(self, a: Scalar, b: Scalar, do_stabilize: bool = False) -> None:
         super().__init__()
         for arg, value in (('a', a), ('b', b)):
@@ -218,6 +223,8 @@ def Sigmoid_like() -> Erf:
 class Sign(Elementwise):
     """`φ(x) = sign(x)`, `sign(0) = 0` (`functional.elementwise.sign`); the NTK is zero."""
 
+    remask = False  # φ(0) = 0
+
     def forward(self, x: Tensor) -> Tensor:
         return torch.sign(x)
 
@@ -228,6 +235,8 @@ class Sign(Elementwise):
 class RectifiedMonomial(Elementwise):
     """`φ(x) = [x ≥ 0]·x^degree`: the arc-cosine kernel of that degree
     (`functional.elementwise.rectified_monomial`; Cho & Saul 2009)."""
+
+    remask = False  # φ(0) = 0 but for degree 0, where this follows neural-tangents
 
     def __init__(self, degree: int) -> None:
         super().__init__()
@@ -250,6 +259,8 @@ class Gelu(Elementwise):
     `approximate=True` makes the finite network use the tanh approximation
     (`F.gelu(x, approximate='tanh')`); the kernels are always those of the exact GELU.
     """
+
+    remask = False  # φ(0) = 0
 
     def __init__(self, approximate: bool = False) -> None:
         super().__init__()
@@ -316,6 +327,8 @@ class Rbf(Elementwise):
 
 class Gabor(Elementwise):
     """`φ(x) = exp(−x²)·sin(x)` (`functional.elementwise.gabor`)."""
+
+    remask = False  # φ(0) = 0
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.exp(-x**2) * torch.sin(x)
@@ -417,6 +430,8 @@ class Hermite(Elementwise):
 class Polynomial(Elementwise):
     """`φ(x) = coef[0] + coef[1]·x + … + coef[n]·xⁿ` (`functional.elementwise.polynomial`),
     `coef` a sequence of floats or scalar tensors."""
+
+    remask = False  # as neural-tangents: masked positions keep φ(0)²
 
     def __init__(self, coef: Sequence[Scalar]) -> None:
         super().__init__()

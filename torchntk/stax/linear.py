@@ -39,7 +39,13 @@ class Affine(Layer, abc.ABC):
     and in the standard one (Sohl-Dickstein et al. 2020, arXiv:2001.07301)
 
         ntk' = (fan_in / s_in)·A(nngp) + σ_W²·A(ntk) (+ 1 if the layer has a bias).
+
+    Masks: an output position of `Dense` is masked when its input position is
+    masked in every channel (convolutions: see `Conv`, `ConvTranspose`), and
+    its covariances are zeroed (the bias would make them nonzero).
     """
+
+    remask = True
 
     def __init__(self, out_chan: int, W_std: Scalar = 1., b_std: Scalar | None = None,
                  parameterization: str = 'ntk', s: tuple[int, int] = (1, 1)) -> None:
@@ -209,6 +215,9 @@ class Dense(Affine):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return torch.einsum('nc...,oc->no...', x, self.weight)
+
+    def mask_rule(self, mask: torch.Tensor, input_shape: Shape) -> torch.Tensor:
+        return mask.all(dim=1, keepdim=True)
 
     def cov_map(self, cov: torch.Tensor, batch_ndim: int, diagonal_spatial: bool) -> torch.Tensor:
         return cov

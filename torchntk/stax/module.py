@@ -4,6 +4,12 @@ A layer is a `torch.nn.Module` whose `forward` is the finite-width network and
 whose `kernel_rule` maps the `Kernel` of its inputs to the `Kernel` of its
 outputs in the infinite-width limit. `kernel_fn` evaluates the rule of a whole
 network on raw inputs or on a `Kernel`.
+
+Masking (neural-tangents' `mask_constant`): input entries equal to a constant
+are masked, e.g. the padding of variable-length sequences. Each layer declares
+how masks pass through it (`mask_rule`) and whether its outputs at masked
+positions are zeroed (`remask`); the few layers that average over positions
+(`GlobalAvgPool`, `LayerNorm`) leave masked positions out of the average.
 """
 
 from __future__ import annotations
@@ -13,24 +19,33 @@ from typing import Any, Sequence, Union
 import torch
 from torch import nn
 
-from ..kernel import Kernel, Shape, canonical_get, get_fields, kernel_from_inputs
+from ..kernel import Kernel, Shape, canonical_get, get_fields, input_mask, kernel_from_inputs
 from .requirements import Requirements, resolve_layout
 
 Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
 Kernels = Union[Kernel, Sequence[Kernel]]
 Shapes = Union[Shape, Sequence[Shape]]
+Masks = Union[torch.Tensor, None, Sequence[Union[torch.Tensor, None]]]
 
 
 class Layer(nn.Module):
     """Base class: a finite-width `forward` and an infinite-width `kernel_rule`.
 
     Subclasses implement `forward`, `kernel_rule`, and, when they change shapes
-    or hold parameters, `output_shape` and `init_parameters`.
+    or hold parameters, `output_shape` and `init_parameters`; for masked
+    inputs, `mask_rule` and `remask` when masks do not simply pass through,
+    and `forward_with_mask` when the finite layer itself uses the mask.
     """
 
     #: Set by layers (nonlinearities) whose rule needs Gaussian inputs, i.e. an
     #: affine layer right before them.
     requires_gaussian: bool = False
+
+    #: Whether covariances (and, in `forward_with_mask`, outputs) at masked
+    #: output positions are set to zero after this layer: true for layers that
+    #: would otherwise give them a nonzero value, such as a bias
+    #: (neural-tangents' `remask_kernel`).
+    remask: bool = False
 
     @property
     def requirements(self) -> Requirements:
@@ -55,20 +70,83 @@ class Layer(nn.Module):
         """
         return self.output_shape(input_shape)
 
+    def mask_rule(self, mask: Masks, input_shape: Shapes) -> Masks:
+        """Mask of the outputs given the mask of the inputs (`True`: masked),
+        both broadcastable to the activations (for fan-in layers lists, with
+        `None` for a branch without a mask); by default it passes unchanged."""
+        return mask
+
     def propagate(self, k: Kernels) -> Kernels:
-        """Check `k` against this layer's needs and apply `kernel_rule`."""
+        """Check `k` against this layer's needs, apply `kernel_rule`, then the masks."""
         if self.requires_gaussian:
             for kernel in ([k] if isinstance(k, Kernel) else k):
                 if not kernel.is_gaussian:
                     raise ValueError(
                         f"{self._name()}: the input kernel is not Gaussian; this layer needs "
                         "an affine layer (Dense, Conv) right before it")
-        return self.kernel_rule(k)
+        return self.propagate_masks(k, self.kernel_rule(k))
+
+    def propagate_masks(self, k_in: Kernels, k_out: Kernels) -> Kernels:
+        """Give `k_out` the masks `mask_rule` makes of those of `k_in`, zeroing
+        the covariances of masked positions if `remask`."""
+        ins = [k_in] if isinstance(k_in, Kernel) else list(k_in)
+        if all(k.mask1 is None for k in ins):
+            return k_out
+
+        def output_masks(masks: list, shapes: list) -> Masks:
+            if all(m is None for m in masks):
+                return None
+            if isinstance(k_in, Kernel):
+                return self.mask_rule(masks[0], shapes[0])
+            return self.mask_rule(masks, shapes)
+
+        mask1 = output_masks([k.mask1 for k in ins], [k.shape1 for k in ins])
+        mask2 = output_masks([k.mask2 for k in ins], [k.shape2 for k in ins])
+        if isinstance(k_out, Kernel):
+            return self._with_masks(k_out, mask1, mask2)
+        mask2s = [None] * len(k_out) if mask2 is None else mask2
+        return type(k_out)(self._with_masks(k, m1, m2) for k, m1, m2 in zip(k_out, mask1, mask2s))
+
+    def _with_masks(self, k: Kernel, mask1: torch.Tensor | None,
+                    mask2: torch.Tensor | None) -> Kernel:
+        if self.remask:
+            return k.masked(mask1, mask2, self._name())
+        return k.replace(mask1=mask1, mask2=mask2)
+
+    def forward_with_mask(self, x: Tensors, mask: Masks) -> tuple[Any, Masks]:
+        """The finite network on inputs with a mask (`True`: masked), returning
+        the outputs and their mask. Outputs at masked positions are zeroed after
+        a layer with `remask`, so the network is the one whose infinite-width
+        limit `kernel_fn(..., mask_constant=...)` computes."""
+        outputs = self(x)
+        if mask is None or (not isinstance(mask, torch.Tensor) and all(m is None for m in mask)):
+            return outputs, None
+        input_shape = x.shape if isinstance(x, torch.Tensor) else [t.shape for t in x]
+        out_mask = self.mask_rule(mask, input_shape)
+        if self.remask:
+            outputs = torch.where(out_mask, 0., outputs)
+        return outputs, out_mask
+
+    def forward_masked(self, x: Tensors, mask_constant: float) -> tuple[Any, Masks]:
+        """The finite network with the entries of `x` equal to `mask_constant`
+        masked (neural-tangents' `apply_fn(..., mask_constant=...)`).
+
+        Returns the outputs and their mask (`True`: masked); masked inputs
+        count as zeros. See `forward_with_mask`.
+        """
+        check_mask_constant(mask_constant, self._name(), allow_none=False)
+        if isinstance(x, torch.Tensor):
+            mask = input_mask(x, mask_constant)
+            return self.forward_with_mask(torch.where(mask, 0., x), mask)
+        masks = [input_mask(t, mask_constant) for t in x]
+        return self.forward_with_mask(type(x)(torch.where(m, 0., t) for t, m in zip(x, masks)),
+                                      type(x)(masks))
 
     def kernel_fn(self, x1: Tensors | Kernels, x2: Tensors | None = None,
                   get: str | Sequence[str] | None = None, *,
                   diagonal_batch: bool | None = None,
-                  diagonal_spatial: bool | None = None) -> Any:
+                  diagonal_spatial: bool | None = None,
+                  mask_constant: float | None = None) -> Any:
         """NNGP and NTK kernels of the infinite-width limit of this network.
 
         Args:
@@ -79,6 +157,11 @@ class Layer(nn.Module):
                 (returns a named tuple), or `None` (the whole `Kernel`).
             diagonal_batch, diagonal_spatial: `False` forces full covariances;
                 `None` picks the cheapest layout the network allows.
+            mask_constant: input entries equal to it (NaN allowed) are masked,
+                e.g. padding; `None` for no masking. Masked entries count as
+                zeros, layers propagate the masks (`Kernel.mask1`, `mask2`), and
+                global average pooling and `LayerNorm` average over unmasked
+                positions only.
 
         Shape:
             `nngp`, `ntk`: `(N1, N2)` for flat outputs, `(N1, N2, X, X', …)`
@@ -86,16 +169,20 @@ class Layer(nn.Module):
         """
         names = canonical_get(get)
         if isinstance(x1, Kernel) or _is_kernel_sequence(x1):
-            if x2 is not None or diagonal_batch is not None or diagonal_spatial is not None:
-                raise ValueError(f"{self._name()}: x2, diagonal_batch and diagonal_spatial must be "
-                                 "None when x1 is a Kernel (its layout is already fixed)")
+            if (x2 is not None or diagonal_batch is not None or diagonal_spatial is not None
+                    or mask_constant is not None):
+                raise ValueError(f"{self._name()}: x2, diagonal_batch, diagonal_spatial and "
+                                 "mask_constant must be None when x1 is a Kernel (its layout and "
+                                 "masks are already fixed)")
             k = x1
         else:
+            check_mask_constant(mask_constant, self._name())
             diagonal_batch, diagonal_spatial = resolve_layout(
                 self.requirements, diagonal_batch, diagonal_spatial, self._name())
             compute_ntk = names is None or 'ntk' in names
             k = _inputs_to_kernels(x1, x2, self._name(), diagonal_batch=diagonal_batch,
-                                   diagonal_spatial=diagonal_spatial, compute_ntk=compute_ntk)
+                                   diagonal_spatial=diagonal_spatial, compute_ntk=compute_ntk,
+                                   mask_constant=mask_constant)
         k = self.propagate(k)
         if isinstance(k, Kernel):
             return get_fields(k, get)
@@ -109,27 +196,33 @@ def _is_kernel_sequence(x: Any) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(e, Kernel) for e in x)
 
 
-def _inputs_to_kernels(x1: Tensors, x2: Tensors | None, layer_name: str, **layout: bool) -> Kernels:
+def _inputs_to_kernels(x1: Tensors, x2: Tensors | None, layer_name: str, **layout: Any) -> Kernels:
     if isinstance(x1, torch.Tensor):
         if x2 is not None and not isinstance(x2, torch.Tensor):
             raise TypeError(f"{layer_name}: x1 is a tensor but x2 is {type(x2).__name__}")
-        return kernel_from_inputs(*_checked_inputs(x1, x2, layer_name), **layout)
+        return kernel_from_inputs(*_checked_inputs(x1, x2, layer_name, layout['mask_constant']),
+                                  **layout)
     x2s = [None] * len(x1) if x2 is None else list(x2)
     if len(x2s) != len(x1):
         raise ValueError(f"{layer_name}: x1 has {len(x1)} inputs but x2 has {len(x2s)}")
     return type(x1)(_inputs_to_kernels(a, b, layer_name, **layout) for a, b in zip(x1, x2s))
 
 
-def _checked_inputs(x1: torch.Tensor, x2: torch.Tensor | None,
-                    layer_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Validate inputs at the public boundary; integer inputs become floating."""
+def _checked_inputs(x1: torch.Tensor, x2: torch.Tensor | None, layer_name: str,
+                    mask_constant: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate inputs at the public boundary; integer inputs become floating.
+    Masked entries may be non-finite (a NaN or infinite `mask_constant`)."""
     for name, x in (('x1', x1), ('x2', x2)):
         if x is None:
             continue
         if x.ndim < 2:
             raise ValueError(f"{layer_name}: {name} must have shape (N, C, *spatial), got {tuple(x.shape)}")
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{layer_name}: {name} contains non-finite values (NaN or inf)")
+        if not torch.compiler.is_compiling():
+            finite = torch.isfinite(x)
+            mask = input_mask(x, mask_constant)
+            if not bool((finite if mask is None else finite | mask).all()):
+                raise ValueError(f"{layer_name}: {name} contains non-finite values (NaN or inf)"
+                                 + ("" if mask is None else " that are not the mask_constant"))
     if x2 is not None:
         if x1.shape[1:] != x2.shape[1:]:
             raise ValueError(f"{layer_name}: x1 and x2 must agree in all but the batch axis, got "
@@ -163,6 +256,14 @@ def check_nonnegative(value: Scalar | None, arg: str, layer_name: str,
         raise TypeError(f"{layer_name}: {arg} must be a float or a scalar tensor, got {type(value).__name__}")
     if not (number >= 0 and number != float('inf')):
         raise ValueError(f"{layer_name}: {arg} must be finite and >= 0, got {number}")
+
+
+def check_mask_constant(value: Any, layer_name: str, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{layer_name}: mask_constant must be a float{' or None' if allow_none else ''}, "
+                        f"got {value!r}")
 
 
 def check_positive_int(value: Any, arg: str, layer_name: str) -> None:

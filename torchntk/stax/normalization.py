@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from ..kernel import Kernel
+from ..kernel import Kernel, position_mask
 from .module import Layer, check_nonnegative
 
 
@@ -19,7 +19,8 @@ class LayerNorm(Layer):
         nngp' = nngp / sqrt(v1 v2),   ntk' = ntk / sqrt(v1 v2),
 
     where `v1`, `v2` are `eps` plus the variances averaged over the
-    non-channel axes in `axis` (batch axis 0 and spatial axes allowed).
+    non-channel axes in `axis` (batch axis 0 and spatial axes allowed); with
+    masks, over the unmasked positions (masked ones count as zeros).
     """
 
     requires_gaussian = True
@@ -47,12 +48,25 @@ class LayerNorm(Layer):
         var = x.var(dim=axes, keepdim=True, unbiased=False)
         return (x - mean) / torch.sqrt(var + self.eps)
 
+    def forward_with_mask(self, x: torch.Tensor,
+                          mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Statistics over the unmasked entries; masked entries stay masked."""
+        if mask is None:
+            return self(x), None
+        axes = self._axes(x.ndim)
+        mask = mask.expand_as(x)
+        mean = _masked_mean(x, axes, mask)
+        var = _masked_mean(torch.where(mask, 0., x - mean)**2, axes, mask)
+        return (x - mean) / torch.sqrt(var + self.eps), mask
+
     def kernel_rule(self, k: Kernel) -> Kernel:
         # Axes of the per-example variances (N, *S): activation axis a ≥ 2 is a - 1.
         var_axes = tuple(0 if a == 0 else a - 1 for a in self._axes(len(k.shape1)) if a != 1)
         var1, var2 = (v + self.eps for v in k.variances())
         if var_axes:
-            var1, var2 = (v.mean(dim=var_axes, keepdim=True).expand_as(v) for v in (var1, var2))
+            masks = k.position_masks(self._name()) or (None, None)
+            var1, var2 = (_masked_mean(v, var_axes, m).expand_as(v)
+                          for v, m in zip((var1, var2), masks))
         norm12 = torch.sqrt(torch.mul(*k.outer(var1, var2)))
         norm1 = torch.sqrt(torch.mul(*k.outer_self(var1)))
         norm2 = torch.sqrt(torch.mul(*k.outer_self(var2)))
@@ -63,3 +77,12 @@ class LayerNorm(Layer):
 
     def extra_repr(self) -> str:
         return f"axis={self.axis[0] if len(self.axis) == 1 else self.axis}, eps={self.eps}"
+
+
+def _masked_mean(t: torch.Tensor, axes: tuple[int, ...], mask: torch.Tensor | None) -> torch.Tensor:
+    """Sum over `axes` divided by the number of unmasked entries there (at
+    least 1), as neural-tangents' `mean_and_var`; the plain mean without a mask."""
+    if mask is None:
+        return t.mean(dim=axes, keepdim=True)
+    count = (~mask).expand_as(t).sum(dim=axes, keepdim=True).clamp_min(1)
+    return t.sum(dim=axes, keepdim=True) / count

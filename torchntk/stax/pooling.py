@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..functional import conv as conv_maps
-from ..kernel import Kernel, Shape
-from .conv import check_input_rank, check_padding, check_window, pad_input
+from ..kernel import Kernel, Shape, position_mask
+from .conv import check_input_rank, check_padding, check_window, pad_input, window_centre_mask
 from .module import Layer
 from .requirements import Bool, Diagonal, Requirements
 
@@ -30,6 +30,7 @@ class _Pool(Layer):
     """Shared arguments and rule of `AvgPool` and `SumPool`."""
 
     average = True
+    remask = True
 
     def __init__(self, window_shape: Sequence[int], strides: Sequence[int] | None = None,
                  padding: str = 'VALID', normalize_edges: bool = False) -> None:
@@ -84,6 +85,11 @@ class _Pool(Layer):
                          cov1=pool(k.cov1, cov_batch_ndim), cov2=pool(k.cov2, cov_batch_ndim),
                          shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
 
+    def mask_rule(self, mask: Tensor, input_shape: Shape) -> Tensor:
+        positions = position_mask(mask, input_shape, self._name()).unsqueeze(1)
+        return window_centre_mask(positions, input_shape[2:], self.window_shape, self.strides,
+                                  self.padding)
+
     def extra_repr(self) -> str:
         text = f"{self.window_shape}"
         if self.strides != (1,) * self.n_spatial:
@@ -102,6 +108,8 @@ class AvgPool(_Pool):
     `n_p = k`, or with `normalize_edges=True` and `'SAME'` padding the number of
     non-padding entries in the window (`count_include_pad=False`). The kernel
     pools both positions of each pair: `K'[p, q] = Σ_{i,j} K[s·p+i, s·q+j] / (n_p n_q)`.
+    With masks, an output is masked when its window's centre is (masked
+    entries count as zeros, as in neural-tangents).
 
     Args:
         window_shape: window size per spatial dimension, e.g. `(2, 2)`.
@@ -133,7 +141,13 @@ class SumPool(_Pool):
 
 
 class _GlobalPool(Layer):
-    """Reduce all spatial axes; the output is `(N, C)`."""
+    """Reduce all spatial axes; the output is `(N, C)`.
+
+    With masks, the average divides by the number of unmasked positions of
+    each example, `z = (1/n) Σ_p x[p]`, so `K' = Σ_{p,q} K[p, q] / (n n')`
+    (neural-tangents; with its `diagonal_spatial=True` it divides by
+    `|S|·n_both` instead, which disagrees with its own full-spatial kernel).
+    """
 
     average = True
 
@@ -148,16 +162,48 @@ class _GlobalPool(Layer):
         axes = tuple(range(2, x.ndim))
         return x.mean(axes) if self.average else x.sum(axes)
 
+    def forward_with_mask(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if mask is None:
+            return self(x), None
+        out_mask = self.mask_rule(mask, x.shape)
+        if not self.average:
+            return self(x), out_mask
+        count = self._unmasked_count(position_mask(mask, x.shape, self._name()))
+        return x.sum(tuple(range(2, x.ndim))) / count.unsqueeze(1), out_mask
+
+    @staticmethod
+    def _unmasked_count(positions: Tensor) -> Tensor:
+        """Number of unmasked positions of each example, at least 1."""
+        return (~positions).flatten(1).sum(1).clamp_min(1)
+
     def kernel_rule(self, k: Kernel) -> Kernel:
+        masks = k.position_masks(self._name()) if self.average else None
+        average = self.average and masks is None
+
         def pool(cov: Tensor | None, batch_ndim: int) -> Tensor | None:
             if cov is None:
                 return None
-            return conv_maps.global_pool(cov, batch_ndim, k.diagonal_spatial, self.average)
+            return conv_maps.global_pool(cov, batch_ndim, k.diagonal_spatial, average)
 
         cov_batch_ndim = 1 if k.diagonal_batch else 2
-        return k.replace(nngp=pool(k.nngp, 2), ntk=pool(k.ntk, 2),
-                         cov1=pool(k.cov1, cov_batch_ndim), cov2=pool(k.cov2, cov_batch_ndim),
+        nngp, ntk = pool(k.nngp, 2), pool(k.ntk, 2)
+        cov1, cov2 = pool(k.cov1, cov_batch_ndim), pool(k.cov2, cov_batch_ndim)
+        if masks is not None:
+            count1, count2 = (self._unmasked_count(m).to(nngp.dtype) for m in masks)
+
+            def per_pair(n_a: Tensor, n_b: Tensor, pairwise: bool) -> Tensor:
+                return n_a[:, None] * n_b[None, :] if pairwise else n_a * n_b
+
+            nngp = nngp / per_pair(count1, count2, True)
+            ntk = None if ntk is None else ntk / per_pair(count1, count2, True)
+            cov1 = cov1 / per_pair(count1, count1, not k.diagonal_batch)
+            cov2 = None if cov2 is None else cov2 / per_pair(count2, count2, not k.diagonal_batch)
+        return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
                          shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
+
+    def mask_rule(self, mask: Tensor, input_shape: Shape) -> Tensor:
+        positions = position_mask(mask, input_shape, self._name())
+        return positions.flatten(1).all(1, keepdim=True)
 
 
 class GlobalAvgPool(_GlobalPool):
@@ -201,6 +247,9 @@ class Flatten(Layer):
 
     def forward(self, x: Tensor) -> Tensor:
         return x.reshape(x.shape[0], -1)
+
+    def mask_rule(self, mask: Tensor, input_shape: Shape) -> Tensor:
+        return mask.expand(input_shape).reshape(input_shape[0], -1)
 
     def kernel_rule(self, k: Kernel) -> Kernel:
         def flatten(cov: Tensor | None, batch_ndim: int) -> Tensor | None:

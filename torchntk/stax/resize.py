@@ -27,6 +27,9 @@ class ImageResize(Layer):
     is `M K Mᵀ` on each pair of spatial axes. Upsampling with `'linear'` equals
     `F.interpolate(mode='bilinear', align_corners=False)`.
 
+    With masks, an output is masked only when every input it is made of is
+    (as neural-tangents: content wins over the mask).
+
     Args:
         shape: the output shape in PyTorch layout `(N, C, *S)`, `-1` keeping an
             axis; the batch and channel entries must be `-1`.
@@ -37,6 +40,8 @@ class ImageResize(Layer):
     Shape:
         Input `(N, C, *S)`, output `(N, C, *S_out)`.
     """
+
+    remask = True
 
     def __init__(self, shape: Sequence[int], method: str, antialias: bool = True) -> None:
         super().__init__()
@@ -74,6 +79,13 @@ class ImageResize(Layer):
             if matrix is not None:
                 x = conv_maps.apply_along(x, 2 + d, matrix)
         return x
+
+    def mask_rule(self, mask: Tensor, input_shape: Shape) -> Tensor:
+        unmasked = (~mask).expand(*mask.shape[:2], *input_shape[2:]).to(torch.float32)
+        for d, matrix in enumerate(self._matrices(input_shape, unmasked)):
+            if matrix is not None:
+                unmasked = conv_maps.apply_along(unmasked, 2 + d, (matrix != 0).to(unmasked.dtype))
+        return unmasked == 0
 
     def kernel_rule(self, k: Kernel) -> Kernel:
         matrices = self._matrices(k.shape1, k.nngp)
