@@ -46,7 +46,9 @@ def _extensions():
     # -O3 and OpenMP (at::parallel_for is an inline OpenMP loop in torch's CPU
     # builds and runs serially without it); no -march: the row kernels are
     # compiled per instruction set by target_clones and picked at load time.
-    cxx = ['-O3', '-std=c++17', '-fopenmp']
+    # No contraction into fused multiply-adds: var1·var2 − c² must be exactly 0
+    # for an example paired with itself (csrc/conv_chain.cpp).
+    cxx = ['-O3', '-std=c++17', '-fopenmp', '-ffp-contract=off']
     link = ['-fopenmp'] if sys.platform.startswith('linux') else []
     if sys.platform == 'darwin':
         cxx.remove('-fopenmp')

@@ -1,5 +1,5 @@
-// CPU implementation of diagonal_conv and its adjoint, and the Python module
-// torchntk._C. See diagonal_conv.h for the operation.
+// CPU implementation of diagonal_conv and its adjoint. See diagonal_conv.h for
+// the operation.
 //
 // Work is split over (b, output row) with at::parallel_for (OpenMP in torch's
 // CPU builds), so a few large examples keep every core busy as well as many
@@ -10,18 +10,14 @@
 // portable binary uses the vector width of the machine it runs on.
 #include "diagonal_conv.h"
 
+#include "extension.h"
+
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 
 namespace torchntk {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define TORCHNTK_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define TORCHNTK_TARGET_CLONES
-#endif
 
 #define TORCHNTK_INLINE inline __attribute__((always_inline))
 
@@ -126,27 +122,6 @@ TORCHNTK_INLINE void transpose_row(const scalar_t* __restrict__ grad_b, scalar_t
 TORCHNTK_ROW_KERNELS(float, f32)
 TORCHNTK_ROW_KERNELS(double, f64)
 
-void forward_rows(const float* cov, float* out, int64_t begin, int64_t end, int64_t size,
-                  int64_t out_size, int64_t inner, int64_t k, int64_t stride, int64_t pad_low,
-                  bool circular) {
-  forward_rows_f32(cov, out, begin, end, size, out_size, inner, k, stride, pad_low, circular);
-}
-void forward_rows(const double* cov, double* out, int64_t begin, int64_t end, int64_t size,
-                  int64_t out_size, int64_t inner, int64_t k, int64_t stride, int64_t pad_low,
-                  bool circular) {
-  forward_rows_f64(cov, out, begin, end, size, out_size, inner, k, stride, pad_low, circular);
-}
-void transpose_rows(const float* grad, float* in, int64_t begin, int64_t end, int64_t size,
-                    int64_t out_size, int64_t inner, int64_t k, int64_t stride, int64_t pad_low,
-                    bool circular) {
-  transpose_rows_f32(grad, in, begin, end, size, out_size, inner, k, stride, pad_low, circular);
-}
-void transpose_rows(const double* grad, double* in, int64_t begin, int64_t end, int64_t size,
-                    int64_t out_size, int64_t inner, int64_t k, int64_t stride, int64_t pad_low,
-                    bool circular) {
-  transpose_rows_f64(grad, in, begin, end, size, out_size, inner, k, stride, pad_low, circular);
-}
-
 // Rows per parallel task: enough work (about 32k element updates) to amortize
 // scheduling.
 int64_t grain_size(int64_t row_work) {
@@ -158,7 +133,29 @@ torch::Tensor as_4d(const torch::Tensor& tensor) {
   return tensor.dim() == 3 ? tensor.unsqueeze(-1) : tensor;
 }
 
+void transpose_rows(const float* grad, float* in, int64_t begin, int64_t end, int64_t size,
+                    int64_t out_size, int64_t inner, int64_t k, int64_t stride, int64_t pad_low,
+                    bool circular) {
+  transpose_rows_f32(grad, in, begin, end, size, out_size, inner, k, stride, pad_low, circular);
+}
+void transpose_rows(const double* grad, double* in, int64_t begin, int64_t end, int64_t size,
+                    int64_t out_size, int64_t inner, int64_t k, int64_t stride, int64_t pad_low,
+                    bool circular) {
+  transpose_rows_f64(grad, in, begin, end, size, out_size, inner, k, stride, pad_low, circular);
+}
+
 }  // namespace
+
+void forward_rows(const float* cov, float* out, int64_t begin, int64_t end, int64_t size,
+                  int64_t out_size, int64_t inner, int64_t k, int64_t stride, int64_t pad_low,
+                  bool circular) {
+  forward_rows_f32(cov, out, begin, end, size, out_size, inner, k, stride, pad_low, circular);
+}
+void forward_rows(const double* cov, double* out, int64_t begin, int64_t end, int64_t size,
+                  int64_t out_size, int64_t inner, int64_t k, int64_t stride, int64_t pad_low,
+                  bool circular) {
+  forward_rows_f64(cov, out, begin, end, size, out_size, inner, k, stride, pad_low, circular);
+}
 
 int64_t output_size(int64_t size, int64_t k, int64_t stride, int64_t pad_low, int64_t pad_high) {
   return (size + pad_low + pad_high - k) / stride + 1;
@@ -235,19 +232,3 @@ torch::Tensor diagonal_conv_transpose(const torch::Tensor& grad_in, int64_t size
 }
 
 }  // namespace torchntk
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "torchntk's compiled kernels: diagonal_conv and its adjoint (CPU, and CUDA if built).";
-  m.def("diagonal_conv", &torchntk::diagonal_conv, "(cov, k, stride, pad_low, pad_high, circular)",
-        pybind11::arg("cov"), pybind11::arg("k"), pybind11::arg("stride"),
-        pybind11::arg("pad_low"), pybind11::arg("pad_high"), pybind11::arg("circular"));
-  m.def("diagonal_conv_transpose", &torchntk::diagonal_conv_transpose,
-        "(grad, size, k, stride, pad_low, pad_high, circular): the adjoint of diagonal_conv",
-        pybind11::arg("grad"), pybind11::arg("size"), pybind11::arg("k"), pybind11::arg("stride"),
-        pybind11::arg("pad_low"), pybind11::arg("pad_high"), pybind11::arg("circular"));
-#ifdef TORCHNTK_WITH_CUDA
-  m.attr("with_cuda") = true;
-#else
-  m.attr("with_cuda") = false;
-#endif
-}

@@ -54,6 +54,23 @@ inline void for_each_segment(int64_t count, int64_t stride, int64_t offset, int6
 
 int64_t output_size(int64_t size, int64_t k, int64_t stride, int64_t pad_low, int64_t pad_high);
 
+// Rows [begin, end) of diagonal_conv on a contiguous (B, X, X, R) buffer `cov`
+// into (B, Xo, Xo, R) `out` (row = b·Xo + p), on the calling thread.
+void forward_rows(const float* cov, float* out, int64_t begin, int64_t end, int64_t size,
+                  int64_t out_size, int64_t inner, int64_t k, int64_t stride, int64_t pad_low,
+                  bool circular);
+void forward_rows(const double* cov, double* out, int64_t begin, int64_t end, int64_t size,
+                  int64_t out_size, int64_t inner, int64_t k, int64_t stride, int64_t pad_low,
+                  bool circular);
+
+// Compile a function for AVX-512, AVX2 and baseline x86-64, picked at load
+// time (GCC target_clones): one portable binary uses the machine's vector width.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define TORCHNTK_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TORCHNTK_TARGET_CLONES
+#endif
+
 void check_arguments(const char* name, const at::Tensor& tensor, int64_t k, int64_t stride,
                      int64_t pad_low, int64_t pad_high, bool circular, int64_t size);
 

@@ -11,6 +11,7 @@ import torch
 
 from ..kernel import Kernel
 from .module import Kernels, Layer, Masks, Shapes, check_positive_int
+from .fusion import fused_runs
 from .requirements import Requirements
 
 
@@ -41,8 +42,10 @@ class Serial(Layer):
         return x
 
     def kernel_rule(self, k: Kernels) -> Kernels:
-        for layer in self.children():
-            k = layer.propagate(k)
+        # Runs of Conv and ReLU-like layers go through the extension's fused
+        # chain where it applies (stax/fusion.py); it falls back to the layers.
+        for item in fused_runs(list(self.children())):
+            k = item.propagate(k)
         return k
 
     def propagate_masks(self, k_in: Kernels, k_out: Kernels) -> Kernels:

@@ -1,0 +1,28 @@
+// The operations torchntk._C exposes to Python (csrc/module.cpp binds them).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace torchntk {
+
+// diagonal_conv.h describes the operation; these dispatch to CPU or CUDA.
+torch::Tensor diagonal_conv(const torch::Tensor& cov, int64_t k, int64_t stride, int64_t pad_low,
+                            int64_t pad_high, bool circular);
+torch::Tensor diagonal_conv_transpose(const torch::Tensor& grad, int64_t size, int64_t k,
+                                      int64_t stride, int64_t pad_low, int64_t pad_high,
+                                      bool circular);
+
+// conv_chain.cpp: a run of Conv and ABRelu steps on each example's own
+// covariance (N, X, X', …), returning it and the variance tables (N, X·Y·…)
+// at every nonlinearity's input; then on the pairs (N1, N2, X, X', …).
+std::vector<torch::Tensor> conv_chain_self(const torch::Tensor& cov,
+                                           const std::vector<std::vector<double>>& steps);
+std::vector<torch::Tensor> conv_chain_pairs(const torch::Tensor& nngp,
+                                            const c10::optional<torch::Tensor>& ntk,
+                                            const std::vector<torch::Tensor>& var1,
+                                            const std::vector<torch::Tensor>& var2,
+                                            const std::vector<std::vector<double>>& steps);
+
+}  // namespace torchntk

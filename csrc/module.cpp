@@ -1,0 +1,26 @@
+// The Python module torchntk._C.
+#include "extension.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "torchntk's compiled kernels: diagonal_conv and its adjoint (CPU, and CUDA if "
+            "built), and the fused Conv/ABRelu chain (CPU).";
+  m.def("diagonal_conv", &torchntk::diagonal_conv, "(cov, k, stride, pad_low, pad_high, circular)",
+        pybind11::arg("cov"), pybind11::arg("k"), pybind11::arg("stride"),
+        pybind11::arg("pad_low"), pybind11::arg("pad_high"), pybind11::arg("circular"));
+  m.def("diagonal_conv_transpose", &torchntk::diagonal_conv_transpose,
+        "(grad, size, k, stride, pad_low, pad_high, circular): the adjoint of diagonal_conv",
+        pybind11::arg("grad"), pybind11::arg("size"), pybind11::arg("k"), pybind11::arg("stride"),
+        pybind11::arg("pad_low"), pybind11::arg("pad_high"), pybind11::arg("circular"));
+  m.def("conv_chain_self", &torchntk::conv_chain_self,
+        "(cov, steps) -> [cov_out, variances at each nonlinearity]", pybind11::arg("cov"),
+        pybind11::arg("steps"));
+  m.def("conv_chain_pairs", &torchntk::conv_chain_pairs,
+        "(nngp, ntk, var1, var2, steps) -> [nngp_out, ntk_out]", pybind11::arg("nngp"),
+        pybind11::arg("ntk"), pybind11::arg("var1"), pybind11::arg("var2"),
+        pybind11::arg("steps"));
+#ifdef TORCHNTK_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,144 @@
+"""Runs of Conv and ReLU-like layers through the extension's fused chain
+(stax/fusion.py, csrc/conv_chain.cpp) give the layers' own kernels."""
+
+from unittest import mock
+
+import pytest
+import torch
+
+from torchntk import stax
+from torchntk.ops import conv_chain
+from torchntk.stax.fusion import FusedRun, fused_runs
+
+from tests.strategies import gaussian, relative_error
+
+needs_chain = pytest.mark.skipif(not conv_chain.available(torch.zeros(1, dtype=torch.float64)),
+                                 reason='the fused chain needs the compiled extension')
+
+
+def conv(n_spatial=2, **kwargs):
+    kwargs = {'padding': 'SAME', 'W_std': 1.3, 'b_std': 0.2, **kwargs}
+    return stax.Conv(4, kwargs.pop('filter_shape', (3,) * n_spatial), **kwargs)
+
+
+CHAINS = {
+    'same-relu': lambda: [conv(), stax.Relu(), conv(), stax.Relu()],
+    'circular-valid-strided': lambda: [conv(padding='CIRCULAR'), stax.LeakyRelu(0.1),
+                                       conv(padding='VALID', strides=(2, 1)), stax.Abs(), conv()],
+    'standard-parameterization': lambda: [
+        conv(parameterization='standard'), stax.ABRelu(-0.3, 0.7),
+        conv(b_std=None, parameterization='standard', s=(2, 3)), stax.Relu()],
+    'no-bias-even-window': lambda: [conv(b_std=None, filter_shape=(2, 4)), stax.Relu(),
+                                    conv(filter_shape=(1, 3), padding='VALID')],
+}
+SHAPES = {1: (3, 2, 7), 2: (3, 2, 6, 5), 3: (2, 1, 4, 3, 5)}
+
+
+def layer_by_layer(layers, x1, x2):
+    k = stax.Identity().kernel_fn(x1, x2, diagonal_spatial=False)
+    for layer in layers:
+        k = layer.propagate(k)
+    return k
+
+
+def assert_same_kernels(actual, expected, tolerance):
+    for field in ('nngp', 'ntk', 'cov1', 'cov2'):
+        a, e = getattr(actual, field), getattr(expected, field)
+        assert (a is None) == (e is None), field
+        if a is not None:
+            assert a.shape == e.shape, field
+            assert relative_error(a, e) <= tolerance, (field, relative_error(a, e))
+    assert actual.is_gaussian == expected.is_gaussian
+    assert actual.shape1 == expected.shape1 and actual.shape2 == expected.shape2
+
+
+@needs_chain
+@pytest.mark.parametrize('x2_given', [True, False], ids=['x2', 'x2=None'])
+@pytest.mark.parametrize('chain', CHAINS)
+def test_fused_chain_equals_the_layers_one_at_a_time(chain, x2_given):
+    layers = CHAINS[chain]()
+    x1, x2 = gaussian(3, 2, 6, 5, seed=0), gaussian(2, 2, 6, 5, seed=1) if x2_given else None
+    with mock.patch.object(conv_chain, 'chain_pairs', wraps=conv_chain.chain_pairs) as fused:
+        actual = stax.serial(*layers).kernel_fn(x1, x2, diagonal_spatial=False)
+    assert fused.call_count == 1
+    assert_same_kernels(actual, layer_by_layer(layers, x1, x2), 1e-13)
+
+
+@needs_chain
+@pytest.mark.parametrize('n_spatial', [1, 3])
+def test_fused_chain_in_one_and_three_dimensions(n_spatial):
+    layers = [conv(n_spatial), stax.Relu(), conv(n_spatial, padding='CIRCULAR'), stax.Relu()]
+    x1 = gaussian(*SHAPES[n_spatial], seed=2)
+    actual = stax.serial(*layers).kernel_fn(x1, None, diagonal_spatial=False)
+    assert_same_kernels(actual, layer_by_layer(layers, x1, None), 1e-13)
+
+
+@needs_chain
+def test_fused_chain_in_float32_is_as_close_as_the_layers():
+    layers = CHAINS['same-relu']()
+    x1, x2 = gaussian(3, 2, 6, 5, seed=3), gaussian(2, 2, 6, 5, seed=4)
+    expected = layer_by_layer(layers, x1, x2)
+    actual = stax.serial(*layers).kernel_fn(x1.float(), x2.float(), diagonal_spatial=False)
+    assert actual.ntk.dtype == torch.float32
+    assert_same_kernels(actual, expected, 1e-6)
+
+
+@needs_chain
+def test_fused_chain_keeps_an_example_with_itself_exact():
+    """With x2=None the pairs (i, i) go through the same arithmetic as cov1:
+    bitwise equal, and the NTK there agrees with the layers' exact diagonal (a fused
+    multiply-add in var1·var2 − c² would put it 1e-9 off)."""
+    layers = CHAINS['same-relu']()
+    x1 = gaussian(3, 2, 6, 5, seed=5)
+    k = stax.serial(*layers).kernel_fn(x1, None, diagonal_spatial=False)
+    same_example = torch.diagonal(k.nngp, 0, 0, 1).movedim(-1, 0)
+    assert torch.equal(same_example, k.cov1)
+    expected = layer_by_layer(layers, x1, None)
+    torch.testing.assert_close(torch.diagonal(k.ntk, 0, 0, 1), torch.diagonal(expected.ntk, 0, 0, 1),
+                               rtol=1e-12, atol=0)
+
+
+@needs_chain
+def test_get_nngp_alone_runs_the_chain_without_ntk():
+    layers = CHAINS['same-relu']()
+    x1 = gaussian(3, 2, 6, 5, seed=6)
+    nngp = stax.serial(*layers).kernel_fn(x1, None, get='nngp', diagonal_spatial=False)
+    torch.testing.assert_close(nngp, layer_by_layer(layers, x1, None).nngp, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize('grad_of', ['inputs', 'W_std'])
+def test_gradients_go_through_the_layers_and_match_the_fused_values(grad_of):
+    W_std = torch.tensor(1.3, dtype=torch.float64, requires_grad=grad_of == 'W_std')
+    layers = [conv(W_std=W_std), stax.Relu(), conv(), stax.Relu()]
+    x1 = gaussian(2, 2, 5, 5, seed=7).requires_grad_(grad_of == 'inputs')
+    with mock.patch.object(conv_chain, 'chain_pairs', wraps=conv_chain.chain_pairs) as fused:
+        ntk = stax.serial(*layers).kernel_fn(x1, None, get='ntk', diagonal_spatial=False)
+    assert fused.call_count == 0 and ntk.requires_grad
+    with torch.no_grad():
+        ntk_fused = stax.serial(*layers).kernel_fn(x1, None, get='ntk', diagonal_spatial=False)
+    torch.testing.assert_close(ntk.detach(), ntk_fused, rtol=1e-13, atol=0)
+
+
+def test_masked_kernels_go_through_the_layers():
+    layers = CHAINS['same-relu']()
+    x1 = gaussian(2, 2, 6, 5, seed=8)
+    x1[0, :, 0, 0] = 7.
+    with mock.patch.object(conv_chain, 'chain_pairs', wraps=conv_chain.chain_pairs) as fused:
+        k = stax.serial(*layers).kernel_fn(x1, None, mask_constant=7., diagonal_spatial=False)
+    assert fused.call_count == 0 and k.mask1 is not None
+
+
+def test_runs_are_conv_then_relu_like_layers_of_at_least_two():
+    conv_a, relu, conv_b, pool, conv_c = conv(), stax.Relu(), conv(), stax.AvgPool((2, 2)), conv()
+    stabilized, dense = stax.Relu(do_stabilize=True), stax.Dense(3)
+    items = fused_runs([conv_a, relu, conv_b, pool, conv_c, stabilized, dense, relu])
+    assert isinstance(items[0], FusedRun) and items[0].layers == (conv_a, relu, conv_b)
+    assert items[1:] == [pool, conv_c, stabilized, dense, relu]
+
+
+def test_subclasses_and_a_nonlinearity_first_are_not_fused():
+    class MyRelu(stax.Relu):
+        pass
+
+    relu, my_relu, conv_a = stax.Relu(), MyRelu(), conv()
+    assert fused_runs([relu, conv_a, my_relu]) == [relu, conv_a, my_relu]

@@ -1,0 +1,62 @@
+"""A run of Conv and ABRelu layers on full spatial covariances, fused in the extension.
+
+Layer by layer, each Conv and nonlinearity streams the whole `(N1, N2, X, X',
+Y, Y')` covariances through memory several times. The extension's
+`conv_chain_*` take one pair of examples at a time through the whole run in
+cache-sized buffers (csrc/conv_chain.cpp): first every example with itself
+(`chain_self`, which also returns the variances each nonlinearity needs), then
+every pair (`chain_pairs`). The steps are
+
+    Conv:   nngp' = α·A(nngp) + β,   ntk' = γ·A(nngp) + α·A(ntk) + δ,
+    ABRelu: the arc-cosine kernel of `a·min(x, 0) + b·max(x, 0)`,
+
+with `A` the unit-variance convolution map (`diagonal_conv` along every
+spatial dimension). There is no torch version: without the extension, layers
+run one at a time (`torchntk.stax` decides, see `torchntk.stax.fusion`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .diagonal_conv import _EXTENSION, _use_extension
+
+Step = list[float]
+
+
+def available(tensor: torch.Tensor) -> bool:
+    """Whether the fused chain can run on `tensor` (CPU, float32/float64, the
+    extension built, not under torch.compile or torch.func transforms)."""
+    return (_use_extension(tensor) and tensor.device.type == 'cpu'
+            and hasattr(_EXTENSION, 'conv_chain_pairs'))
+
+
+def conv_step(alpha: float, beta: float, gamma: float, delta: float, circular: bool,
+              windows: Sequence[tuple[int, int, int, int]]) -> Step:
+    """A Conv step; `windows` holds `(k, stride, pad_low, pad_high)` per spatial dimension."""
+    return [0., alpha, beta, gamma, delta, float(circular), float(len(windows)),
+            *(float(value) for window in windows for value in window)]
+
+
+def abrelu_step(a: float, b: float) -> Step:
+    """An ABRelu step, `φ(x) = a·min(x, 0) + b·max(x, 0)`."""
+    return [1., float(a), float(b)]
+
+
+def chain_self(cov: torch.Tensor, steps: Sequence[Step]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The run on each example's own covariance `(N, X, X', …)`: the output
+    covariance and, per ABRelu step, the `(N, X·Y·…)` variances at its input."""
+    cov_out, *variances = _EXTENSION.conv_chain_self(cov, list(steps))
+    return cov_out, variances
+
+
+def chain_pairs(nngp: torch.Tensor, ntk: torch.Tensor | None, variances1: Sequence[torch.Tensor],
+                variances2: Sequence[torch.Tensor],
+                steps: Sequence[Step]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The run on the pairs `(N1, N2, X, X', …)` of `nngp` and `ntk` (broadcast
+    to `nngp`'s shape, or `None`), with the variance tables of `chain_self`."""
+    nngp_out, ntk_out = _EXTENSION.conv_chain_pairs(nngp, ntk, list(variances1),
+                                                    list(variances2), list(steps))
+    return nngp_out, (None if ntk is None else ntk_out)

@@ -1,0 +1,115 @@
+"""Runs of `Conv` and `ABRelu` layers in a `Serial` computed by one fused call.
+
+Deep CNN kernels are mostly `[Conv, Relu] × depth` on full spatial
+covariances. `FusedRun` hands such a run to the extension's fused chain
+(`torchntk.ops.conv_chain`), which keeps one pair of examples in cache through
+all its layers, and falls back to the layers' own rules one at a time wherever
+the chain does not apply: no extension or not a CPU tensor, diagonal layouts,
+masks, or gradients to be taken (the chain has no backward; autograd goes
+through the layer rules). Both give the same kernel to rounding
+(tests/stax/test_fusion.py).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+
+from ..functional import conv as conv_maps
+from ..kernel import Kernel
+from ..ops import conv_chain
+from .conv import Conv
+from .elementwise import ABRelu, Abs, LeakyRelu, Relu
+from .module import Layer
+
+
+# Exact types: a subclass may change the kernel rule the chain computes.
+_FUSED_NONLINEARITIES = (ABRelu, Relu, LeakyRelu, Abs)
+
+
+class FusedRun:
+    """Layers `Conv, [ABRelu], Conv, [ABRelu], …` (at least two) of a `Serial`."""
+
+    def __init__(self, layers: Sequence[Layer]) -> None:
+        self.layers = tuple(layers)
+
+    def propagate(self, k: Kernel) -> Kernel:
+        steps = self._steps(k)
+        if steps is None:
+            for layer in self.layers:
+                k = layer.propagate(k)
+            return k
+        cov1, variances1 = conv_chain.chain_self(k.cov1, steps)
+        cov2, variances2 = (None, variances1) if k.cov2 is None else \
+            conv_chain.chain_self(k.cov2, steps)
+        nngp, ntk = conv_chain.chain_pairs(k.nngp, k.ntk, variances1, variances2, steps)
+        shape1, shape2 = k.shape1, k.shape2
+        for layer in self.layers:
+            shape1, shape2 = layer.output_shape(shape1), layer.output_shape(shape2)
+        return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
+                         is_gaussian=isinstance(self.layers[-1], Conv), shape1=shape1,
+                         shape2=shape2)
+
+    def _steps(self, k: Kernel) -> list[conv_chain.Step] | None:
+        """The chain's steps for kernel `k`, or `None` where it does not apply."""
+        n_spatial = (k.nngp.ndim - 2) // 2
+        if (k.diagonal_spatial or not k.diagonal_batch or n_spatial < 1
+                or k.mask1 is not None or not conv_chain.available(k.nngp)
+                or (torch.is_grad_enabled() and self._needs_gradient(k))):
+            return None
+        sizes = list(k.nngp.shape[2::2])
+        in_chan = k.shape1[1]
+        steps = []
+        for layer in self.layers:
+            if isinstance(layer, ABRelu):
+                steps.append(conv_chain.abrelu_step(float(layer.a), float(layer.b)))
+                continue
+            if layer.n_spatial != n_spatial:
+                return None  # the layer's own rule raises the error
+            windows = []
+            for d, (size, window, stride) in enumerate(zip(sizes, layer.filter_shape,
+                                                           layer.strides)):
+                low, high = conv_maps.conv_padding(size, window, stride, layer.padding)
+                windows.append((window, stride, low, high))
+                sizes[d] = conv_maps.conv_output_size(size, window, stride, layer.padding)
+            W_var = float(layer.W_std)**2
+            b_var = 0. if layer.b_std is None else float(layer.b_std)**2
+            if layer.parameterization == 'ntk':
+                gamma, delta = W_var, b_var
+            else:
+                gamma = layer.fan_in(in_chan) / layer.s[0]
+                delta = 0. if layer.b_std is None else 1.
+            steps.append(conv_chain.conv_step(W_var, b_var, gamma, delta,
+                                              layer.padding == 'CIRCULAR', windows))
+            in_chan = layer.width
+        return steps
+
+    def _needs_gradient(self, k: Kernel) -> bool:
+        tensors = [k.nngp, k.ntk, k.cov1, k.cov2]
+        for layer in self.layers:
+            tensors += [getattr(layer, name, None) for name in ('W_std', 'b_std', 'a', 'b')]
+        return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def fused_runs(layers: Sequence[Layer]) -> list[Union[Layer, FusedRun]]:
+    """`layers` with every maximal run `Conv, [ABRelu], Conv, [ABRelu], …` of
+    two or more layers replaced by a `FusedRun`."""
+    items: list[Union[Layer, FusedRun]] = []
+    run: list[Layer] = []
+
+    def close_run() -> None:
+        items.extend([FusedRun(run)] if len(run) >= 2 else run)
+        run.clear()
+
+    for layer in layers:
+        if type(layer) is Conv:
+            run.append(layer)
+        elif (type(layer) in _FUSED_NONLINEARITIES and not layer.do_stabilize and run
+              and type(run[-1]) is Conv):
+            run.append(layer)
+        else:
+            close_run()
+            items.append(layer)
+    close_run()
+    return items
