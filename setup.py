@@ -56,7 +56,7 @@ def _extensions():
         extension = cpp_extension.CUDAExtension(
             'torchntk._C', sources + cuda_sources,
             define_macros=[('TORCHNTK_WITH_CUDA', None)],
-            extra_compile_args={'cxx': cxx, 'nvcc': ['-O3', '-std=c++17']},
+            extra_compile_args={'cxx': cxx, 'nvcc': ['-O3', '-std=c++17', '--fmad=false']},
             extra_link_args=link)
     else:
         extension = cpp_extension.CppExtension(

@@ -4,6 +4,7 @@
 // thread per input entry, summing the output entries whose windows cover it),
 // so it needs no atomics and is deterministic.
 #include "diagonal_conv.h"
+#include "diagonal_conv_cuda.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -18,37 +19,14 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ int64_t floor_div_device(int64_t a, int64_t b) {
-  const int64_t q = a / b;
-  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
-}
-
-// The source position of padded position `pos` on an axis of `size`, or -1
-// where zero padding puts a zero.
-__device__ __forceinline__ int64_t source_index(int64_t pos, int64_t size, bool circular) {
-  if (pos >= 0 && pos < size) return pos;
-  if (!circular) return -1;
-  return pos - floor_div_device(pos, size) * size;
-}
-
 template <typename scalar_t>
 __global__ void diagonal_conv_kernel(const scalar_t* __restrict__ cov, scalar_t* __restrict__ out,
                                      int64_t total, int64_t size, int64_t out_size, int64_t inner,
                                      int64_t k, int64_t stride, int64_t pad_low, bool circular) {
   for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
        index += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = index % inner;
-    const int64_t q = (index / inner) % out_size;
-    const int64_t p = (index / inner / out_size) % out_size;
-    const int64_t b = index / inner / out_size / out_size;
-    const scalar_t* cov_b = cov + b * size * size * inner + r;
-    scalar_t sum = 0;
-    for (int64_t i = 0; i < k; ++i) {
-      const int64_t row = source_index(stride * p + i - pad_low, size, circular);
-      const int64_t col = source_index(stride * q + i - pad_low, size, circular);
-      if (row >= 0 && col >= 0) sum += cov_b[(row * size + col) * inner];
-    }
-    out[index] = sum / scalar_t(k);
+    out[index] = diagonal_conv_entry(cov, index, size, out_size, inner, k, stride, pad_low,
+                                     circular);
   }
 }
 

@@ -33,7 +33,7 @@ fi
 arch="${TORCHNTK_CUDA_ARCH:-sm_80}"
 for source in csrc/*.cu; do
     echo "check_cuda: $("$nvcc" --version | tail -1 | sed 's/^Build //'): compiling $source for $arch"
-    "$nvcc" -c "$source" -o "$out/$(basename "$source").o" -std=c++17 -O3 -arch="$arch" \
+    "$nvcc" -c "$source" -o "$out/$(basename "$source").o" -std=c++17 -O3 --fmad=false -arch="$arch" \
         -DTORCHNTK_WITH_CUDA -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1 \
         --expt-relaxed-constexpr -Xcompiler -fPIC \
         "${include_flags[@]}" -isystem "$python_include" -Icsrc

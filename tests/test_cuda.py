@@ -47,6 +47,29 @@ def test_cnn_kernel_and_its_input_gradient_on_gpu_equal_the_cpu():
     torch.testing.assert_close(gradient_gpu, gradient_cpu, rtol=1e-11, atol=1e-13)
 
 
+def test_fused_conv_chain_on_gpu_equals_the_layers_on_the_cpu():
+    from unittest import mock
+    from torchntk.ops import conv_chain
+    layers = [stax.Conv(4, (3, 3), padding='SAME', W_std=1.3, b_std=0.2), stax.Relu(),
+              stax.Conv(4, (3, 2), padding='CIRCULAR', strides=(2, 1)), stax.LeakyRelu(0.1),
+              stax.Conv(4, (2, 3), padding='VALID', parameterization='standard', b_std=0.1)]
+    for x2 in (gaussian(2, 2, 7, 6, seed=11), None):
+        x1 = gaussian(3, 2, 7, 6, seed=10)
+        expected = stax.Identity().kernel_fn(x1, x2, diagonal_spatial=False)
+        for layer in layers:
+            expected = layer.propagate(expected)
+        with mock.patch.object(conv_chain, 'chain_pairs', wraps=conv_chain.chain_pairs) as fused:
+            actual = stax.serial(*layers).kernel_fn(x1.cuda(), None if x2 is None else x2.cuda(),
+                                                    diagonal_spatial=False)
+        assert fused.call_count == 1
+        for field in ('nngp', 'ntk', 'cov1', 'cov2'):
+            if getattr(expected, field) is not None:
+                torch.testing.assert_close(getattr(actual, field).cpu(), getattr(expected, field),
+                                           rtol=1e-12, atol=1e-14)
+        if x2 is None:
+            assert torch.equal(torch.diagonal(actual.nngp, 0, 0, 1).movedim(-1, 0), actual.cov1)
+
+
 def test_cnn_kernel_gradient_on_gpu_passes_gradcheck_and_is_finite_at_zero():
     model = stax.serial(stax.Conv(4, (3, 3), padding='CIRCULAR'), stax.Relu(),
                         stax.Conv(4, (3, 3), padding='SAME'), stax.Erf(), stax.GlobalAvgPool())

@@ -3,7 +3,8 @@
 Layer by layer, each Conv and nonlinearity streams the whole `(N1, N2, X, X',
 Y, Y')` covariances through memory several times. The extension's
 `conv_chain_*` take one pair of examples at a time through the whole run in
-cache-sized buffers (csrc/conv_chain.cpp): first every example with itself
+cache-sized buffers (csrc/conv_chain.cpp; on the GPU one thread block per
+pair, csrc/conv_chain_cuda.cu): first every example with itself
 (`chain_self`, which also returns the variances each nonlinearity needs), then
 every pair (`chain_pairs`). The steps are
 
@@ -27,10 +28,10 @@ Step = list[float]
 
 
 def available(tensor: torch.Tensor) -> bool:
-    """Whether the fused chain can run on `tensor` (CPU, float32/float64, the
-    extension built, not under torch.compile or torch.func transforms)."""
-    return (_use_extension(tensor) and tensor.device.type == 'cpu'
-            and hasattr(_EXTENSION, 'conv_chain_pairs'))
+    """Whether the fused chain can run on `tensor`: where the extension takes
+    it (float32/float64, CPU or CUDA as built, not under torch.compile or
+    torch.func transforms)."""
+    return _use_extension(tensor) and hasattr(_EXTENSION, 'conv_chain_pairs')
 
 
 def conv_step(alpha: float, beta: float, gamma: float, delta: float, circular: bool,

@@ -4,7 +4,7 @@ Deep CNN kernels are mostly `[Conv, Relu] × depth` on full spatial
 covariances. `FusedRun` hands such a run to the extension's fused chain
 (`torchntk.ops.conv_chain`), which keeps one pair of examples in cache through
 all its layers, and falls back to the layers' own rules one at a time wherever
-the chain does not apply: no extension or not a CPU tensor, diagonal layouts,
+the chain does not apply: no extension (or a GPU one not built), diagonal layouts,
 masks, or gradients to be taken (the chain has no backward; autograd goes
 through the layer rules). Both give the same kernel to rounding
 (tests/stax/test_fusion.py).

@@ -1,0 +1,138 @@
+// What the CPU and CUDA conv chains share: the steps, their sizes, and the
+// per-entry arithmetic of the nonlinearity (conv_chain.cpp describes the chain).
+// Only c10 headers, so that nvcc compiles it quickly.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "diagonal_conv.h"
+
+namespace torchntk {
+
+enum StepKind : int { kConv = 0, kABRelu = 1 };
+constexpr int kMaxSpatial = 3;
+
+// One step, trivially copyable so that the CUDA kernels can read it.
+struct Step {
+  int kind;
+  // Conv: nngp' = α·A(nngp) + β, ntk' = γ·A(nngp) + α·A(ntk) + δ, and the
+  // window per spatial dimension.
+  double alpha, beta, gamma, delta;
+  bool circular;
+  int64_t k[kMaxSpatial], stride[kMaxSpatial], pad_low[kMaxSpatial], pad_high[kMaxSpatial];
+  // ABRelu: d = c0 + k1·ψ.
+  double k1, c0;
+  // Spatial sizes before and after the step.
+  int64_t in[kMaxSpatial], out[kMaxSpatial];
+};
+
+// Steps arrive from Python as numbers:
+//   conv:   [0, α, β, γ, δ, circular, n_dims, (k, stride, pad_low, pad_high) × n_dims]
+//   abrelu: [1, a, b]
+// `sizes` are the input's spatial sizes; each step records its own.
+inline std::vector<Step> parse_steps(const std::vector<std::vector<double>>& encoded,
+                                     std::vector<int64_t> sizes) {
+  const int64_t n_dims = sizes.size();
+  TORCH_CHECK(n_dims >= 1 && n_dims <= kMaxSpatial, "conv_chain: 1 to 3 spatial dimensions, got ",
+              n_dims);
+  std::vector<Step> steps;
+  for (const auto& values : encoded) {
+    TORCH_CHECK(!values.empty(), "conv_chain: empty step");
+    Step step{};
+    for (int64_t d = 0; d < n_dims; ++d) step.in[d] = sizes[d];
+    if (values[0] == kConv) {
+      TORCH_CHECK(values.size() == 7 + 4 * static_cast<size_t>(n_dims) && values[6] == n_dims,
+                  "conv_chain: a conv step needs 7 + 4·", n_dims, " numbers, got ", values.size());
+      step.kind = kConv;
+      step.alpha = values[1], step.beta = values[2], step.gamma = values[3], step.delta = values[4];
+      step.circular = values[5] != 0;
+      for (int64_t d = 0; d < n_dims; ++d) {
+        const double* window = values.data() + 7 + 4 * d;
+        step.k[d] = int64_t(window[0]), step.stride[d] = int64_t(window[1]);
+        step.pad_low[d] = int64_t(window[2]), step.pad_high[d] = int64_t(window[3]);
+        TORCH_CHECK(step.k[d] >= 1 && step.stride[d] >= 1 && step.pad_low[d] >= 0 &&
+                        step.pad_high[d] >= 0 && sizes[d] + step.pad_low[d] + step.pad_high[d] >= step.k[d],
+                    "conv_chain: invalid window ", step.k[d], " on size ", sizes[d]);
+        sizes[d] = output_size(sizes[d], step.k[d], step.stride[d], step.pad_low[d], step.pad_high[d]);
+      }
+    } else if (values[0] == kABRelu) {
+      TORCH_CHECK(values.size() == 3, "conv_chain: an abrelu step needs 3 numbers");
+      step.kind = kABRelu;
+      const double a = values[1], b = values[2];
+      step.k1 = (a - b) * (a - b) / (2 * M_PI);
+      step.c0 = (a * a + b * b) / 2 - step.k1 * M_PI / 2;
+    } else {
+      TORCH_CHECK(false, "conv_chain: unknown step kind ", values[0]);
+    }
+    for (int64_t d = 0; d < n_dims; ++d) step.out[d] = sizes[d];
+    steps.push_back(step);
+  }
+  return steps;
+}
+
+// Π sizes (positions) or Π sizes² (entries of a pair's covariance).
+C10_HOST_DEVICE inline int64_t positions_of(const int64_t* sizes, int n_dims) {
+  int64_t result = 1;
+  for (int d = 0; d < n_dims; ++d) result *= sizes[d];
+  return result;
+}
+C10_HOST_DEVICE inline int64_t entries_of(const int64_t* sizes, int n_dims) {
+  int64_t result = 1;
+  for (int d = 0; d < n_dims; ++d) result *= sizes[d] * sizes[d];
+  return result;
+}
+
+// atan(r) for r in [0, 1], branch-free: Cephes' atan (Moshier 1989), reduced
+// at 0.66 and a rational approximation of degree 4/5 in r², ~1 ulp.
+C10_HOST_DEVICE inline double atan_unit(double r) {
+  const bool reduced = r > 0.66;
+  const double x = reduced ? (r - 1.0) / (r + 1.0) : r;
+  const double z = x * x;
+  const double p = (((-8.750608600031904122785e-1 * z - 1.615753718733365076637e1) * z -
+                     7.500855792314704667340e1) * z - 1.228866684490136173410e2) * z -
+                   6.485021904942025371773e1;
+  const double q = ((((z + 2.485846490142306297962e1) * z + 1.650270098316988542046e2) * z +
+                     4.328810604912902668951e2) * z + 4.853903996359136964868e2) * z +
+                   1.945506571482613964425e2;
+  const double base = reduced ? M_PI_4 + 0.5 * 6.123233995736765886130e-17 : 0.0;
+  return base + (x + x * z * p / q);
+}
+
+// atan2(c, s) for s >= 0, in [-π/2, π/2]; 0 when c = s = 0.
+C10_HOST_DEVICE inline double atan2_nonnegative(double c, double s) {
+  const double t = fabs(c);
+  const double low = t < s ? t : s, high = t < s ? s : t;
+  const double angle = atan_unit(high > 0 ? low / high : 0.0);
+  const double magnitude = t > s ? M_PI_2 - angle : angle;
+  return c < 0 ? -magnitude : magnitude;
+}
+
+// The ABRelu map of one entry of covariance c between variances var1, var2
+// (Cho & Saul 2009): s = sqrt(var1·var2 − c²), ψ = atan2(c, s),
+// d = c0 + k1·ψ; nngp' = k1·s + c·d, and the NTK is multiplied by d.
+// Compiled without fused multiply-adds (setup.py), var1·var2 − c² is exactly 0
+// for an example with itself, as in the torch rule.
+C10_HOST_DEVICE inline double abrelu_entry(double c, double var1, double var2, double k1,
+                                           double c0, double* d) {
+  const double gap = var1 * var2 - c * c;
+  const double s = sqrt(gap > 0 ? gap : 0.0);
+  *d = c0 + k1 * atan2_nonnegative(c, s);
+  return k1 * s + c * *d;
+}
+
+#ifdef TORCHNTK_WITH_CUDA
+// conv_chain_cuda.cu: the chain on CUDA tensors. `variances1`/`variances2`
+// empty: the pass over examples' own covariances (`ntk` undefined), which
+// fills `record` with the variance tables; else the pass over pairs.
+void conv_chain_cuda(const at::Tensor& nngp, const at::Tensor& ntk, at::Tensor& nngp_out,
+                     at::Tensor& ntk_out, const std::vector<at::Tensor>& variances1,
+                     const std::vector<at::Tensor>& variances2, std::vector<at::Tensor>& record,
+                     const std::vector<Step>& steps, int64_t n_dims, int64_t n2);
+#endif
+
+}  // namespace torchntk
