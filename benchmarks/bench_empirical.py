@@ -12,14 +12,18 @@ PyTorch's documented NTK recipe ("Neural Tangent Kernels" tutorial:
 of its implementations on the same architecture, in a subprocess of that
 interpreter (stax, NHWC layout). Both `trace_axes=()` (the full
 `(N1, N2, 10, 10)` kernel, the recipe's) and `trace_axes=(-1,)` are timed.
-Times are medians in milliseconds.
+Times are medians in milliseconds; the summary gives our `auto` against
+neural-tangents' best and the recipe. The load average is printed before and
+after: timings taken beside other processes are only comparable within a run.
 
     .venv/bin/python benchmarks/bench_empirical.py --nt-python /work/venvs/nt/bin/python
+    .venv/bin/python benchmarks/bench_empirical.py --implementations structured_derivatives auto
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import textwrap
@@ -30,7 +34,6 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import torchntk
-from torchntk.empirical import IMPLEMENTATIONS
 
 from _common import median_ms, run_neural_tangents
 
@@ -110,9 +113,10 @@ def torch_func_recipe(model: nn.Module, trace_axes: tuple[int, ...]) -> Callable
     return ntk
 
 
-def neural_tangents_ms(python: str, cases: list[str], repeats: int, warmup: int) -> dict:
+def neural_tangents_ms(python: str, cases: list[str], implementations: list[str], repeats: int,
+                       warmup: int) -> dict:
     spec = {'cases': cases, 'repeats': repeats, 'warmup': warmup,
-            'implementations': NT_IMPLEMENTATIONS}
+            'implementations': {name: NT_IMPLEMENTATIONS[name] for name in implementations}}
     return {(r['case'], tuple(r['trace_axes']), f"neural-tangents {r['name']}"):
             1e3 * statistics.median(r['times'])
             for r in run_neural_tangents(python, NT_SCRIPT, spec)}
@@ -122,36 +126,65 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--nt-python', help='python of a neural-tangents environment')
     parser.add_argument('--cases', nargs='+', default=list(CASES), choices=list(CASES))
+    parser.add_argument('--implementations', nargs='+', default=list(NT_IMPLEMENTATIONS),
+                        choices=list(NT_IMPLEMENTATIONS),
+                        help='implementations timed (ours and neural-tangents\')')
+    parser.add_argument('--no-recipe', action='store_true', help="skip torch.func's recipe")
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=1)
     args = parser.parse_args()
 
+    load_before = os.getloadavg()
     torch.manual_seed(0)
     times = {}
     for case in args.cases:
         model, shape = CASES[case]()
         x1, x2 = torch.randn(shape), torch.randn(shape)
         for trace_axes in ((), (-1,)):
-            for implementation in IMPLEMENTATIONS + ('auto',):
+            for implementation in args.implementations:
                 fn = torchntk.empirical_ntk_fn(model, trace_axes=trace_axes,
                                                implementation=implementation)
                 times[case, trace_axes, f'torchntk {implementation}'] = median_ms(
                     lambda: fn(x1, x2), args.repeats, args.warmup)
-            recipe = torch_func_recipe(model, trace_axes)
-            times[case, trace_axes, 'torch.func recipe'] = median_ms(
-                lambda: recipe(x1, x2), args.repeats, args.warmup)
+            if not args.no_recipe:
+                recipe = torch_func_recipe(model, trace_axes)
+                times[case, trace_axes, 'torch.func recipe'] = median_ms(
+                    lambda: recipe(x1, x2), args.repeats, args.warmup)
             problem_choice = torchntk.empirical._Problem(
-                model, torchntk.empirical._trainable(model), x1, x2, trace_axes, (), 0,
+                model, torchntk.empirical._trainable(model), x1, x2, {}, trace_axes, (), 0,
                 torchntk.empirical.DEFAULT_CHUNK_BYTES).cheapest()
             times[case, trace_axes, f'(auto picks {problem_choice})'] = float('nan')
     if args.nt_python:
-        times.update(neural_tangents_ms(args.nt_python, args.cases, args.repeats, args.warmup))
+        times.update(neural_tangents_ms(args.nt_python, args.cases, args.implementations,
+                                        args.repeats, args.warmup))
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, vmap_axes=0, "
-          "median ms")
+          f"median ms; load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"{'case':5} {'trace_axes':10} {'implementation':45} {'ms':>10}")
     for (case, trace_axes, name), ms in sorted(times.items(), key=lambda kv: kv[0][:2]):
         print(f"{case:5} {str(tuple(trace_axes)):10} {name:45} {ms:10.1f}")
+    print_summary(times)
+
+
+def print_summary(times: dict) -> None:
+    """Our `auto` (else our best) against neural-tangents' best and the recipe, per case."""
+    groups = sorted({key[:2] for key in times})
+    for case, trace_axes in groups:
+        entries = {name: ms for (c, t, name), ms in times.items()
+                   if (c, t) == (case, trace_axes) and ms == ms}
+        ours = {n: ms for n, ms in entries.items() if n.startswith('torchntk')}
+        theirs = {n: ms for n, ms in entries.items() if n.startswith('neural-tangents')}
+        if not ours:
+            continue
+        best = 'torchntk auto' if 'torchntk auto' in ours else min(ours, key=ours.get)
+        line = f"{case:5} {str(tuple(trace_axes)):10} ours ({best[9:]}) {ours[best]:.1f} ms"
+        if theirs:
+            nt_best = min(theirs, key=theirs.get)
+            line += (f"; neural-tangents' best ({nt_best[16:]}) / ours = "
+                     f"{theirs[nt_best] / ours[best]:.2f}")
+        if 'torch.func recipe' in entries:
+            line += f"; recipe / ours = {entries['torch.func recipe'] / ours[best]:.2f}"
+        print(line)
 
 
 if __name__ == '__main__':

@@ -451,9 +451,10 @@ def test_stax_layernorm_over_batch_axis_falls_back_to_whole_batch():
     torch.testing.assert_close(ntk, expected, rtol=0, atol=ATOL)
 
 
-def test_invalid_vmap_axes_raises_value_error():
+@pytest.mark.parametrize('vmap_axes', ['0', 1.5, (0, 0, [0])])
+def test_invalid_vmap_axes_raises_value_error(vmap_axes):
     with pytest.raises(ValueError, match='vmap_axes'):
-        torchntk.empirical_ntk_fn(stax.Dense(1), vmap_axes=1)
+        torchntk.empirical_ntk_fn(stax.Dense(1), vmap_axes=vmap_axes)
 
 
 def test_kernel_fn_get_follows_neural_tangents(model, x1, x2):
@@ -476,3 +477,260 @@ def test_wide_network_ntk_approaches_analytic_kernel():
     analytic = model.kernel_fn(x, None, get='ntk')
     ntk = torchntk.empirical_ntk_fn(model)(x)
     assert (ntk - analytic).norm() / analytic.norm() < 0.05
+
+
+# Structured rules: every layer they cover gets one, and the kernel equals the
+# Jacobian contraction.
+
+def agrees_with_jacobian_contraction(model, x1, x2, trace_axes, vmap_axes=0, **kwargs):
+    expected = torchntk.empirical_ntk_fn(model, trace_axes, vmap_axes=None,
+                                         implementation='jacobian_contraction')(x1, x2, **kwargs)
+    for axes in (vmap_axes, None):
+        for implementation in IMPLEMENTATIONS:
+            ntk = torchntk.empirical_ntk_fn(model, trace_axes, vmap_axes=axes,
+                                            implementation=implementation)(x1, x2, **kwargs)
+            torch.testing.assert_close(ntk, expected, rtol=0, atol=ATOL)
+
+
+def structured_layers(model, x):
+    problem = torchntk.empirical._Problem(model, torchntk.empirical._trainable(model), x, None,
+                                          {}, (-1,), (), 0, torchntk.empirical.DEFAULT_CHUNK_BYTES)
+    return set(problem.rules)
+
+
+def convolutions():
+    nn = torch.nn
+    return {
+        'conv3d': (lambda: nn.Sequential(nn.Conv3d(2, 3, (2, 3, 2), padding=1, stride=(1, 2, 1)),
+                                         nn.Tanh(), nn.Flatten(), nn.Linear(225, 2)), (2, 4, 5, 4)),
+        'groups_same_dilated': (lambda: nn.Sequential(
+            nn.Conv2d(4, 6, 3, groups=2, padding='same', dilation=2), nn.Tanh(),
+            nn.Conv2d(6, 6, 2, groups=3, padding=1, padding_mode='reflect'), nn.Flatten(),
+            nn.Linear(216, 2)), (4, 5, 5)),
+        'depthwise_circular_replicate': (lambda: nn.Sequential(
+            nn.Conv1d(3, 6, 3, groups=3, padding='same', padding_mode='circular'), nn.Tanh(),
+            nn.Conv1d(6, 2, 2, padding=1, padding_mode='replicate', dilation=3), nn.Flatten(),
+            nn.Linear(12, 2)), (3, 7)),
+        'same_even_kernel': (lambda: nn.Sequential(
+            nn.Conv2d(2, 3, (2, 4), padding='same', dilation=(1, 3), bias=False), nn.Tanh(),
+            nn.Conv2d(3, 2, 3, stride=2, padding='valid'), nn.Flatten(), nn.Linear(8, 2)),
+            (2, 5, 6)),
+    }
+
+
+@pytest.mark.filterwarnings('ignore:Using padding=.same. with even kernel')
+@pytest.mark.parametrize('name', sorted(convolutions()))
+@pytest.mark.parametrize('trace_axes', [(-1,), ()])
+def test_structured_rules_of_convolutions_match_jacobian_contraction(name, trace_axes):
+    make, shape = convolutions()[name]
+    torch.manual_seed(0)
+    model = make().to(torch.float64)
+    x1 = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x2 = torch.randn(2, *shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert structured_layers(model, x1) == {str(i) for i, m in enumerate(model)
+                                            if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d,
+                                                              torch.nn.Conv2d, torch.nn.Conv3d))}
+    agrees_with_jacobian_contraction(model, x1, x2, trace_axes)
+
+
+@pytest.mark.parametrize('padding', ['VALID', 'SAME', 'CIRCULAR'])
+@pytest.mark.parametrize('parameterization', ['ntk', 'standard'])
+def test_structured_rule_of_stax_conv_matches_jacobian_contraction(padding, parameterization):
+    model = stax.serial(
+        stax.Conv(3, (3, 2), strides=(2, 1), padding=padding, W_std=1.3, b_std=0.4,
+                  parameterization=parameterization), stax.Relu(),
+        stax.Conv(2, (2, 2), padding=padding, parameterization=parameterization),
+        stax.Flatten(), stax.Dense(2, b_std=0.1, parameterization=parameterization))
+    x1 = torch.randn(3, 2, 6, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x2 = torch.randn(2, 2, 6, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    model.init_parameters(x1.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert len(structured_layers(model, x1)) == 3
+    agrees_with_jacobian_contraction(model, x1, x2, trace_axes=())
+
+
+def test_structured_rule_with_frozen_weight_or_bias_uses_the_trainable_one():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                                torch.nn.Linear(12, 2)).double()
+    model[0].weight.requires_grad_(False)
+    model[3].bias.requires_grad_(False)
+    x1 = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x2 = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert structured_layers(model, x1) == {'0', '3'}
+    agrees_with_jacobian_contraction(model, x1, x2, trace_axes=())
+
+
+def test_module_called_twice_falls_back_to_generic_rule():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.linear(torch.tanh(self.linear(x)))
+
+    model = Twice().double()
+    x1 = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x2 = torch.randn(2, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert structured_layers(model, x1) == set()
+    agrees_with_jacobian_contraction(model, x1, x2, trace_axes=())
+
+
+def test_contraction_order_is_cheapest_and_exact():
+    # (1000 x 2) (2 x 1000) (1000 x 3): multiplying the last two first costs
+    # 2·1000·3 + 1000·2·3 multiply-adds, the first two first 1000·1000·2 + 1000·1000·3.
+    sizes = {'i': 1000, 'j': 2, 'k': 1000, 'l': 3}
+    cost, plan = torchntk.empirical._contraction_order(['ij', 'jk', 'kl'], 'il', sizes)
+    assert cost == 2 * 1000 * 3 + 1000 * 2 * 3
+    assert plan[0] == 0 and plan[1][:2] == (1, 2)
+    a, b, c = (torch.randn(m, n, dtype=torch.float64) for m, n in ((7, 2), (2, 9), (9, 3)))
+    torch.testing.assert_close(torchntk.empirical._einsum(['ij', 'jk', 'kl'], 'il', (a, b, c)),
+                               a @ b @ c, rtol=0, atol=ATOL)
+
+
+# Pytree inputs and outputs, keyword arguments, vmap_axes.
+
+class TwoInputsTwoHeads(torch.nn.Module):
+    """`{'u': (N, 4), 'v': (N, 3)}` -> `((N, 2), {'z': (N, 3)})`, optionally scaled by `gate`."""
+
+    def __init__(self):
+        super().__init__()
+        self.u, self.v = torch.nn.Linear(4, 5), torch.nn.Linear(3, 5)
+        self.head1, self.head2 = torch.nn.Linear(5, 2), torch.nn.Linear(5, 3)
+
+    def forward(self, x, gate=None):
+        h = torch.tanh(self.u(x['u']) + self.v(x['v']))
+        if gate is not None:
+            h = h * gate
+        return self.head1(h), {'z': self.head2(h)}
+
+
+def pytree_inputs(n, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return {'u': torch.randn(n, 4, generator=generator, dtype=torch.float64),
+            'v': torch.randn(n, 3, generator=generator, dtype=torch.float64)}
+
+
+def jacobian_by_loop_of(fn, params):
+    """`(*out, P)` of one output tensor `fn()`."""
+    out = fn()
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        o, params, retain_graph=True, allow_unused=True, materialize_grads=True)])
+        for o in out.reshape(-1)]
+    return torch.stack(rows).reshape(*out.shape, -1)
+
+
+@pytest.mark.parametrize('implementation', IMPLEMENTATIONS)
+@pytest.mark.parametrize('vmap_axes', [0, None])
+def test_pytree_inputs_and_outputs_give_a_pytree_of_kernels(implementation, vmap_axes):
+    torch.manual_seed(0)
+    model = TwoInputsTwoHeads().double()
+    x1, x2 = pytree_inputs(3, seed=1), pytree_inputs(2, seed=2)
+    ntk = torchntk.empirical_ntk_fn(model, trace_axes=(), vmap_axes=vmap_axes,
+                                    implementation=implementation)(x1, x2)
+    params = list(model.parameters())
+    for head, select in ((0, lambda out: out[0]), (1, lambda out: out[1]['z'])):
+        j1 = jacobian_by_loop_of(lambda: select(model(x1)), params)
+        j2 = jacobian_by_loop_of(lambda: select(model(x2)), params)
+        expected = torch.einsum('iap,jbp->ijab', j1, j2)
+        kernel = ntk[0] if head == 0 else ntk[1]['z']
+        torch.testing.assert_close(kernel, expected, rtol=0, atol=ATOL)
+    assert isinstance(ntk, tuple) and set(ntk[1]) == {'z'}
+
+
+def test_pytree_nngp_is_a_pytree_of_output_products():
+    torch.manual_seed(0)
+    model = TwoInputsTwoHeads().double()
+    x1, x2 = pytree_inputs(3, seed=1), pytree_inputs(2, seed=2)
+    nngp = torchntk.empirical_nngp_fn(model)(x1, x2)
+    with torch.no_grad():
+        (a1, b1), (a2, b2) = model(x1), model(x2)
+    torch.testing.assert_close(nngp[0], a1 @ a2.T / 2, rtol=0, atol=ATOL)
+    torch.testing.assert_close(nngp[1]['z'], b1['z'] @ b2['z'].T / 3, rtol=0, atol=ATOL)
+
+
+def test_keyword_arguments_with_batch_axes_and_pairs():
+    # gate is batched along axis 0 (kwargs_axes) and given per side as a pair.
+    torch.manual_seed(0)
+    model = TwoInputsTwoHeads().double()
+    x1, x2 = pytree_inputs(3, seed=1), pytree_inputs(2, seed=2)
+    gate1 = torch.rand(3, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    gate2 = torch.rand(2, 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    agrees_with_jacobian_contraction(model, x1, x2, trace_axes=(), vmap_axes=(0, 0, {'gate': 0}),
+                                     gate=(gate1, gate2))
+    # Each side's kernel uses its own gate: the gated NTK differs from the ungated one.
+    ntk_fn = torchntk.empirical_ntk_fn(model, vmap_axes=(0, 0, {'gate': 0}))
+    gated, plain = ntk_fn(x1, x2, gate=(gate1, gate2)), ntk_fn(x1, x2)
+    assert (gated[0] - plain[0]).abs().max() > 1e-3
+
+
+class BatchLast(torch.nn.Module):
+    """`(C, N)` -> `(O, N)`: the examples are the last axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+
+    def forward(self, x):
+        return self.mlp(x.T).T
+
+
+@pytest.mark.parametrize('vmap_axes', [1, -1, (1, 1, {})])
+def test_vmap_axes_along_a_non_leading_axis(vmap_axes):
+    torch.manual_seed(0)
+    model = BatchLast().double()
+    x1 = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x2 = torch.randn(4, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    agrees_with_jacobian_contraction(model, x1, x2, trace_axes=(), vmap_axes=vmap_axes)
+    ntk = torchntk.empirical_ntk_fn(model, trace_axes=(), vmap_axes=vmap_axes)(x1, x2)
+    expected = full_ntk_by_loop(model.mlp, x1.T, x2.T).permute(2, 3, 0, 1)   # (O, O, N1, N2)
+    torch.testing.assert_close(ntk, expected, rtol=0, atol=ATOL)
+
+
+def test_vmap_axes_pytree_with_unbatched_input():
+    # x = {'u': (N, 4) batched on axis 0, 'v': (1, 3) shared by every example}.
+    torch.manual_seed(0)
+    model = TwoInputsTwoHeads().double()
+    x1, x2 = pytree_inputs(3, seed=1), pytree_inputs(2, seed=2)
+    x2['v'] = x1['v'] = x1['v'][:1]
+    agrees_with_jacobian_contraction(model, x1, x2, trace_axes=(),
+                                     vmap_axes=({'u': 0, 'v': None}, 0, {}))
+
+
+def test_vmap_axes_on_the_wrong_axis_raises_value_error():
+    model = BatchLast().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match='vmap_axes'):
+        torchntk.empirical_ntk_fn(model, vmap_axes=0)(x)
+    with pytest.raises(ValueError, match='vmap_axes'):
+        torchntk.empirical_ntk_fn(TwoInputsTwoHeads().double(),
+                                  vmap_axes=({'u': 0}, 0, {}))(pytree_inputs(3, seed=1))
+
+
+def test_inputs_of_different_structure_raise_value_error():
+    model = TwoInputsTwoHeads().double()
+    x1 = pytree_inputs(3, seed=1)
+    with pytest.raises(ValueError, match='structure'):
+        torchntk.empirical_ntk_fn(model)(x1, (x1['u'], x1['v']))
+
+
+def test_outputs_differing_on_a_traced_axis_raise_value_error():
+    model = torch.nn.Conv1d(1, 2, 2).double()
+    with pytest.raises(ValueError, match='axis 2'):
+        torchntk.empirical_ntk_fn(model, trace_axes=(-1,))(torch.randn(3, 1, 5, dtype=torch.float64),
+                                                           torch.randn(2, 1, 6, dtype=torch.float64))
+
+
+def test_linearize_of_pytree_model_is_pytree_and_exact_at_params0():
+    torch.manual_seed(0)
+    model = TwoInputsTwoHeads().double()
+    x = pytree_inputs(3, seed=1)
+    gate = torch.rand(3, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    params0 = snapshot(model)
+    f_lin = torchntk.linearize(model, params0)
+    with torch.no_grad():
+        expected = model(x, gate=gate)
+    for params in (None, params0):
+        out = f_lin(x, params, gate=gate)
+        torch.testing.assert_close(out[0], expected[0], rtol=0, atol=ATOL)
+        torch.testing.assert_close(out[1]['z'], expected[1]['z'], rtol=0, atol=ATOL)

@@ -1,6 +1,6 @@
 """Empirical kernels of finite `nn.Module`s, through `torch.func`.
 
-For a network `f(θ, x)` with outputs of shape `(N, *O)`:
+For a network `f(θ, x)`:
 
     empirical NNGP:  f(θ, x1) ⊗ f(θ, x2)
     empirical NTK:   Σ_p ∂f(θ, x1)/∂θ_p ⊗ ∂f(θ, x2)/∂θ_p
@@ -29,6 +29,15 @@ arguments                                kernel shape
 =======================================  ==================
 
 and for `(N, C, H, W)` outputs with `trace_axes=(1,)`: `(N1, N2, H, H, W, W)`.
+The batch axis is an output axis like the others: outputs `(O, N)` with
+`trace_axes=()` give `(O, O, N1, N2)`.
+
+Inputs and outputs may be pytrees (tuples, lists, dicts of tensors, as
+`torch.func` understands them): the model is called as `model(x, **kwargs)`
+with `x` one pytree, and the kernel of a pytree output is the same pytree of
+kernels, one per output tensor (cross terms between different outputs are
+not computed, as in neural-tangents). `trace_axes` and `diagonal_axes` apply
+to every output tensor.
 
 Besides the kernels, `linearize` and `taylor_expand` give the Taylor
 expansions of a model in its parameters.
@@ -39,17 +48,20 @@ from __future__ import annotations
 import abc
 import collections
 import contextlib
+import functools
 import logging
 import math
 import string
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.utils import _pytree as pytree  # torch.func's own pytrees
 from torch.utils.flop_counter import FlopCounterMode
 
+from .stax.conv import Conv as StaxConv, pad_input
 from .stax.dropout import Dropout as StaxDropout
 from .stax.linear import Dense as StaxDense
 from .stax.normalization import LayerNorm as StaxLayerNorm
@@ -57,6 +69,8 @@ from .stax.normalization import LayerNorm as StaxLayerNorm
 logger = logging.getLogger(__name__)
 
 Params = dict[str, torch.Tensor]
+PyTree = Any
+VmapAxes = Any  # None, an int, a pytree of ints matching the inputs, or (in_axes, out_axes, kwargs_axes)
 IMPLEMENTATIONS = ('jacobian_contraction', 'ntk_vector_products', 'structured_derivatives')
 #: Default bound on the bytes of the Jacobians held at once by 'jacobian_contraction'.
 DEFAULT_CHUNK_BYTES = 2**30
@@ -64,49 +78,72 @@ EmpiricalKernel = collections.namedtuple('EmpiricalKernel', ('nngp', 'ntk'))
 
 
 def empirical_nngp_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
-                      diagonal_axes: Sequence[int] = ()) -> Callable[..., torch.Tensor]:
-    """`nngp_fn(x1, x2=None, params=None)`: the outer product of the outputs, contracted.
+                      diagonal_axes: Sequence[int] = ()) -> Callable[..., PyTree]:
+    """`nngp_fn(x1, x2=None, params=None, **kwargs)`: the outer product of the outputs, contracted.
 
-    `params` maps parameter names to tensors (default: the model's own).
-    Output shapes as in the module docstring.
+    `params` maps parameter names to tensors (default: the model's own);
+    `kwargs` go to `model(x, **kwargs)`, a pair `(value1, value2)` giving one
+    value for `x1` and one for `x2` (neural-tangents' rule). Output shapes as
+    in the module docstring; a pytree output gives the same pytree of kernels.
     """
-    def nngp_fn(x1: torch.Tensor, x2: torch.Tensor | None = None,
-                params: Params | None = None) -> torch.Tensor:
+    def nngp_fn(x1: PyTree, x2: PyTree | None = None, params: Params | None = None,
+                **kwargs) -> PyTree:
         _check_inputs(x1, x2, 'empirical_nngp_fn')
-        f1 = _apply(model, params or {}, x1)
-        f2 = f1 if x2 is None else _apply(model, params or {}, x2)
-        spec = _OutputContraction(f1.ndim, trace_axes, diagonal_axes)
-        return spec.contract(f1, f2, n_param_dims=0)
+        kwargs1, kwargs2 = _split_kwargs(kwargs)
+        out1 = _apply(model, params or {}, x1, kwargs1)
+        out2 = out1 if x2 is None else _apply(model, params or {}, x2, kwargs2)
+        leaves1, tree = _output_leaves(out1, 'empirical_nngp_fn')
+        leaves2 = _output_leaves(out2, 'empirical_nngp_fn', tree)[0]
+        specs = _output_contractions([o.shape for o in leaves1], [o.shape for o in leaves2],
+                                     trace_axes, diagonal_axes)
+        return pytree.tree_unflatten([spec.contract(f1, f2, n_param_dims=0) for spec, f1, f2
+                                      in zip(specs, leaves1, leaves2)], tree)
     return nngp_fn
 
 
 def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
-                     diagonal_axes: Sequence[int] = (), vmap_axes: int | None = 0,
+                     diagonal_axes: Sequence[int] = (), vmap_axes: VmapAxes = 0,
                      implementation: str = 'auto',
-                     chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Callable[..., torch.Tensor]:
-    r"""`ntk_fn(x1, x2=None, params=None)`: the empirical NTK of `model`.
+                     chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Callable[..., PyTree]:
+    r"""`ntk_fn(x1, x2=None, params=None, **kwargs)`: the empirical NTK of `model`.
 
     .. math:: Θ(x_1, x_2) = \sum_p ∂f(θ, x_1)/∂θ_p ⊗ ∂f(θ, x_2)/∂θ_p
 
     contracted over output axes as in the module docstring (the table of
     shapes there). `params` maps parameter names to tensors, and those are the
     parameters differentiated; by default the model's parameters with
-    `requires_grad=True` (frozen ones do not count).
+    `requires_grad=True` (frozen ones do not count). `kwargs` go to
+    `model(x, **kwargs)`; a pair `(value1, value2)` gives one value for `x1`
+    and one for `x2`, anything else is passed to both (neural-tangents' rule).
 
     Args:
-        model: an `nn.Module` taking one tensor and returning one tensor.
+        model: an `nn.Module` called as `model(x, **kwargs)`, `x` a tensor or
+            a pytree of tensors, returning a tensor or a pytree of tensors.
         trace_axes: output axes summed (and divided by their size).
         diagonal_axes: output axes kept once (`x1[i]` paired with `x2[i]` only).
-        vmap_axes: `0` when batch elements do not interact (axis 0 of inputs
-            and outputs): Jacobians are computed per example with
-            `torch.func.vmap`, `N` times less work than differentiating the
-            whole batch. Models with modules that mix examples or draw random
-            numbers (BatchNorm in training mode or without running statistics,
+        vmap_axes: where the examples are, when they do not interact: then
+            Jacobians are computed per example with `torch.func.vmap`, `N`
+            times less work than differentiating the whole batch. As in
+            neural-tangents, either
+
+            * an int: the batch axis of every input and output tensor (`0`:
+              PyTorch's batch-first layout);
+            * a pytree of ints (or `None` for unbatched tensors) matching `x`,
+              used for the inputs and the outputs alike;
+            * a triple `(in_axes, out_axes, kwargs_axes)`: ints or pytrees
+              for the inputs and the outputs, and a dict from keyword-argument
+              names to their batch axes (keyword arguments not named there
+              are passed whole to every example);
+            * `None`: differentiate the whole batch.
+
+            Models with modules that mix examples or draw random numbers
+            (BatchNorm in training mode or without running statistics,
             dropout in training mode, a stax `LayerNorm` over axis 0) fall back
             to `vmap_axes=None` (logged at INFO level), which gives the exact
             kernel of the batched forward. Any other model is checked: if its
             per-example outputs differ from the batched forward, a `ValueError`
-            asks for `vmap_axes=None`. `None`: differentiate the whole batch.
+            asks for `vmap_axes=None`. The kernel's shape does not depend on
+            `vmap_axes`.
         implementation: from "Fast Finite Width NTK" (Novak et al. 2022):
 
             * `'jacobian_contraction'`: Jacobians by `jacrev`, contracted by
@@ -114,59 +151,64 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
               `x1` and `x2` fit in `chunk_bytes` (one Jacobian-pass per chunk).
             * `'ntk_vector_products'`: `J1 (J2ᵀ v)` for every basis cotangent
               `v` of one `x2` example, by `vjp` then `jvp`; never a Jacobian.
-            * `'structured_derivatives'`: `nn.Linear`, `nn.Conv1d`, `nn.Conv2d`
-              (`groups=1`, zero padding) and `stax.Dense` contribute
-              :math:`\sum_{p,q} (a_1[p]·a_2[q])\,(g_1[p]·g_2[q])` from their
-              inputs `a` (image patches for conv) and output cotangents `g`,
-              or, when cheaper, the weight Jacobian :math:`\sum_p g[p] a[p]ᵀ`
-              formed from them; the cotangents come from one reverse pass per
-              output through the activations only. Other parameters (norms,
-              attention, Conv3d, shared modules) use the Jacobian contraction.
+            * `'structured_derivatives'`: a layer whose output is affine in
+              its parameters, :math:`y[r, j] = s_W \sum_i W[j, i]\, a[r, i] + s_b b[j]`
+              at rows `r` (positions of `nn.Linear`; image patches of
+              `nn.Conv1d/2d/3d` with any padding, padding mode, stride,
+              dilation and groups; stax `Dense` and `Conv`), contributes
+              :math:`\sum_{r,s} (s_W^2\, a_1[r]·a_2[s] + s_b^2)\,(g_1[r]·g_2[s])`
+              from its inputs `a` and output cotangents `g` (per group for
+              grouped convolutions); the four factors are contracted in the
+              cheapest order (the Gram matrices first, or the weight Jacobian
+              :math:`\sum_r g[r]\, a[r]ᵀ` first). The cotangents come from
+              one reverse pass per output through the activations only. Other
+              parameters (norms, attention, modules called more than once,
+              weights shared between modules) use the Jacobian contraction.
             * `'auto'`: the cheapest by the FLOP estimate below.
 
         chunk_bytes: memory bound of the Jacobians of one parameter chunk
             ('jacobian_contraction') and of one batch of vector products.
 
-    FLOP estimate of `'auto'`, with `F` the forward FLOPs per example (counted
-    by `torch.utils.flop_counter` on `x1`), `O` the outputs per example, `|θ|`
-    the trainable parameter count, `K` the size of the contraction result times
-    the size of the traced axes, and `B = 1` with `vmap_axes=0`, `B = N` without:
+    FLOP estimate of `'auto'`, with `F` the forward FLOPs per example (per
+    batch with `vmap_axes=None`, counted by `torch.utils.flop_counter` on
+    `x1`), `O` the outputs per example, `|θ|` the trainable parameter count,
+    `K` the size of the contraction result times the size of the traced axes,
+    and `B = 1` with `vmap_axes`, `B = N` without:
 
     * jacobian_contraction: `(N1 + N2)(F + 2 F O B) + 2 K |θ|`
     * ntk_vector_products: `N2 (F + 2 F O B) + 3 F O N1 N2`
     * structured_derivatives: `(N1 + N2)(F + F O B (1 + |θ_other|/|θ|)) + 2 K |θ_other|`
-      plus, per structured layer with `P` positions, `I` inputs and `J` outputs,
-      `min(2 (N1 + N2) O P I J + 2 K I J,  2 N1 N2 P² I + 2 K P² J)`.
+      plus twice the multiply-adds of the cheapest contraction order of
+      every structured layer's four factors.
 
     Shape:
         As in the module docstring: `(N1, N2)` for `(N, O)` outputs and the
-        default `trace_axes=(-1,)`, `(N1, N2, O, O)` for `trace_axes=()`.
+        default `trace_axes=(-1,)`, `(N1, N2, O, O)` for `trace_axes=()`; a
+        pytree output gives the same pytree of kernels.
     """
     if implementation not in IMPLEMENTATIONS + ('auto',):
         raise ValueError(f"empirical_ntk_fn: implementation must be 'auto' or one of "
                          f"{IMPLEMENTATIONS}, got {implementation!r}")
-    if vmap_axes not in (0, None):
-        raise ValueError(f"empirical_ntk_fn: vmap_axes must be 0 (batch axis 0 of inputs and "
-                         f"outputs) or None, got {vmap_axes!r}")
+    _check_vmap_axes(vmap_axes)
     if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
         raise ValueError(f"empirical_ntk_fn: chunk_bytes must be a positive int, got {chunk_bytes!r}")
 
-    def ntk_fn(x1: torch.Tensor, x2: torch.Tensor | None = None,
-               params: Params | None = None) -> torch.Tensor:
+    def ntk_fn(x1: PyTree, x2: PyTree | None = None, params: Params | None = None,
+               **kwargs) -> PyTree:
         _check_inputs(x1, x2, 'empirical_ntk_fn')
         params = _trainable(model) if params is None else dict(params)
         if not params:
             raise ValueError("empirical_ntk_fn: the model has no trainable parameters "
                              "(all have requires_grad=False)")
-        problem = _Problem(model, params, x1, x2, trace_axes, diagonal_axes, vmap_axes,
+        problem = _Problem(model, params, x1, x2, kwargs, trace_axes, diagonal_axes, vmap_axes,
                            chunk_bytes, count_flops=implementation == 'auto')
         if implementation != 'auto':
-            return _COMPUTE[implementation](problem)
+            return problem.unflatten(_COMPUTE[implementation](problem))
         candidates = sorted(IMPLEMENTATIONS, key=problem.flops)
         for choice in candidates:
             logger.debug("empirical_ntk_fn: implementation %s", choice)
             try:
-                return _COMPUTE[choice](problem)
+                return problem.unflatten(_COMPUTE[choice](problem))
             except _Unsupported as error:
                 if choice == candidates[-1]:
                     raise
@@ -176,11 +218,11 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
 
 
 def empirical_kernel_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
-                        diagonal_axes: Sequence[int] = (), vmap_axes: int | None = 0,
+                        diagonal_axes: Sequence[int] = (), vmap_axes: VmapAxes = 0,
                         implementation: str = 'auto') -> Callable:
-    """`kernel_fn(x1, x2=None, get=None, params=None)`: empirical NNGP and/or NTK.
+    """`kernel_fn(x1, x2=None, get=None, params=None, **kwargs)`: empirical NNGP and/or NTK.
 
-    `get` is `'nngp'`, `'ntk'` (returns that tensor), a tuple of them (a named
+    `get` is `'nngp'`, `'ntk'` (returns that kernel), a tuple of them (a named
     tuple in that order), or `None` (`EmpiricalKernel(nngp, ntk)`), as in
     neural-tangents. Other arguments as in `empirical_ntk_fn`; shapes as in
     the module docstring.
@@ -188,10 +230,11 @@ def empirical_kernel_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
     fns = {'nngp': empirical_nngp_fn(model, trace_axes, diagonal_axes),
            'ntk': empirical_ntk_fn(model, trace_axes, diagonal_axes, vmap_axes, implementation)}
 
-    def kernel_fn(x1: torch.Tensor, x2: torch.Tensor | None = None,
-                  get: str | Sequence[str] | None = None, params: Params | None = None):
+    def kernel_fn(x1: PyTree, x2: PyTree | None = None,
+                  get: str | Sequence[str] | None = None, params: Params | None = None,
+                  **kwargs):
         names = _canonical_get(get, 'empirical_kernel_fn')
-        values = {name: fns[name](x1, x2, params) for name in names}
+        values = {name: fns[name](x1, x2, params, **kwargs) for name in names}
         return _select(values, get)
 
     return kernel_fn
@@ -206,7 +249,7 @@ def _canonical_get(get: str | Sequence[str] | None, caller: str) -> tuple[str, .
     return lowered
 
 
-def _select(values: dict[str, torch.Tensor], get: str | Sequence[str] | None):
+def _select(values: dict[str, PyTree], get: str | Sequence[str] | None):
     """neural-tangents' `get` semantics on a dict of computed kernels."""
     if get is None:
         return EmpiricalKernel(values['nngp'], values['ntk'])
@@ -216,8 +259,8 @@ def _select(values: dict[str, torch.Tensor], get: str | Sequence[str] | None):
     return collections.namedtuple('EmpiricalKernel', names)(*(values[n] for n in names))
 
 
-def linearize(model: nn.Module, params0: Params) -> Callable[..., torch.Tensor]:
-    r"""`f_lin(x, params=None)`: the first-order Taylor expansion of `model` around `params0`.
+def linearize(model: nn.Module, params0: Params) -> Callable[..., PyTree]:
+    r"""`f_lin(x, params=None, **kwargs)`: the first-order Taylor expansion of `model` around `params0`.
 
     .. math:: f_{lin}(x, θ) = f(θ_0, x) + J(θ_0, x)\,(θ - θ_0),\quad J = ∂f/∂θ
 
@@ -226,7 +269,7 @@ def linearize(model: nn.Module, params0: Params) -> Callable[..., torch.Tensor]:
     (neural-tangents' is `f_lin(params, x)`).
 
     Args:
-        model: any `nn.Module` taking one input tensor.
+        model: any `nn.Module`, called as `model(x, **kwargs)`.
         params0: parameter name -> tensor, the expansion point, e.g.
             `{k: v.detach().clone() for k, v in model.named_parameters()}`.
             Parameters of `model` not named here stay fixed at their current values.
@@ -237,13 +280,13 @@ def linearize(model: nn.Module, params0: Params) -> Callable[..., torch.Tensor]:
     means `params0`, where `f_lin(x) = model(x)` with `params0`.
 
     Shape:
-        `f_lin(x, params)`: the shape of `model(x)`.
+        `f_lin(x, params)`: the shape (pytree) of `model(x)`.
     """
     return taylor_expand(model, params0, degree=1)
 
 
-def taylor_expand(model: nn.Module, params0: Params, degree: int) -> Callable[..., torch.Tensor]:
-    r"""`f_taylor(x, params=None)`: the Taylor expansion of `model` in its parameters.
+def taylor_expand(model: nn.Module, params0: Params, degree: int) -> Callable[..., PyTree]:
+    r"""`f_taylor(x, params=None, **kwargs)`: the Taylor expansion of `model` in its parameters.
 
     .. math:: f_{taylor}(x, θ) = \sum_{k=0}^{degree} \frac{1}{k!}\, D^k_θ f(θ_0, x)[Δθ, …, Δθ],
               \quad Δθ = θ - θ_0
@@ -256,22 +299,24 @@ def taylor_expand(model: nn.Module, params0: Params, degree: int) -> Callable[..
         raise ValueError(f"taylor_expand: degree must be a non-negative int, got {degree!r}")
     params0 = dict(params0)
 
-    def f_taylor(x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
+    def f_taylor(x: PyTree, params: Params | None = None, **kwargs) -> PyTree:
         if params is None:
-            return _apply(model, params0, x)
+            return _apply(model, params0, x, kwargs)
         if set(params) != set(params0):
             raise ValueError(f"taylor_expand: params must have the keys of params0; missing "
                              f"{sorted(set(params0) - set(params))}, unexpected "
                              f"{sorted(set(params) - set(params0))}")
         delta = {name: params[name] - params0[name] for name in params0}
-        terms = _directional_derivatives(lambda p: _apply(model, p, x), params0, delta, degree)
-        return sum(term / math.factorial(k) for k, term in enumerate(terms))
+        terms = _directional_derivatives(lambda p: _apply(model, p, x, kwargs), params0, delta,
+                                         degree)
+        return pytree.tree_map(lambda *orders: sum(term / math.factorial(k)
+                                                   for k, term in enumerate(orders)), *terms)
 
     return f_taylor
 
 
 def _directional_derivatives(f: Callable, primal: Params, tangent: Params,
-                             degree: int) -> tuple[torch.Tensor, ...]:
+                             degree: int) -> tuple[PyTree, ...]:
     """`(f(p), Df(p)[t], D²f(p)[t, t], …)` up to `degree`, by nested `jvp`.
 
     The derivative of order `k - 1` is a function of `p`; its `jvp` along `t` is order `k`.
@@ -295,32 +340,217 @@ def _trainable(model: nn.Module) -> Params:
     return params
 
 
-def _check_inputs(x1: torch.Tensor, x2: torch.Tensor | None, caller: str) -> None:
-    for name, x in (('x1', x1), ('x2', x2)):
-        if x is not None and not isinstance(x, torch.Tensor):
-            raise TypeError(f"{caller}: {name} must be a tensor, got {type(x).__name__}")
-    if x2 is not None and (x1.shape[1:] != x2.shape[1:] or x1.dtype != x2.dtype
-                           or x1.device != x2.device):
-        raise ValueError(f"{caller}: x1 and x2 must agree in all but the batch axis, dtype and "
-                         f"device, got {tuple(x1.shape)} {x1.dtype} {x1.device} and "
-                         f"{tuple(x2.shape)} {x2.dtype} {x2.device}")
+def _check_inputs(x1: PyTree, x2: PyTree | None, caller: str) -> None:
+    leaves1, tree1 = pytree.tree_flatten(x1)
+    for name, leaves in (('x1', leaves1), ('x2', [] if x2 is None else pytree.tree_leaves(x2))):
+        if any(not isinstance(leaf, torch.Tensor) for leaf in leaves):
+            raise TypeError(f"{caller}: {name} must be a tensor or a pytree of tensors, got "
+                            f"{[type(leaf).__name__ for leaf in leaves]}")
+    if not leaves1:
+        raise ValueError(f"{caller}: x1 holds no tensor")
+    if x2 is None:
+        return
+    leaves2, tree2 = pytree.tree_flatten(x2)
+    if tree1 != tree2:
+        raise ValueError(f"{caller}: x1 and x2 must have the same structure, got {tree1} and {tree2}")
+    for a, b in zip(leaves1, leaves2):
+        if a.ndim != b.ndim or a.dtype != b.dtype or a.device != b.device:
+            raise ValueError(f"{caller}: x1 and x2 must agree in the number of axes, dtype and "
+                             f"device, got {tuple(a.shape)} {a.dtype} {a.device} and "
+                             f"{tuple(b.shape)} {b.dtype} {b.device}")
 
 
-def _apply(model: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
-    """`model` on `x` with `params` in place of (some of) its own parameters.
+def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """neural-tangents' rule: a pair `(value1, value2)` is split between `x1` and `x2`."""
+    pairs = {k: v for k, v in kwargs.items() if isinstance(v, tuple) and len(v) == 2}
+    return ({**kwargs, **{k: v[0] for k, v in pairs.items()}},
+            {**kwargs, **{k: v[1] for k, v in pairs.items()}})
+
+
+def _apply(model: nn.Module, params: Params, x: PyTree, kwargs: dict[str, Any]) -> PyTree:
+    """`model(x, **kwargs)` with `params` in place of (some of) its own parameters.
 
     Buffers are copied inside the call: BatchNorm's running statistics are not
     updated, and transforms do not see in-place updates of captured tensors.
     """
-    return functional_call(model, (params, _buffer_copies(model)), (x,))
+    return functional_call(model, (params, _buffer_copies(model)), (x,), kwargs)
 
 
 def _buffer_copies(model: nn.Module) -> Params:
     return {name: b.clone() for name, b in model.named_buffers()}
 
 
-def _rng_devices(x: torch.Tensor) -> list:
-    return [x.device] if x.is_cuda else []
+def _rng_devices(x: PyTree) -> list:
+    return list({leaf.device for leaf in pytree.tree_leaves(x)
+                 if isinstance(leaf, torch.Tensor) and leaf.is_cuda})
+
+
+def _output_leaves(out: PyTree, caller: str, tree1: pytree.TreeSpec | None = None
+                   ) -> tuple[list[torch.Tensor], pytree.TreeSpec]:
+    """The output tensors (with at least one axis each), in the structure
+    `tree1` of the outputs on `x1` if given."""
+    leaves, tree = pytree.tree_flatten(out)
+    if tree1 is not None and tree != tree1:
+        raise ValueError(f"{caller}: the outputs on x1 and x2 differ in structure: {tree1} and {tree}")
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"{caller}: the model must return a tensor or a pytree of tensors, "
+                            f"got a {type(leaf).__name__} in its output")
+        if not leaf.ndim:
+            raise ValueError(f"{caller}: every model output must have a batch axis, got a scalar")
+    return leaves, tree
+
+
+def _output_contractions(shapes1: Sequence[Sequence[int]], shapes2: Sequence[Sequence[int]],
+                         trace_axes: Sequence[int], diagonal_axes: Sequence[int]
+                         ) -> list[_OutputContraction]:
+    specs = []
+    for shape1, shape2 in zip(shapes1, shapes2):
+        spec = _OutputContraction(len(shape1), trace_axes, diagonal_axes)
+        for axis in spec.paired_axes():
+            if len(shape1) != len(shape2) or shape1[axis] != shape2[axis]:
+                raise ValueError(f"outputs of shapes {tuple(shape1)} and {tuple(shape2)} "
+                                 f"differ on axis {axis}, which is in trace_axes "
+                                 f"{tuple(trace_axes)} or diagonal_axes {tuple(diagonal_axes)}")
+        specs.append(spec)
+    return specs
+
+
+# Batch axes (vmap_axes).
+
+def _check_vmap_axes(vmap_axes: VmapAxes) -> None:
+    def valid(axes) -> bool:
+        return all(a is None or (isinstance(a, int) and not isinstance(a, bool))
+                   for a in pytree.tree_leaves(axes))
+    if isinstance(vmap_axes, tuple) and len(vmap_axes) == 3:
+        ok = valid(vmap_axes[:2]) and isinstance(vmap_axes[2], (dict, type(None))) and \
+            valid(vmap_axes[2])
+    else:
+        ok = valid(vmap_axes)
+    if not ok:
+        raise ValueError(f"empirical_ntk_fn: vmap_axes must be None, an int, a pytree of ints "
+                         f"matching the inputs, or a triple (in_axes, out_axes, kwargs_axes) "
+                         f"with kwargs_axes a dict, got {vmap_axes!r}")
+
+
+def _axes_of(axes: PyTree, tree: PyTree, what: str) -> list[int | None]:
+    """One canonical (non-negative) axis or `None` per tensor of `tree`."""
+    leaves, spec = pytree.tree_flatten(tree)
+    if axes is None or isinstance(axes, int):
+        axes = [axes] * len(leaves)
+    else:
+        axes, axes_spec = pytree.tree_flatten(axes)
+        if axes_spec != spec:
+            raise ValueError(f"empirical_ntk_fn: vmap_axes gives {what} the structure "
+                             f"{axes_spec}, but they have {spec}")
+    canonical = []
+    for axis, leaf in zip(axes, leaves):
+        if axis is not None and not -leaf.ndim <= axis < leaf.ndim:
+            raise ValueError(f"empirical_ntk_fn: vmap_axes gives {what} of shape "
+                             f"{tuple(leaf.shape)} the batch axis {axis}")
+        canonical.append(None if axis is None else axis % leaf.ndim)
+    return canonical
+
+
+class _VmapAxes:
+    """The batch axis of every input, output and keyword-argument tensor.
+
+    A model called on one example sees that example's slice with the batch
+    axis kept (of size 1): `per_example` turns a function of whole inputs into
+    one `torch.func.vmap` can map over the batch axes (`in_dims`).
+    """
+
+    def __init__(self, vmap_axes: VmapAxes, x: PyTree, out: PyTree, kwargs: dict[str, Any]):
+        if isinstance(vmap_axes, tuple) and len(vmap_axes) == 3:
+            in_axes, out_axes, kwargs_axes = vmap_axes
+        else:
+            in_axes, out_axes, kwargs_axes = vmap_axes, vmap_axes, {}
+        # Axes of keyword arguments not passed in this call do not apply.
+        kwargs_axes = {name: axes for name, axes in (kwargs_axes or {}).items() if name in kwargs}
+        self.x_tree = pytree.tree_structure(x)
+        self.x_axes = _axes_of(in_axes, x, 'the inputs')
+        self.out_axes = _axes_of(out_axes, out, 'the outputs')
+        self.kwargs_axes = {name: _axes_of(axes, kwargs[name], f"keyword argument {name!r}")
+                            for name, axes in kwargs_axes.items()}
+        self.kwargs_trees = {name: pytree.tree_structure(kwargs[name]) for name in kwargs_axes}
+        if None in self.out_axes:
+            raise ValueError("empirical_ntk_fn: vmap_axes must give every output a batch axis, "
+                             f"got {out_axes!r}")
+
+    @property
+    def maps_something(self) -> bool:
+        return any(a is not None for a in self.x_axes) or any(
+            a is not None for axes in self.kwargs_axes.values() for a in axes)
+
+    def in_dims(self) -> tuple[PyTree, dict[str, PyTree]]:
+        """`vmap`'s `in_dims` for `(x, mapped keyword arguments)`."""
+        return (pytree.tree_unflatten(self.x_axes, self.x_tree),
+                {name: pytree.tree_unflatten(axes, self.kwargs_trees[name])
+                 for name, axes in self.kwargs_axes.items()})
+
+    def mapped(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {name: kwargs[name] for name in self.kwargs_axes}
+
+    def per_example(self, fn: Callable, kwargs: dict[str, Any]) -> Callable:
+        """`fn(*args, x, kwargs) -> (outputs, aux)` as a function of one example's
+        `(*args, x, mapped kwargs)` without batch axes, outputs without them either."""
+        def example_fn(*args):
+            *args, x, mapped = args
+            x = _expand(x, self.x_axes)
+            mapped = {name: _expand(value, self.kwargs_axes[name])
+                      for name, value in mapped.items()}
+            outputs, aux = fn(*args, x, {**kwargs, **mapped})
+            return tuple(_squeeze_batch(out, axis)
+                         for out, axis in zip(outputs, self.out_axes)), aux
+        return example_fn
+
+    def batch_size(self, x: PyTree, kwargs: dict[str, Any]) -> int:
+        """The common size of the batch axes."""
+        sizes = {leaf.shape[a] for leaf, a in zip(pytree.tree_leaves(x), self.x_axes)
+                 if a is not None}
+        sizes |= {leaf.shape[a] for name, axes in self.kwargs_axes.items()
+                  for leaf, a in zip(pytree.tree_leaves(kwargs[name]), axes) if a is not None}
+        if len(sizes) != 1:
+            raise ValueError(f"empirical_ntk_fn: the inputs' batch axes (vmap_axes) differ in "
+                             f"size: {sorted(sizes)}")
+        return sizes.pop()
+
+    def examples(self, x: PyTree, kwargs: dict[str, Any], start: int, stop: int
+                 ) -> tuple[PyTree, dict[str, Any]]:
+        """Examples `start:stop` of the inputs and mapped keyword arguments."""
+        def narrow(tree: PyTree, axes: list[int | None]) -> PyTree:
+            leaves, spec = pytree.tree_flatten(tree)
+            return pytree.tree_unflatten([leaf if a is None else leaf.narrow(a, start, stop - start)
+                                          for leaf, a in zip(leaves, axes)], spec)
+        return narrow(x, self.x_axes), {name: narrow(kwargs[name], axes)
+                                        for name, axes in self.kwargs_axes.items()}
+
+
+def _expand(tree: PyTree, axes: list[int | None]) -> PyTree:
+    leaves, spec = pytree.tree_flatten(tree)
+    return pytree.tree_unflatten([leaf if a is None else leaf.unsqueeze(a)
+                                  for leaf, a in zip(leaves, axes)], spec)
+
+
+def _squeeze_batch(out: torch.Tensor, axis: int) -> torch.Tensor:
+    if out.ndim <= axis or out.shape[axis] != 1:
+        raise ValueError(f"empirical_ntk_fn: on one example the model returned shape "
+                         f"{tuple(out.shape)}, not a batch of one along the vmap_axes output "
+                         f"axis {axis}; check vmap_axes or pass vmap_axes=None")
+    return out.squeeze(axis)
+
+
+class _Side:
+    """One argument of the kernel: inputs, keyword arguments, the output
+    tensors' shapes, and the shapes every module sees in one call of the
+    model (one example's call with `vmap_axes`)."""
+
+    def __init__(self, x: PyTree, kwargs: dict[str, Any], out_shapes: list[tuple[int, ...]],
+                 calls: dict[str, list]):
+        self.x, self.kwargs, self.out_shapes, self.calls = x, kwargs, out_shapes, calls
+
+    def outputs(self) -> int:
+        return sum(math.prod(shape) for shape in self.out_shapes)
 
 
 class _Problem:
@@ -328,146 +558,200 @@ class _Problem:
 
     A forward pass on `x1` (no gradients, buffers copied, RNG state restored,
     so the model and the random stream are left as they were) records the
-    output shape, the forward FLOPs and every module's calls.
+    output shapes, the forward FLOPs and every module's calls.
     """
 
-    def __init__(self, model: nn.Module, params: Params, x1: torch.Tensor,
-                 x2: torch.Tensor | None, trace_axes: Sequence[int],
-                 diagonal_axes: Sequence[int], vmap_axes: int | None, chunk_bytes: int,
+    def __init__(self, model: nn.Module, params: Params, x1: PyTree, x2: PyTree | None,
+                 kwargs: dict[str, Any], trace_axes: Sequence[int],
+                 diagonal_axes: Sequence[int], vmap_axes: VmapAxes, chunk_bytes: int,
                  count_flops: bool = True):
-        self.model, self.params, self.x1, self.x2 = model, params, x1, x2
-        self.chunk_bytes = chunk_bytes
+        self.model, self.params, self.chunk_bytes = model, params, chunk_bytes
         self.modules = dict(model.named_modules())
-        out, self.forward_flops, self.calls = _traced_forward(model, params, x1, self.modules,
-                                                              count_flops)
-        self.out_shape = tuple(out.shape)
-        if not out.shape:
-            raise ValueError("empirical_ntk_fn: the model output must have a batch axis, got a scalar")
-        self.spec = _OutputContraction(out.ndim, trace_axes, diagonal_axes)
-        self.n1, self.n2 = x1.shape[0], (x1 if x2 is None else x2).shape[0]
-        mixing = _batch_mixing_modules(self.modules, self.calls)
-        if vmap_axes == 0 and mixing:
+        kwargs1, kwargs2 = _split_kwargs(kwargs)
+        out1, self.forward_flops, calls1 = _traced_forward(model, params, x1, kwargs1,
+                                                           self.modules, count_flops)
+        leaves1, self.out_tree = _output_leaves(out1, 'empirical_ntk_fn')
+        shapes1 = [tuple(o.shape) for o in leaves1]
+        self.axes = None if vmap_axes is None else _VmapAxes(vmap_axes, x1, out1, kwargs1)
+        if self.axes is not None and not self.axes.maps_something:
+            self.axes = None
+        mixing = _batch_mixing_modules(self.modules, calls1)
+        if self.axes is not None and mixing:
             logger.info("empirical_ntk_fn: %s mix batch elements or draw random numbers; "
                         "differentiating whole batches (vmap_axes=None)", ', '.join(mixing))
-        self.batched = vmap_axes == 0 and not mixing
-        if self.batched:
-            self._check_per_example_outputs(out)
+            self.axes = None
+        if self.axes is None:
+            self.side1 = _Side(x1, kwargs1, shapes1, calls1)
+            if x2 is not None:
+                out2, _, calls2 = _traced_forward(model, params, x2, kwargs2, self.modules)
+                leaves2 = _output_leaves(out2, 'empirical_ntk_fn', self.out_tree)[0]
+                self.side2 = _Side(x2, kwargs2, [tuple(o.shape) for o in leaves2], calls2)
+        else:
+            # Modules record their shapes in one example's call (what the Jacobians see).
+            n = min(self.axes.batch_size(x1, kwargs1), 2)
+            examples, calls = self._example_forward(x1, kwargs1, n)
+            self._check_per_example_outputs(leaves1, examples)
+            self.side1 = _Side(x1, kwargs1, shapes1, calls)
+            if x2 is not None:
+                examples, calls = self._example_forward(x2, kwargs2, 1)
+                n2 = self.axes.batch_size(x2, kwargs2)
+                shapes2 = [shape[1:axis + 1] + (n2,) + shape[axis + 1:] for shape, axis
+                           in zip((tuple(o.shape) for o in examples), self.axes.out_axes)]
+                self.side2 = _Side(x2, kwargs2, shapes2, calls)
+        if x2 is None:
+            self.side2 = self.side1
+        self.specs = _output_contractions(self.side1.out_shapes, self.side2.out_shapes,
+                                          trace_axes, diagonal_axes)
         self.rules = self._structured_rules()
 
-    def _check_per_example_outputs(self, out: torch.Tensor) -> None:
+    @property
+    def same_inputs(self) -> bool:
+        return self.side2 is self.side1
+
+    def unflatten(self, kernels: list[torch.Tensor]) -> PyTree:
+        return pytree.tree_unflatten(kernels, self.out_tree)
+
+    def batch_sizes(self) -> tuple[int, int]:
+        """Examples on each side (with `vmap_axes`), else 1: the number of model calls."""
+        if self.axes is None:
+            return 1, 1
+        axis = self.axes.out_axes[0]
+        return self.side1.out_shapes[0][axis], self.side2.out_shapes[0][axis]
+
+    def _example_forward(self, x: PyTree, kwargs: dict[str, Any], n: int
+                         ) -> tuple[list[torch.Tensor], dict[str, list]]:
+        """Outputs `(n, *example)` of the first `n` examples, each in its own
+        call, and `{module: [(input shape, output shape)]}` of one call."""
+        x, mapped = self.axes.examples(x, kwargs, 0, n)
+        calls = {}
+
+        def call(x: PyTree, kwargs: dict[str, Any]):
+            out, _, recorded = _traced_forward(self.model, self.params, x, kwargs, self.modules)
+            calls.update(recorded)   # under vmap, modules see one example's shapes
+            return _output_leaves(out, 'empirical_ntk_fn', self.out_tree)[0], {}
+
+        example = self.axes.per_example(call, kwargs)
+        try:
+            outputs = vmap(example, in_dims=self.axes.in_dims())(x, mapped)[0]
+        except RuntimeError as error:
+            raise ValueError(f"empirical_ntk_fn: the model fails on one example cut along "
+                             f"vmap_axes ({error}); check vmap_axes or pass vmap_axes=None"
+                             ) from error
+        return list(outputs), calls
+
+    def _check_per_example_outputs(self, outputs: list[torch.Tensor],
+                                   examples: list[torch.Tensor]) -> None:
         """The per-example forward must equal the batched one, or vmap is wrong."""
-        examples = self.x1[:min(self.n1, 2)]
-        with torch.no_grad():
-            per_example = vmap(lambda x: _apply(self.model, self.params, x[None])[0])(examples)
-        scale = out[:len(examples)].abs().max().clamp_min(1)
-        tolerance = 1e3 * torch.finfo(out.dtype).eps * scale
-        if (per_example - out[:len(examples)]).abs().max() > tolerance:
-            raise ValueError("empirical_ntk_fn: with vmap_axes=0 the model's outputs per example "
-                             "differ from its batched outputs, so its batch elements interact; "
-                             "pass vmap_axes=None")
+        for batched, alone, axis in zip(outputs, examples, self.axes.out_axes):
+            batched = batched.narrow(axis, 0, alone.shape[0]).movedim(axis, 0)
+            scale = batched.abs().max().clamp_min(1)
+            tolerance = 1e3 * torch.finfo(batched.dtype).eps * scale
+            if (alone - batched).abs().max() > tolerance:
+                raise ValueError("empirical_ntk_fn: with vmap_axes the model's outputs per "
+                                 "example differ from its batched outputs, so its batch elements "
+                                 "interact (or vmap_axes names the wrong axes); pass "
+                                 "vmap_axes=None")
 
     def _structured_rules(self) -> dict[str, _AffineRule]:
         owners = collections.Counter(id(p) for m in self.modules.values()
                                      for p in m.parameters(recurse=False))
         rules = {}
         for name, module in self.modules.items():
-            rule = _rule_for(name, module)
-            if rule is None or len(self.calls.get(name, ())) != 1:
+            rule = _rule_for(name, module, self.params)
+            calls = (self.side1.calls.get(name, ()), self.side2.calls.get(name, ()))
+            if rule is None or any(len(c) != 1 for c in calls) or not rule.param_names():
                 continue
-            names = rule.param_names()
-            own = [p for p in module.parameters(recurse=False)]
-            if (all(n in self.params for n in names) and len(own) == len(names)
-                    and all(owners[id(p)] == 1 for p in own)):
-                rule.input_shape, rule.output_shape = self.calls[name][0]
+            own = dict(module.named_parameters(recurse=False))
+            if set(own) <= {'weight', 'bias'} and all(owners[id(p)] == 1 for p in own.values()):
                 rules[name] = rule
         return rules
 
     # Sizes for the FLOP estimates.
 
-    @property
-    def outputs_per_example(self) -> int:
-        return math.prod(self.out_shape[1:])
-
-    @property
     def contraction_size(self) -> int:
         """Result entries times traced entries: the multiply-adds per parameter."""
-        shape1 = (self.n1,) + self.out_shape[1:]
-        shape2 = (self.n2,) + self.out_shape[1:]
-        return self.spec.multiply_adds(shape1, shape2)
+        return sum(spec.multiply_adds(shape1, shape2) for spec, shape1, shape2
+                   in zip(self.specs, self.side1.out_shapes, self.side2.out_shapes))
 
-    def _jacobian_pass_flops(self, reverse_flops: float) -> float:
-        """FLOPs of one forward and `O` reverse passes per example, on both inputs."""
-        forward = self.forward_flops / self.n1
-        per_row = reverse_flops * (1 if self.batched else 1)
-        total = 0.
-        for n in (self.n1, self.n2):
-            rows = self.outputs_per_example * (1 if self.batched else n)
-            total += n * forward + n * rows * per_row
-        return total
+    def _per_call(self) -> list[tuple[int, float, float]]:
+        """`(calls, forward FLOPs per call, outputs per call)` of each side."""
+        calls1, calls2 = self.batch_sizes()
+        forward = self.forward_flops / calls1
+        ratio = self.side2.outputs() / self.side1.outputs()
+        return [(calls1, forward, self.side1.outputs() / calls1),
+                (calls2, forward * (1 if self.axes else ratio), self.side2.outputs() / calls2)]
+
+    def _jacobian_pass_flops(self, reverse_per_forward: float) -> float:
+        """FLOPs of one forward and one reverse pass per output entry, on both sides."""
+        sides = self._per_call()[:1 if self.same_inputs else 2]
+        return sum(calls * forward * (1 + outputs * reverse_per_forward)
+                   for calls, forward, outputs in sides)
 
     def flops(self, implementation: str) -> float:
-        forward = max(self.forward_flops / self.n1, 1.)
         n_params = sum(p.numel() for p in self.params.values())
-        o = self.outputs_per_example
-        b2 = 1 if self.batched else self.n2
+        k = self.contraction_size()
         if implementation == 'jacobian_contraction':
-            return self._jacobian_pass_flops(2 * forward) + 2 * self.contraction_size * n_params
+            return self._jacobian_pass_flops(2.) + 2 * k * n_params
         if implementation == 'ntk_vector_products':
-            return self.n2 * (forward + 2 * forward * o * b2) + 3 * forward * o * self.n1 * self.n2
+            calls2, forward2, outputs2 = self._per_call()[1]
+            return calls2 * forward2 * (1 + 2 * outputs2) + 3 * self.forward_flops * calls2 * outputs2
         structured = {n for rule in self.rules.values() for n in rule.param_names()}
         other = sum(p.numel() for n, p in self.params.items() if n not in structured)
-        passes = self._jacobian_pass_flops(forward * (1 + other / n_params))
-        return (passes + 2 * self.contraction_size * other
-                + sum(min(self.route_flops(rule)) for rule in self.rules.values()))
+        passes = self._jacobian_pass_flops(1 + other / n_params)
+        return passes + 2 * k * other + 2 * sum(
+            _contraction_order(*self.structured_operands(leaf, rule))[0]
+            for leaf in range(len(self.specs)) for rule in self.rules.values())
 
-    def route_flops(self, rule: _AffineRule) -> tuple[float, float]:
-        """FLOPs of (weight Jacobian route, Gram route) of one structured layer."""
-        positions, inputs, outputs = rule.sizes()
-        o = self.outputs_per_example
-        k = self.contraction_size
-        if self.batched:
-            jacobian = 2 * (self.n1 + self.n2) * o * positions * inputs * outputs
-            pair_positions = positions**2
-        else:
-            jacobian = 2 * (self.n1**2 + self.n2**2) * o * positions * inputs * outputs
-            pair_positions = self.n1 * self.n2 * positions**2
-        gram = 2 * self.n1 * self.n2 * positions**2 * inputs + 2 * k * pair_positions * outputs
-        return jacobian + 2 * k * inputs * outputs, gram
+    def structured_operands(self, leaf: int, rule: _AffineRule
+                            ) -> tuple[list[str], str, dict[str, int]]:
+        """Einsum terms, result and sizes of `rule`'s contribution to output `leaf`."""
+        shapes = []
+        for side in (self.side1, self.side2):
+            rows = rule.rows(side.calls[rule.name][0][1])
+            shapes.append((side.out_shapes[leaf], rows))
+        return self.specs[leaf].affine_terms(shapes, rule.groups, rule.columns(), rule.outputs(),
+                                             rule.cotangent_layout, self.batch_axis(leaf))
+
+    def batch_axis(self, leaf: int) -> int | None:
+        return None if self.axes is None else self.axes.out_axes[leaf]
 
     def cheapest(self) -> str:
         return min(IMPLEMENTATIONS, key=self.flops)
 
     # Jacobians.
 
-    def jacobians(self, x: torch.Tensor, wrt: Params, rules: dict[str, _AffineRule]
-                  ) -> tuple[Params, Params, Params]:
-        """Jacobians of the outputs on `x` w.r.t. `wrt` and the outputs of `rules`' layers.
+    def jacobians(self, side: _Side, wrt: Params, rules: dict[str, _AffineRule]
+                  ) -> tuple[list[Params], list[Params], Params]:
+        """Jacobians of the outputs on `side` w.r.t. `wrt` and the outputs of `rules`' layers.
 
-        Returns `(∂f/∂θ per name in wrt, ∂f/∂y per layer, inputs a per layer)`.
-        Batched: `(N, *O, *θ)`, `(N, *O, 1, *y)`, `(N, 1, *a)` (every layer sees
-        one example); whole batch: `(N, *O, *θ)`, `(N, *O, *y)`, `a`.
+        Returns, per output tensor, `{name: (*out, *θ)}` and `{layer: (*out, *y)}`
+        (`y` the layer's output in one call of the model: one example's call
+        with `vmap_axes`), and the layers' inputs `{layer: a}`, `a` of shape
+        `(N, *a)` with `vmap_axes` (one call per example), else as seen.
         """
         fixed = {n: p for n, p in self.params.items() if n not in wrt}
 
-        def f(wrt: Params, probes: Params, x: torch.Tensor):
-            return _forward_with_probes(self.model, {**fixed, **wrt}, probes, self.modules, x)
+        def f(wrt: Params, probes: Params, x: PyTree, kwargs: dict[str, Any]):
+            out, inputs = _forward_with_probes(self.model, {**fixed, **wrt}, probes,
+                                               self.modules, x, kwargs)
+            return tuple(pytree.tree_leaves(out)), inputs
 
-        if self.batched:
-            probes = {name: _zeros((1,) + rule.output_shape[1:], x)
-                      for name, rule in rules.items()}
-            per_example = lambda wrt, probes, x: _squeeze_output(f(wrt, probes, x[None]))
-            jac = jacrev(per_example, argnums=(0, 1), has_aux=True)
-            (d_params, d_probes), inputs = vmap(jac, in_dims=(None, None, 0))(wrt, probes, x)
+        probes = {name: _zeros(side.calls[name][0][1], rule.weight(self.params))
+                  for name, rule in rules.items()}
+        if self.axes is None:
+            jac, inputs = jacrev(f, argnums=(0, 1), has_aux=True)(wrt, probes, side.x, side.kwargs)
         else:
-            shapes = ({n: r.output_shape for n, r in rules.items()} if x is self.x1
-                      else {n: c[0][1] for n, c in _traced_forward(
-                          self.model, self.params, x, self.modules)[2].items() if n in rules})
-            probes = {name: _zeros(shapes[name], x) for name in rules}
-            (d_params, d_probes), inputs = jacrev(f, argnums=(0, 1), has_aux=True)(wrt, probes, x)
-        return d_params, d_probes, inputs
+            example = self.axes.per_example(f, side.kwargs)
+            jac, inputs = vmap(jacrev(example, argnums=(0, 1), has_aux=True),
+                               in_dims=(None, None, *self.axes.in_dims()))(
+                wrt, probes, side.x, self.axes.mapped(side.kwargs))
+            # vmap puts the examples first; move them to the outputs' batch axes.
+            jac = [pytree.tree_map(lambda t: t.movedim(0, axis), j)
+                   for j, axis in zip(jac, self.axes.out_axes)]
+        return [j[0] for j in jac], [j[1] for j in jac], inputs
 
     def parameter_chunks(self) -> Iterator[Params]:
-        rows = (self.n1 + (0 if self.x2 is None else self.n2)) * self.outputs_per_example
+        rows = self.side1.outputs() + (0 if self.same_inputs else self.side2.outputs())
         chunk, size = {}, 0
         for name, p in self.params.items():
             nbytes = rows * p.numel() * p.element_size()
@@ -483,15 +767,10 @@ def _zeros(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
-def _squeeze_output(result: tuple[torch.Tensor, Params]) -> tuple[torch.Tensor, Params]:
-    out, inputs = result
-    return out[0], inputs
-
-
 def _forward_with_probes(model: nn.Module, params: Params, probes: Params,
-                         modules: dict[str, nn.Module], x: torch.Tensor
-                         ) -> tuple[torch.Tensor, Params]:
-    """`model(x)` with `probes[name]` added to the output of module `name`.
+                         modules: dict[str, nn.Module], x: PyTree, kwargs: dict[str, Any]
+                         ) -> tuple[PyTree, Params]:
+    """`model(x, **kwargs)` with `probes[name]` added to the output of module `name`.
 
     The derivative w.r.t. a probe at zero is the cotangent of that module's
     output. Returns the output and the probed modules' inputs.
@@ -506,14 +785,14 @@ def _forward_with_probes(model: nn.Module, params: Params, probes: Params,
 
     handles = [modules[name].register_forward_hook(hook(name)) for name in probes]
     try:
-        out = functional_call(model, (params, _buffer_copies(model)), (x,))
+        out = _apply(model, params, x, kwargs)
     finally:
         for handle in handles:
             handle.remove()
     return out, inputs
 
 
-def _traced_forward(model: nn.Module, params: Params, x: torch.Tensor,
+def _traced_forward(model: nn.Module, params: Params, x: PyTree, kwargs: dict[str, Any],
                     modules: dict[str, nn.Module], count_flops: bool = False):
     """Output, forward FLOPs, and `{module name: [(input shape, output shape), …]}`.
 
@@ -530,17 +809,13 @@ def _traced_forward(model: nn.Module, params: Params, x: torch.Tensor,
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
-    buffers = _buffer_copies(model)
     counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
     try:
         with torch.no_grad(), torch.random.fork_rng(_rng_devices(x)), counter:
-            out = functional_call(model, (params, buffers), (x,))
+            out = _apply(model, params, x, kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"empirical_ntk_fn: the model must return one tensor, "
-                        f"got {type(out).__name__}")
     return out, counter.get_total_flops() if count_flops else 0, dict(calls)
 
 
@@ -564,120 +839,211 @@ def _batch_mixing_modules(modules: dict[str, nn.Module], calls) -> list[str]:
 # Structured derivatives: layers whose output is affine in the weight.
 
 class _AffineRule(abc.ABC):
-    """A layer computing `y[p, j] = Σ_i W[j, i] a[p, i] + bias_scale · b[j]` at positions `p`.
+    r"""A layer computing :math:`y[r, g, j] = s_W \sum_i W[g, j, i]\, a[r, g, i] + s_b\, b[g, j]`
+    at rows `r` (positions), in `G` groups of `J/G` outputs.
 
-    Subclasses turn the layer's input `(M, …)` into `a` of shape `(M·P, I)`
-    (scaled as the layer scales its weight) and the cotangent of its output
-    `(*lead, M, …)` into `g` of shape `(*lead, M·P, J)`.
+    Its parameter Jacobian is :math:`∂y[r, g, j]/∂W[g, j, i] = s_W a[r, g, i]`
+    and :math:`∂y[r, g, j]/∂b[g, j] = s_b`: the bias is a weight on a constant
+    input `s_b`, so `patches` appends that column to the (scaled) inputs of
+    the trainable weight, and one contraction covers both parameters.
+    Subclasses turn the layer's input into `a` and the cotangent of its output
+    into `g`, rows in the same order.
     """
 
-    def __init__(self, name: str, module: nn.Module):
+    groups = 1
+    #: Order of rows (R), groups (G) and outputs (J) in `cotangents`.
+    cotangent_layout = 'RGJ'
+
+    def __init__(self, name: str, module: nn.Module, trainable: Collection[str]):
+        prefix = f"{name}." if name else ''
         self.name, self.module = name, module
-        self.input_shape = self.output_shape = None
+        self.weight_name, self.bias_name = prefix + 'weight', prefix + 'bias'
+        self.trains_weight = self.weight_name in trainable
+        self.trains_bias = module.bias is not None and self.bias_name in trainable
 
     def param_names(self) -> list[str]:
-        prefix = f"{self.name}." if self.name else ''
-        return [prefix + 'weight'] + ([prefix + 'bias'] if self.module.bias is not None else [])
+        return ([self.weight_name] if self.trains_weight else []) + \
+            ([self.bias_name] if self.trains_bias else [])
 
-    def sizes(self) -> tuple[int, int, int]:
-        """Positions per example, inputs `I` and outputs `J`."""
-        out_features, in_features = self.module.weight.shape[0], self.module.weight[0].numel()
-        return math.prod(self.output_shape[1:]) // out_features, in_features, out_features
+    def weight(self, params: Params) -> torch.Tensor:
+        return params.get(self.weight_name, self.module.weight)
+
+    def outputs(self) -> int:
+        """Outputs `J/G` per group."""
+        return self.module.weight.shape[0] // self.groups
+
+    def columns(self) -> int:
+        """Columns of `patches`: the weight's inputs per output, and one for the bias."""
+        return self.module.weight[0].numel() * self.trains_weight + self.trains_bias
+
+    def rows(self, output_shape: Sequence[int]) -> int:
+        """Rows of one call whose output has `output_shape`."""
+        return math.prod(output_shape) // self.module.weight.shape[0]
 
     @abc.abstractmethod
-    def patches(self, x: torch.Tensor) -> torch.Tensor:
-        """The module's inputs as rows of patches `(positions, I)`."""
+    def windows(self, x: torch.Tensor, n_lead: int) -> torch.Tensor:
+        """Inputs `(*lead, *x)` as the rows each output sees: `(*lead, rows, G, I)`."""
 
     @abc.abstractmethod
     def cotangents(self, g: torch.Tensor, n_lead: int) -> torch.Tensor:
-        """Output cotangents `(*lead, M, …)` as `(*lead, M·P, J)`."""
+        """Output cotangents `(*lead, *y)` as `(*lead, rows, G, J/G)`, the last
+        three axes in the order of `cotangent_layout`."""
 
-    def bias_scale(self):
+    def weight_scale(self) -> float | torch.Tensor:
         return 1.
+
+    def bias_scale(self) -> float | torch.Tensor:
+        return 1.
+
+    def patches(self, x: torch.Tensor, n_lead: int) -> torch.Tensor:
+        r"""The layer's parameter Jacobian per row: :math:`(s_W a, s_b)`, `(*lead, rows, G, columns)`."""
+        windows = self.windows(x, n_lead)
+        columns = [_scaled(windows, self.weight_scale())] if self.trains_weight else []
+        if self.trains_bias:
+            columns.append(_scaled(torch.ones_like(windows[..., :1]), self.bias_scale()))
+        return torch.cat(columns, -1) if len(columns) > 1 else columns[0]
+
+
+def _scaled(t: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    return t if isinstance(scale, (int, float)) and scale == 1 else t * scale
 
 
 class _LinearRule(_AffineRule):
-    """`nn.Linear`: features last, every leading axis a position."""
+    """`nn.Linear`: features last, every other axis a position."""
 
-    def patches(self, x):
-        return x.reshape(-1, x.shape[-1])
+    def windows(self, x, n_lead):
+        return x.reshape(*x.shape[:n_lead], -1, 1, x.shape[-1])
 
     def cotangents(self, g, n_lead):
-        return g.reshape(*g.shape[:n_lead], -1, g.shape[-1])
+        return g.reshape(*g.shape[:n_lead], -1, 1, g.shape[-1])
 
 
-class _DenseRule(_AffineRule):
-    """`stax.Dense`: channels on axis 1, scaled by `W_std/√C` (NTK parameterization)."""
+class _StaxRule(_AffineRule):
+    """stax `Dense` and `Conv`: scaled by `W_std/√fan_in` and `b_std` (NTK
+    parameterization) or `1/√s_in` and 1 (standard)."""
 
-    def patches(self, x):
+    def weight_scale(self):
         module = self.module
-        scale = (module.W_std / math.sqrt(x.shape[1]) if module.parameterization == 'ntk'
-                 else 1 / math.sqrt(module.s[0]))
-        return x.movedim(1, -1).reshape(-1, x.shape[1]) * scale
-
-    def cotangents(self, g, n_lead):
-        return g.movedim(n_lead + 1, -1).reshape(*g.shape[:n_lead], -1, g.shape[n_lead + 1])
+        if module.parameterization == 'ntk':
+            return module.W_std / math.sqrt(module.weight[0].numel())
+        return 1 / math.sqrt(module.s[0])
 
     def bias_scale(self):
         return self.module.b_std if self.module.parameterization == 'ntk' else 1.
 
 
-class _ConvRule(_AffineRule):
-    """`nn.Conv1d`, `nn.Conv2d` with `groups=1` and zero padding: image patches by `unfold`."""
+class _ChannelsRule(_StaxRule):
+    """stax `Dense`: channels on axis 1, every other axis a position."""
 
-    def patches(self, x):
-        m = self.module
-        if x.ndim == 3:   # Conv1d as a Conv2d of height 1
-            x = x[:, :, None]
-            kwargs = dict(kernel_size=(1, *m.kernel_size), dilation=(1, *m.dilation),
-                          padding=(0, 0) if m.padding == 'valid' else (0, *m.padding),
-                          stride=(1, *m.stride))
-        else:
-            kwargs = dict(kernel_size=m.kernel_size, dilation=m.dilation,
-                          padding=0 if m.padding == 'valid' else m.padding, stride=m.stride)
-        columns = F.unfold(x, **kwargs)                       # (M, C·k, P)
-        return columns.transpose(1, 2).reshape(-1, columns.shape[1])
+    def windows(self, x, n_lead):
+        return x.movedim(n_lead + 1, -1).reshape(*x.shape[:n_lead], -1, 1, x.shape[n_lead + 1])
 
     def cotangents(self, g, n_lead):
-        g = g.flatten(n_lead + 2).movedim(n_lead + 1, -1)     # (*lead, M, P, J)
-        return g.reshape(*g.shape[:n_lead], -1, g.shape[-1])
+        return g.movedim(n_lead + 1, -1).reshape(*g.shape[:n_lead], -1, 1, g.shape[n_lead + 1])
 
 
-def _rule_for(name: str, module: nn.Module) -> _AffineRule | None:
-    if type(module) is StaxDense or (isinstance(module, nn.Linear)
-                                     and type(module).forward is nn.Linear.forward):
-        return (_DenseRule if isinstance(module, StaxDense) else _LinearRule)(name, module)
-    if (isinstance(module, (nn.Conv1d, nn.Conv2d))
-            and type(module).forward in (nn.Conv1d.forward, nn.Conv2d.forward)
-            and module.groups == 1 and module.padding_mode == 'zeros'
-            and module.padding != 'same'):
-        return _ConvRule(name, module)
+class _ConvRule(_AffineRule):
+    """`nn.Conv1d/2d/3d`, any padding (mode, 'same', 'valid'), stride, dilation
+    and groups: the patches of the padded input by strided views."""
+
+    @property
+    def groups(self) -> int:
+        return self.module.groups
+
+    @property
+    def n_spatial(self) -> int:
+        return len(self.module.kernel_size)
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """`(B, C, *S)` inputs padded as the layer pads them."""
+        m = self.module
+        if m.padding == 'valid':
+            return x
+        pads = []
+        for d, (k, dilation) in enumerate(zip(m.kernel_size, m.dilation)):
+            if m.padding == 'same':
+                total = dilation * (k - 1)
+                pads.append((total // 2, total - total // 2))
+            else:
+                pads.append((m.padding[d], m.padding[d]))
+        flat = [p for pair in reversed(pads) for p in pair]  # F.pad lists the last axis first
+        mode = 'constant' if m.padding_mode == 'zeros' else m.padding_mode
+        return F.pad(x, flat, mode=mode)
+
+    def geometry(self) -> tuple[Sequence[int], Sequence[int], Sequence[int]]:
+        """Kernel size, stride and dilation per spatial axis."""
+        return self.module.kernel_size, self.module.stride, self.module.dilation
+
+    def windows(self, x, n_lead):
+        lead, n = x.shape[:n_lead], self.n_spatial
+        x = self.padded(x.reshape(-1, *x.shape[-n - 1:]))             # (B, C, *S)
+        kernel_size, stride, dilation = self.geometry()
+        for d, k in enumerate(kernel_size):
+            span = dilation[d] * (k - 1) + 1
+            x = x.unfold(2 + d, span, stride[d])[..., ::dilation[d]]  # window axis appended
+        x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))  # (B, *S_out, C, *k)
+        return x.reshape(*lead, -1, self.groups, self.module.weight[0].numel())
+
+    # Channels before positions, as the layer's output is laid out.
+    cotangent_layout = 'GJR'
+
+    def cotangents(self, g, n_lead):
+        n, channels = self.n_spatial, self.module.weight.shape[0]
+        g = g.reshape(*g.shape[:n_lead], -1, self.groups, channels // self.groups,
+                      math.prod(g.shape[-n:]))                         # (*lead, M, G, J/G, P)
+        return g.movedim(n_lead, -2).flatten(-2)                       # (*lead, G, J/G, M·P)
+
+
+class _StaxConvRule(_StaxRule, _ConvRule):
+    """stax `Conv`: its own padding ('VALID', 'SAME', 'CIRCULAR'), no dilation or groups."""
+
+    groups = 1
+
+    @property
+    def n_spatial(self) -> int:
+        return len(self.module.filter_shape)
+
+    def padded(self, x):
+        m = self.module
+        return pad_input(x, m.filter_shape, m.strides, m.padding)
+
+    def geometry(self):
+        return self.module.filter_shape, self.module.strides, (1,) * self.n_spatial
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _rule_for(name: str, module: nn.Module, trainable: Collection[str]) -> _AffineRule | None:
+    """The structured rule of `module`, if its forward is one we know exactly."""
+    kind = type(module)
+    if kind is StaxDense:
+        return _ChannelsRule(name, module, trainable)
+    if kind is StaxConv:
+        return _StaxConvRule(name, module, trainable)
+    if isinstance(module, nn.Linear) and kind.forward is nn.Linear.forward:
+        return _LinearRule(name, module, trainable)
+    if isinstance(module, _CONVS) and kind.forward in (c.forward for c in _CONVS):
+        return _ConvRule(name, module, trainable)
     return None
 
 
-# The three implementations.
+# The three implementations; each returns one kernel per output tensor.
 
-def _jacobian_contraction(problem: _Problem) -> torch.Tensor:
-    total = None
+def _jacobian_contraction(problem: _Problem) -> list[torch.Tensor]:
+    terms = [[] for _ in problem.specs]
     for chunk in problem.parameter_chunks():
-        j1 = problem.jacobians(problem.x1, chunk, {})[0]
-        j2 = j1 if problem.x2 is None else problem.jacobians(problem.x2, chunk, {})[0]
-        for name, p in chunk.items():
-            term = problem.spec.contract(j1[name], j2[name], n_param_dims=p.ndim)
-            total = term if total is None else total + term
-    return total
+        j1 = problem.jacobians(problem.side1, chunk, {})[0]
+        j2 = j1 if problem.same_inputs else problem.jacobians(problem.side2, chunk, {})[0]
+        for leaf, spec in enumerate(problem.specs):
+            terms[leaf] += [spec.contract(j1[leaf][name], j2[leaf][name], n_param_dims=p.ndim)
+                            for name, p in chunk.items()]
+    return [_sum(leaf_terms) for leaf_terms in terms]
 
 
-def _ntk_vector_products(problem: _Problem) -> torch.Tensor:
-    f = lambda p, x: _apply(problem.model, p, x)
-    x1 = problem.x1
-    x2 = x1 if problem.x2 is None else problem.x2
+def _ntk_vector_products(problem: _Problem) -> list[torch.Tensor]:
     try:
-        if problem.batched:
-            full = _ntk_by_vector_products_per_example(f, problem.params, x1, x2,
-                                                       problem.chunk_bytes)
-        else:
-            full = _ntk_by_vector_products(f, problem.params, x1, x2)
+        full = _full_ntks_by_vector_products(problem)
     except NotImplementedError as error:
         if 'forward AD' not in str(error):
             raise
@@ -691,81 +1057,81 @@ def _ntk_vector_products(problem: _Problem) -> torch.Tensor:
                            "deterministic model (random layers such as dropout in training mode "
                            "draw new values in every product); call model.eval() or use "
                            "implementation='jacobian_contraction'") from error
-    return problem.spec.contract_full(full)
+    return [spec.contract_full(kernel) for spec, kernel in zip(problem.specs, full)]
 
 
-def _ntk_by_vector_products(f: Callable, params: Params, x1: torch.Tensor,
-                            x2: torch.Tensor) -> torch.Tensor:
-    """The full NTK `(*out1, *out2)` as `J1 J2ᵀ` applied to the basis of `f(x2)`."""
-    out2, vjp_fn = vjp(lambda p: f(p, x2), params)
-    out1 = f(params, x1)
+def _full_ntks_by_vector_products(problem: _Problem) -> list[torch.Tensor]:
+    """The full NTK `(*out1, *out2)` of every output tensor, as `J1 (J2ᵀ v)` for
+    every basis cotangent `v` of one call on `x2` (one example with `vmap_axes`)."""
+    model, params, side1, side2 = problem.model, problem.params, problem.side1, problem.side2
 
-    def column(cotangent: torch.Tensor) -> torch.Tensor:
-        (tangent,) = vjp_fn(cotangent)
-        return jvp(lambda p: f(p, x1), (params,), (tangent,))[1]
+    def call(p: Params, x: PyTree, kwargs: dict[str, Any]):
+        return tuple(pytree.tree_leaves(_apply(model, p, x, kwargs))), {}
 
-    basis = torch.eye(out2.numel(), dtype=out2.dtype, device=out2.device).reshape(-1, *out2.shape)
-    columns = vmap(column)(basis)                 # (|out2|, *out1)
-    return columns.reshape(out2.numel(), out1.numel()).T.reshape(*out1.shape, *out2.shape)
+    def outputs1(p: Params) -> tuple[torch.Tensor, ...]:
+        return call(p, side1.x, side1.kwargs)[0]
 
-
-def _ntk_by_vector_products_per_example(f: Callable, params: Params, x1: torch.Tensor,
-                                        x2: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
-    """As `_ntk_by_vector_products`, with the `vjp` on one `x2` example at a time."""
-    out1 = f(params, x1)
-    example_shape = out1.shape[1:]
-    n_outputs = math.prod(example_shape)
-    basis = torch.eye(n_outputs, dtype=out1.dtype, device=out1.device).reshape(-1, *example_shape)
-
-    def columns(x: torch.Tensor) -> torch.Tensor:
-        _, vjp_fn = vjp(lambda p: f(p, x[None])[0], params)
+    def columns(leaf: int, call2: Callable, *inputs2) -> torch.Tensor:
+        """`(|out2 of one call|, *out1)` for output tensor `leaf`."""
+        out2, vjp_fn, _ = vjp(lambda p: call2(p, *inputs2), params, has_aux=True)
+        n_out = out2[leaf].numel()
+        basis = torch.eye(n_out, dtype=out2[leaf].dtype, device=out2[leaf].device)
 
         def column(cotangent: torch.Tensor) -> torch.Tensor:
-            (tangent,) = vjp_fn(cotangent)
-            return jvp(lambda p: f(p, x1), (params,), (tangent,))[1]
+            cotangents = tuple(cotangent.reshape(o.shape) if i == leaf else torch.zeros_like(o)
+                               for i, o in enumerate(out2))
+            (tangent,) = vjp_fn(cotangents)
+            return jvp(outputs1, (params,), (tangent,))[1][leaf]
 
-        return vmap(column)(basis)                # (O, *out1)
+        return vmap(column)(basis)
 
-    param_bytes = sum(p.numel() * p.element_size() for p in params.values())
-    chunk = max(1, chunk_bytes // max(1, 4 * n_outputs * param_bytes))
-    cols = vmap(columns, chunk_size=chunk)(x2)    # (N2, O, *out1)
-    cols = cols.reshape(x2.shape[0] * n_outputs, out1.numel()).T
-    return cols.reshape(*out1.shape, x2.shape[0], *example_shape)
+    kernels = []
+    for leaf, (shape1, shape2) in enumerate(zip(side1.out_shapes, side2.out_shapes)):
+        if problem.axes is None:
+            cols = columns(leaf, call, side2.x, side2.kwargs).reshape(*shape2, *shape1)
+            kernels.append(cols.movedim(tuple(range(len(shape2))),
+                                        tuple(range(len(shape1), len(shape1) + len(shape2)))))
+            continue
+        axis = problem.axes.out_axes[leaf]
+        example = problem.axes.per_example(call, side2.kwargs)
+        n_out = math.prod(shape2) // shape2[axis]
+        param_bytes = sum(p.numel() * p.element_size() for p in params.values())
+        chunk = max(1, problem.chunk_bytes // max(1, 4 * n_out * param_bytes))
+        cols = vmap(functools.partial(columns, leaf, example), in_dims=problem.axes.in_dims(),
+                    chunk_size=chunk)(side2.x, problem.axes.mapped(side2.kwargs))
+        example_shape = shape2[:axis] + shape2[axis + 1:]
+        cols = cols.reshape(shape2[axis], *example_shape, *shape1)    # (N2, *rest2, *out1)
+        n1, n2 = len(shape1), len(shape2)
+        cols = cols.movedim(tuple(range(n2)), tuple(range(n1, n1 + n2)))
+        kernels.append(cols.movedim(n1, n1 + axis))
+    return kernels
 
 
-def _structured_derivatives(problem: _Problem) -> torch.Tensor:
+def _structured_derivatives(problem: _Problem) -> list[torch.Tensor]:
     rules = problem.rules
     structured = {n for rule in rules.values() for n in rule.param_names()}
     other = {n: p for n, p in problem.params.items() if n not in structured}
-    side1 = problem.jacobians(problem.x1, other, rules)
-    side2 = side1 if problem.x2 is None else problem.jacobians(problem.x2, other, rules)
-    spec = problem.spec
-    total = sum(spec.contract(side1[0][n], side2[0][n], n_param_dims=p.ndim)
-                for n, p in other.items())
-    n_lead = len(problem.out_shape)
-    for name, rule in rules.items():
-        a1, a2 = (rule.patches(side[2][name].flatten(0, 1) if problem.batched else side[2][name])
-                  for side in (side1, side2))
-        g1, g2 = (rule.cotangents(side[1][name], n_lead) for side in (side1, side2))
-        if problem.batched:
-            a1, a2 = (a.reshape(n, -1, a.shape[-1]) for a, n in ((a1, problem.n1), (a2, problem.n2)))
-        jacobian_flops, gram_flops = problem.route_flops(rule)
-        if jacobian_flops <= gram_flops:
-            j1, j2 = (_weight_jacobian(a, g, problem.batched) for a, g in ((a1, g1), (a2, g2)))
-            total = total + spec.contract(j1, j2, n_param_dims=2)
-        else:
-            total = total + spec.contract_gram(g1, g2, a1, a2, problem.batched)
-        if rule.module.bias is not None:
-            scale = rule.bias_scale()
-            total = total + spec.contract(g1.sum(-2) * scale, g2.sum(-2) * scale, n_param_dims=1)
-    return total
+    side1 = problem.jacobians(problem.side1, other, rules)
+    side2 = side1 if problem.same_inputs else problem.jacobians(problem.side2, other, rules)
+    n_lead = 0 if problem.axes is None else 1
+    sides = (side1,) if problem.same_inputs else (side1, side2)
+    patches = {name: [rule.patches(side[2][name], n_lead) for side in sides]
+               for name, rule in rules.items()}
+    kernels = []
+    for leaf, spec in enumerate(problem.specs):
+        terms = [spec.contract(side1[0][leaf][n], side2[0][leaf][n], n_param_dims=p.ndim)
+                 for n, p in other.items()]
+        for name, rule in rules.items():
+            g = [rule.cotangents(side[1][leaf][name], spec.ndim) for side in sides]
+            (g1, g2), (a1, a2) = (g[0], g[-1]), (patches[name][0], patches[name][-1])
+            letters, result, _ = problem.structured_operands(leaf, rule)
+            terms.append(spec.normalized(_einsum(letters, result, (g1, a1, g2, a2)), g1.shape))
+        kernels.append(_sum(terms))
+    return kernels
 
 
-def _weight_jacobian(a: torch.Tensor, g: torch.Tensor, batched: bool) -> torch.Tensor:
-    """`Σ_p g[…, p, j] a[p, i]`: `(*out, J, I)`."""
-    if batched:
-        return torch.einsum('n...pj,npi->n...ji', g, a)
-    return torch.einsum('...pj,pi->...ji', g, a)
+def _sum(terms: Sequence[torch.Tensor]) -> torch.Tensor:
+    return functools.reduce(torch.add, terms)
 
 
 _COMPUTE = {'jacobian_contraction': _jacobian_contraction,
@@ -773,67 +1139,150 @@ _COMPUTE = {'jacobian_contraction': _jacobian_contraction,
             'structured_derivatives': _structured_derivatives}
 
 
+# Contractions.
+
+def _contraction_order(terms: Sequence[str], result: str, sizes: Mapping[str, int]
+                       ) -> tuple[int, Any]:
+    """The cheapest order of pairwise contractions for `einsum(terms -> result)`.
+
+    Exhaustive over binary trees (a handful of operands). Returns the
+    multiply-adds and the plan: an operand index, or `(plan, plan, letters)`
+    for the contraction of two intermediate results into `letters` (the
+    letters of `result` in another order at the root).
+    """
+    everything = frozenset(range(len(terms)))
+
+    @functools.cache
+    def best(subset: frozenset) -> tuple[int, Any, str]:
+        if len(subset) == 1:
+            i = next(iter(subset))
+            return 0, i, terms[i]
+        needed = set(result).union(*(terms[i] for i in everything - subset))
+        first, rest = min(subset), sorted(subset - {min(subset)})
+        options = []
+        for mask in range(2**len(rest) - 1):   # the part holding `first` misses some of `rest`
+            left = frozenset([first, *(i for b, i in enumerate(rest) if mask >> b & 1)])
+            (cost1, plan1, letters1), (cost2, plan2, letters2) = best(left), best(subset - left)
+            # torch.einsum's own layout of a pair (shared, left-only, right-only kept
+            # axes): a result in it is not copied, and symmetric pairs agree.
+            letters = ''.join(
+                [c for c in letters1 if c in letters2 and c in needed]
+                + [c for c in letters1 if c not in letters2 and c in needed]
+                + [c for c in letters2 if c not in letters1 and c in needed])
+            cost = cost1 + cost2 + math.prod(sizes[c] for c in set(letters1) | set(letters2))
+            options.append((cost, (plan1, plan2, letters), letters))
+        return min(options, key=lambda option: option[0])
+
+    cost, plan, _ = best(everything)
+    return cost, plan
+
+
+def _einsum(terms: Sequence[str], result: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`torch.einsum` of several operands, pairwise in the cheapest order.
+
+    A pair met twice (the same tensors, the same contraction up to the names
+    of the letters, as both sides of a kernel with `x2=None`) is computed once.
+    """
+    sizes = {c: n for term, t in zip(terms, tensors) for c, n in zip(term, t.shape)}
+    done = {}
+
+    def run(plan) -> tuple[torch.Tensor, str]:
+        if isinstance(plan, int):
+            return tensors[plan], terms[plan]
+        (left, left_letters), (right, right_letters) = run(plan[0]), run(plan[1])
+        spec = f"{left_letters},{right_letters}->{plan[2]}"
+        names = {c: string.ascii_letters[i]
+                 for i, c in enumerate(c for c in dict.fromkeys(spec) if c.isalpha())}
+        key = (id(left), id(right), ''.join(names.get(c, c) for c in spec))
+        if key not in done:
+            done[key] = torch.einsum(spec, left, right)
+        return done[key], plan[2]
+
+    out, letters = run(_contraction_order(terms, result, sizes)[1])
+    return out.permute([letters.index(c) for c in result])
+
+
 class _OutputContraction:
     """The einsum that turns two output-shaped tensors into a kernel.
 
     Output axis `i` gets letter `a_i` on side 1 and `b_i` on side 2; a traced
     or diagonal axis uses one letter on both sides (summed, or kept once).
+    Output axes take upper-case letters, and lower-case ones from the end of
+    the alphabet name the other axes (parameters, rows, groups, columns):
+    `torch.einsum` orders summed axes by letter, so summed output axes come
+    before the parameter axes that follow them in memory, and a Jacobian
+    `(*out, *θ)` is contracted without being copied.
     """
 
     def __init__(self, out_ndim: int, trace_axes: Sequence[int], diagonal_axes: Sequence[int]):
+        for name, axes in (('trace_axes', trace_axes), ('diagonal_axes', diagonal_axes)):
+            if any(not -out_ndim <= a < out_ndim for a in axes):
+                raise ValueError(f"{name} {tuple(axes)} are out of range for outputs with "
+                                 f"{out_ndim} axes")
         trace = {a % out_ndim for a in trace_axes}
         diagonal = {a % out_ndim for a in diagonal_axes}
         if trace & diagonal:
             raise ValueError(f"trace_axes {tuple(trace_axes)} and diagonal_axes "
                              f"{tuple(diagonal_axes)} must not overlap")
-        letters = iter(string.ascii_letters)
-        self.side1, self.side2, self.result = [], [], []
+        self.ndim = out_ndim
+        letters = iter(string.ascii_uppercase + string.ascii_lowercase[:10])
+        self.side1, self.side2, self.result = '', '', ''
         for axis in range(out_ndim):
             a = next(letters)
             b = a if axis in trace | diagonal else next(letters)
-            self.side1.append(a)
-            self.side2.append(b)
+            self.side1 += a
+            self.side2 += b
             if axis in diagonal:
-                self.result.append(a)
+                self.result += a
             elif axis not in trace:
-                self.result += [a, b]
+                self.result += a + b
         self.trace = sorted(trace)
 
-    def _divisor(self, shape: Sequence[int]) -> int:
-        return math.prod(shape[a] for a in self.trace)
+    def paired_axes(self) -> list[int]:
+        """Traced and diagonal axes: the two outputs must agree in size on them."""
+        return [i for i, (a, b) in enumerate(zip(self.side1, self.side2)) if a == b]
+
+    def normalized(self, kernel: torch.Tensor, out_shape: Sequence[int]) -> torch.Tensor:
+        """`kernel` divided by the size of the traced axes of `out_shape`."""
+        divisor = math.prod(out_shape[a] for a in self.trace)
+        return kernel if divisor == 1 else kernel / divisor
 
     def contract(self, t1: torch.Tensor, t2: torch.Tensor, n_param_dims: int) -> torch.Tensor:
         """Contract `(*out1, *P)` with `(*out2, *P)` over `P` and the traced axes."""
-        # Parameter axes take letters from the end of the alphabet, outputs from the start.
-        params = string.ascii_letters[len(string.ascii_letters) - n_param_dims:]
-        spec = (f"{''.join(self.side1)}{params},{''.join(self.side2)}{params}"
-                f"->{''.join(self.result)}")
-        return torch.einsum(spec, t1, t2) / self._divisor(t1.shape)
+        params = string.ascii_lowercase[26 - n_param_dims:]
+        spec = f"{self.side1}{params},{self.side2}{params}->{self.result}"
+        return self.normalized(torch.einsum(spec, t1, t2), t1.shape)
 
     def multiply_adds(self, shape1: Sequence[int], shape2: Sequence[int]) -> int:
         """Entries of the result times entries of the traced axes."""
-        trace_or_diagonal = set(self.trace) | {i for i, (a, b) in enumerate(
-            zip(self.side1, self.side2)) if a == b}
-        return math.prod(shape1[i] if i in trace_or_diagonal else shape1[i] * shape2[i]
-                         for i in range(len(self.side1)))
+        paired = self.paired_axes()
+        return math.prod(shape1[i] if i in paired else shape1[i] * shape2[i]
+                         for i in range(self.ndim))
 
-    def contract_gram(self, g1: torch.Tensor, g2: torch.Tensor, a1: torch.Tensor,
-                      a2: torch.Tensor, batched: bool) -> torch.Tensor:
-        """`Σ_{p,q} (a1[p]·a2[q]) (g1[…, p]·g2[…, q])` over positions, contracted.
+    def affine_terms(self, shapes: Sequence[tuple[Sequence[int], int]], groups: int,
+                     columns: int, outputs: int, cotangent_layout: str, batch_axis: int | None
+                     ) -> tuple[list[str], str, dict[str, int]]:
+        r"""Einsum terms, result and letter sizes of a structured layer's contribution
 
-        `g`: `(*out, P, J)`; `a`: `(N, P, I)` when batched (positions of one
-        example, axis 0 of `out` is the example), else `(P, I)`.
+        .. math:: \sum_{r, s, g} (a_1[r, g]·a_2[s, g])\,(g_1[…, r, g]·g_2[…, s, g])
+
+        from `g1 (*out1, R, G, J)`, `a1 ([N1], R, G, I)`, `g2 (*out2, S, G, J)`,
+        `a2 ([N2], S, G, I)` (the cotangents' last three axes in the order of
+        `cotangent_layout`, e.g. `'RGJ'`); `shapes` holds `(output shape,
+        rows R)` of each side. With a `batch_axis`, `a` holds the rows of one
+        example's call per example of that output axis.
         """
-        side1, side2, result = ''.join(self.side1), ''.join(self.side2), ''.join(self.result)
-        if batched:
-            gram = torch.einsum('nPI,mQI->nmPQ', a1, a2)
-            gram_letters = self.side1[0] + self.side2[0]
-        else:
-            gram, gram_letters = a1 @ a2.T, ''
-        spec = f"{side1}PJ,{side2}QJ,{gram_letters}PQ->{result}"
-        return torch.einsum(spec, g1, g2, gram) / self._divisor(g1.shape)
+        (out1, rows1), (out2, rows2) = shapes
+        batch1, batch2 = ('', '') if batch_axis is None else \
+            (self.side1[batch_axis], self.side2[batch_axis])
+        g1, g2 = (cotangent_layout.replace('R', rows).replace('G', 'y').replace('J', 'w')
+                  for rows in ('z', 'v'))
+        terms = [self.side1 + g1, f"{batch1}zyx", self.side2 + g2, f"{batch2}vyx"]
+        sizes = {**dict(zip(self.side1, out1)), **dict(zip(self.side2, out2)),
+                 'z': rows1, 'v': rows2, 'y': groups, 'x': columns, 'w': outputs}
+        return terms, self.result, sizes
 
     def contract_full(self, full: torch.Tensor) -> torch.Tensor:
         """Apply the traces and diagonals to a full `(*out1, *out2)` kernel."""
-        spec = f"{''.join(self.side1)}{''.join(self.side2)}->{''.join(self.result)}"
-        return torch.einsum(spec, full) / self._divisor(full.shape)
+        return self.normalized(torch.einsum(f"{self.side1}{self.side2}->{self.result}", full),
+                               full.shape)
