@@ -734,3 +734,17 @@ def test_linearize_of_pytree_model_is_pytree_and_exact_at_params0():
         out = f_lin(x, params, gate=gate)
         torch.testing.assert_close(out[0], expected[0], rtol=0, atol=ATOL)
         torch.testing.assert_close(out[1]['z'], expected[1]['z'], rtol=0, atol=ATOL)
+
+
+def test_ntk_gradient_in_stax_hyperparameters_agrees_across_implementations():
+    W_std = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    b_std = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    model = stax.serial(stax.Conv(3, (2, 2), W_std=W_std, b_std=b_std), stax.Relu(),
+                        stax.Flatten(), stax.Dense(2, W_std=W_std, b_std=b_std))
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model.init_parameters(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gradients = [torch.autograd.grad(torchntk.empirical_ntk_fn(model, implementation=name)(x).sum(),
+                                     (W_std, b_std)) for name in IMPLEMENTATIONS]
+    assert all(g.abs() > 1e-3 for g in gradients[0])
+    for other in gradients[1:]:
+        torch.testing.assert_close(other, gradients[0], rtol=0, atol=ATOL)

@@ -460,22 +460,26 @@ class _VmapAxes:
     one `torch.func.vmap` can map over the batch axes (`in_dims`).
     """
 
-    def __init__(self, vmap_axes: VmapAxes, x: PyTree, out: PyTree, kwargs: dict[str, Any]):
+    def __init__(self, vmap_axes: VmapAxes, x: PyTree, kwargs: dict[str, Any]):
         if isinstance(vmap_axes, tuple) and len(vmap_axes) == 3:
-            in_axes, out_axes, kwargs_axes = vmap_axes
+            in_axes, self.given_out_axes, kwargs_axes = vmap_axes
         else:
-            in_axes, out_axes, kwargs_axes = vmap_axes, vmap_axes, {}
+            in_axes, self.given_out_axes, kwargs_axes = vmap_axes, vmap_axes, {}
         # Axes of keyword arguments not passed in this call do not apply.
         kwargs_axes = {name: axes for name, axes in (kwargs_axes or {}).items() if name in kwargs}
         self.x_tree = pytree.tree_structure(x)
         self.x_axes = _axes_of(in_axes, x, 'the inputs')
-        self.out_axes = _axes_of(out_axes, out, 'the outputs')
         self.kwargs_axes = {name: _axes_of(axes, kwargs[name], f"keyword argument {name!r}")
                             for name, axes in kwargs_axes.items()}
         self.kwargs_trees = {name: pytree.tree_structure(kwargs[name]) for name in kwargs_axes}
+        self.out_axes = None
+
+    def set_outputs(self, out: PyTree) -> None:
+        """Canonicalize the output axes for outputs like `out`."""
+        self.out_axes = _axes_of(self.given_out_axes, out, 'the outputs')
         if None in self.out_axes:
             raise ValueError("empirical_ntk_fn: vmap_axes must give every output a batch axis, "
-                             f"got {out_axes!r}")
+                             f"got {self.given_out_axes!r}")
 
     @property
     def maps_something(self) -> bool:
@@ -526,6 +530,16 @@ class _VmapAxes:
                                         for name, axes in self.kwargs_axes.items()}
 
 
+@contextlib.contextmanager
+def _cut_along_vmap_axes() -> Iterator[None]:
+    """The model runs on examples cut along `vmap_axes`: its errors are those of the axes."""
+    try:
+        yield
+    except RuntimeError as error:
+        raise ValueError(f"empirical_ntk_fn: the model fails on examples cut along vmap_axes "
+                         f"({error}); check vmap_axes or pass vmap_axes=None") from error
+
+
 def _expand(tree: PyTree, axes: list[int | None]) -> PyTree:
     leaves, spec = pytree.tree_flatten(tree)
     return pytree.tree_unflatten([leaf if a is None else leaf.unsqueeze(a)
@@ -568,41 +582,53 @@ class _Problem:
         self.model, self.params, self.chunk_bytes = model, params, chunk_bytes
         self.modules = dict(model.named_modules())
         kwargs1, kwargs2 = _split_kwargs(kwargs)
-        out1, self.forward_flops, calls1 = _traced_forward(model, params, x1, kwargs1,
-                                                           self.modules, count_flops)
-        leaves1, self.out_tree = _output_leaves(out1, 'empirical_ntk_fn')
-        shapes1 = [tuple(o.shape) for o in leaves1]
-        self.axes = None if vmap_axes is None else _VmapAxes(vmap_axes, x1, out1, kwargs1)
+        self.axes = None if vmap_axes is None else _VmapAxes(vmap_axes, x1, kwargs1)
         if self.axes is not None and not self.axes.maps_something:
             self.axes = None
-        mixing = _batch_mixing_modules(self.modules, calls1)
-        if self.axes is not None and mixing:
-            logger.info("empirical_ntk_fn: %s mix batch elements or draw random numbers; "
-                        "differentiating whole batches (vmap_axes=None)", ', '.join(mixing))
-            self.axes = None
+        if self.axes is not None:
+            # The first two examples stand for the batch (their batch is
+            # checked against their per-example calls below).
+            n1 = self.axes.batch_size(x1, kwargs1)
+            x, mapped = self.axes.examples(x1, kwargs1, 0, min(n1, 2))
+            with _cut_along_vmap_axes():
+                out1, flops, calls1 = _traced_forward(model, params, x, {**kwargs1, **mapped},
+                                                      self.modules, count_flops)
+            self.forward_flops = flops * n1 / min(n1, 2)
+            mixing = _batch_mixing_modules(self.modules, calls1)
+            if mixing:
+                logger.info("empirical_ntk_fn: %s mix batch elements or draw random numbers; "
+                            "differentiating whole batches (vmap_axes=None)", ', '.join(mixing))
+                self.axes = None
         if self.axes is None:
-            self.side1 = _Side(x1, kwargs1, shapes1, calls1)
+            out1, self.forward_flops, calls1 = _traced_forward(model, params, x1, kwargs1,
+                                                               self.modules, count_flops)
+        leaves1, self.out_tree = _output_leaves(out1, 'empirical_ntk_fn')
+        if self.axes is None:
+            self.side1 = _Side(x1, kwargs1, [tuple(o.shape) for o in leaves1], calls1)
             if x2 is not None:
                 out2, _, calls2 = _traced_forward(model, params, x2, kwargs2, self.modules)
                 leaves2 = _output_leaves(out2, 'empirical_ntk_fn', self.out_tree)[0]
                 self.side2 = _Side(x2, kwargs2, [tuple(o.shape) for o in leaves2], calls2)
         else:
             # Modules record their shapes in one example's call (what the Jacobians see).
-            n = min(self.axes.batch_size(x1, kwargs1), 2)
-            examples, calls = self._example_forward(x1, kwargs1, n)
+            self.axes.set_outputs(out1)
+            examples, calls = self._example_forward(x1, kwargs1, min(n1, 2))
             self._check_per_example_outputs(leaves1, examples)
-            self.side1 = _Side(x1, kwargs1, shapes1, calls)
+            self.side1 = _Side(x1, kwargs1, self._batch_shapes(examples, n1), calls)
             if x2 is not None:
                 examples, calls = self._example_forward(x2, kwargs2, 1)
-                n2 = self.axes.batch_size(x2, kwargs2)
-                shapes2 = [shape[1:axis + 1] + (n2,) + shape[axis + 1:] for shape, axis
-                           in zip((tuple(o.shape) for o in examples), self.axes.out_axes)]
+                shapes2 = self._batch_shapes(examples, self.axes.batch_size(x2, kwargs2))
                 self.side2 = _Side(x2, kwargs2, shapes2, calls)
         if x2 is None:
             self.side2 = self.side1
         self.specs = _output_contractions(self.side1.out_shapes, self.side2.out_shapes,
                                           trace_axes, diagonal_axes)
         self.rules = self._structured_rules()
+
+    def _batch_shapes(self, examples: list[torch.Tensor], n: int) -> list[tuple[int, ...]]:
+        """Output shapes of `n` examples from outputs `(k, *example)` of `k` examples."""
+        return [tuple(o.shape[1:axis + 1]) + (n,) + tuple(o.shape[axis + 1:])
+                for o, axis in zip(examples, self.axes.out_axes)]
 
     @property
     def same_inputs(self) -> bool:
@@ -631,12 +657,8 @@ class _Problem:
             return _output_leaves(out, 'empirical_ntk_fn', self.out_tree)[0], {}
 
         example = self.axes.per_example(call, kwargs)
-        try:
+        with _cut_along_vmap_axes():
             outputs = vmap(example, in_dims=self.axes.in_dims())(x, mapped)[0]
-        except RuntimeError as error:
-            raise ValueError(f"empirical_ntk_fn: the model fails on one example cut along "
-                             f"vmap_axes ({error}); check vmap_axes or pass vmap_axes=None"
-                             ) from error
         return list(outputs), calls
 
     def _check_per_example_outputs(self, outputs: list[torch.Tensor],
@@ -880,9 +902,13 @@ class _AffineRule(abc.ABC):
         """Rows of one call whose output has `output_shape`."""
         return math.prod(output_shape) // self.module.weight.shape[0]
 
+    #: Axes of the inputs one output sees, at the end of `windows`.
+    column_ndim = 1
+
     @abc.abstractmethod
     def windows(self, x: torch.Tensor, n_lead: int) -> torch.Tensor:
-        """Inputs `(*lead, *x)` as the rows each output sees: `(*lead, rows, G, I)`."""
+        """Inputs `(*lead, *x)` as the inputs each output sees, a view (no copy)
+        `(*lead, *rows, G, *columns)` with `column_ndim` column axes."""
 
     @abc.abstractmethod
     def cotangents(self, g: torch.Tensor, n_lead: int) -> torch.Tensor:
@@ -896,23 +922,30 @@ class _AffineRule(abc.ABC):
         return 1.
 
     def patches(self, x: torch.Tensor, n_lead: int) -> torch.Tensor:
-        r"""The layer's parameter Jacobian per row: :math:`(s_W a, s_b)`, `(*lead, rows, G, columns)`."""
+        r"""The layer's parameter Jacobian per row: :math:`(s_W a, s_b)`, `(*lead, rows, G, columns)`.
+
+        Written into one new tensor: the windows are copied once.
+        """
         windows = self.windows(x, n_lead)
-        columns = [_scaled(windows, self.weight_scale())] if self.trains_weight else []
+        lead, k = windows.shape[:n_lead], self.column_ndim
+        rows, window = windows.shape[n_lead:-k - 1], windows.shape[-k:]
+        inputs = math.prod(window) * self.trains_weight
+        patches = windows.new_empty(*lead, math.prod(rows), self.groups, inputs + self.trains_bias)
+        if self.trains_weight:
+            patches[..., :inputs].view(*lead, *rows, self.groups, *window).copy_(windows)
+            scale = self.weight_scale()
+            if not isinstance(scale, (int, float)) or scale != 1:
+                patches[..., :inputs] *= scale
         if self.trains_bias:
-            columns.append(_scaled(torch.ones_like(windows[..., :1]), self.bias_scale()))
-        return torch.cat(columns, -1) if len(columns) > 1 else columns[0]
-
-
-def _scaled(t: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    return t if isinstance(scale, (int, float)) and scale == 1 else t * scale
+            patches[..., inputs] = self.bias_scale()
+        return patches
 
 
 class _LinearRule(_AffineRule):
     """`nn.Linear`: features last, every other axis a position."""
 
     def windows(self, x, n_lead):
-        return x.reshape(*x.shape[:n_lead], -1, 1, x.shape[-1])
+        return x.unsqueeze(-2)
 
     def cotangents(self, g, n_lead):
         return g.reshape(*g.shape[:n_lead], -1, 1, g.shape[-1])
@@ -936,7 +969,7 @@ class _ChannelsRule(_StaxRule):
     """stax `Dense`: channels on axis 1, every other axis a position."""
 
     def windows(self, x, n_lead):
-        return x.movedim(n_lead + 1, -1).reshape(*x.shape[:n_lead], -1, 1, x.shape[n_lead + 1])
+        return x.movedim(n_lead + 1, -1).unsqueeze(-2)
 
     def cotangents(self, g, n_lead):
         return g.movedim(n_lead + 1, -1).reshape(*g.shape[:n_lead], -1, 1, g.shape[n_lead + 1])
@@ -953,6 +986,10 @@ class _ConvRule(_AffineRule):
     @property
     def n_spatial(self) -> int:
         return len(self.module.kernel_size)
+
+    @property
+    def column_ndim(self) -> int:
+        return 1 + self.n_spatial
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """`(B, C, *S)` inputs padded as the layer pads them."""
@@ -982,7 +1019,7 @@ class _ConvRule(_AffineRule):
             span = dilation[d] * (k - 1) + 1
             x = x.unfold(2 + d, span, stride[d])[..., ::dilation[d]]  # window axis appended
         x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))  # (B, *S_out, C, *k)
-        return x.reshape(*lead, -1, self.groups, self.module.weight[0].numel())
+        return x.unflatten(0, (*lead, -1)).unflatten(n_lead + 1 + n, (self.groups, -1))
 
     # Channels before positions, as the layer's output is laid out.
     cotangent_layout = 'GJR'
@@ -1163,12 +1200,18 @@ def _contraction_order(terms: Sequence[str], result: str, sizes: Mapping[str, in
         for mask in range(2**len(rest) - 1):   # the part holding `first` misses some of `rest`
             left = frozenset([first, *(i for b, i in enumerate(rest) if mask >> b & 1)])
             (cost1, plan1, letters1), (cost2, plan2, letters2) = best(left), best(subset - left)
-            # torch.einsum's own layout of a pair (shared, left-only, right-only kept
-            # axes): a result in it is not copied, and symmetric pairs agree.
-            letters = ''.join(
-                [c for c in letters1 if c in letters2 and c in needed]
-                + [c for c in letters1 if c not in letters2 and c in needed]
-                + [c for c in letters2 if c not in letters1 and c in needed])
+            # torch.einsum's own layout of a product (shared, left-only, right-only
+            # kept axes): a result in it is not copied, and symmetric pairs agree.
+            # A broadcast product (nothing summed) keeps the larger factor's layout.
+            if all(sizes[c] == 1 for c in set(letters1) | set(letters2) if c not in needed):
+                big, small = sorted((letters1, letters2),
+                                    key=lambda term: -math.prod(sizes[c] for c in term))
+                letters = ''.join(c for c in dict.fromkeys(big + small) if c in needed)
+            else:
+                letters = ''.join(
+                    [c for c in letters1 if c in letters2 and c in needed]
+                    + [c for c in letters1 if c not in letters2 and c in needed]
+                    + [c for c in letters2 if c not in letters1 and c in needed])
             cost = cost1 + cost2 + math.prod(sizes[c] for c in set(letters1) | set(letters2))
             options.append((cost, (plan1, plan2, letters), letters))
         return min(options, key=lambda option: option[0])
