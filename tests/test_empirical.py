@@ -748,3 +748,13 @@ def test_ntk_gradient_in_stax_hyperparameters_agrees_across_implementations():
     assert all(g.abs() > 1e-3 for g in gradients[0])
     for other in gradients[1:]:
         torch.testing.assert_close(other, gradients[0], rtol=0, atol=ATOL)
+
+
+def test_forward_hook_changing_the_output_disables_the_structured_rule():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    model[0].register_forward_hook(lambda module, args, output: 2 * output**2)
+    x1 = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x2 = torch.randn(2, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert structured_layers(model, x1) == {'2'}
+    agrees_with_jacobian_contraction(model, x1, x2, trace_axes=())

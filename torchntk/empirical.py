@@ -1052,7 +1052,13 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _rule_for(name: str, module: nn.Module, trainable: Collection[str]) -> _AffineRule | None:
-    """The structured rule of `module`, if its forward is one we know exactly."""
+    """The structured rule of `module`, if its forward is one we know exactly.
+
+    Forward hooks may change the output the rule knows, so modules with any
+    (their own or global ones) get none.
+    """
+    if module._forward_hooks or nn.modules.module._global_forward_hooks:
+        return None
     kind = type(module)
     if kind is StaxDense:
         return _ChannelsRule(name, module, trainable)
