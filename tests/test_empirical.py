@@ -758,3 +758,15 @@ def test_forward_hook_changing_the_output_disables_the_structured_rule():
     x2 = torch.randn(2, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     assert structured_layers(model, x1) == {'2'}
     agrees_with_jacobian_contraction(model, x1, x2, trace_axes=())
+
+
+def test_contraction_order_keeps_intermediates_within_max_size():
+    # Cheapest: (ij)(jk) first, 2·10·100 + 2·100·10 multiply-adds through a 2 x 100
+    # intermediate; within 100 entries: (jk)(kl) first, 10·100·10 + 2·10·10 through 10 x 10.
+    sizes = {'i': 2, 'j': 10, 'k': 100, 'l': 10}
+    order = torchntk.empirical._contraction_order
+    assert order(['ij', 'jk', 'kl'], 'il', sizes) == (4000, ((0, 1, 'ik'), 2, 'il'))
+    assert order(['ij', 'jk', 'kl'], 'il', sizes, max_size=100) == (10200, (0, (1, 2, 'jl'), 'il'))
+    a, b, c = (torch.randn(m, n, dtype=torch.float64) for m, n in ((2, 10), (10, 100), (100, 10)))
+    torch.testing.assert_close(torchntk.empirical._einsum(['ij', 'jk', 'kl'], 'il', (a, b, c),
+                                                          max_size=100), a @ b @ c, rtol=0, atol=ATOL)

@@ -721,7 +721,7 @@ class _Problem:
         other = sum(p.numel() for n, p in self.params.items() if n not in structured)
         passes = self._jacobian_pass_flops(1 + other / n_params)
         return passes + 2 * k * other + 2 * sum(
-            _contraction_order(*self.structured_operands(leaf, rule))[0]
+            _contraction_order(*self.structured_operands(leaf, rule), self.max_entries())[0]
             for leaf in range(len(self.specs)) for rule in self.rules.values())
 
     def structured_operands(self, leaf: int, rule: _AffineRule
@@ -733,6 +733,11 @@ class _Problem:
             shapes.append((side.out_shapes[leaf], rows))
         return self.specs[leaf].affine_terms(shapes, rule.groups, rule.columns(), rule.outputs(),
                                              rule.cotangent_layout, self.batch_axis(leaf))
+
+    def max_entries(self) -> int:
+        """Entries of an intermediate result within `chunk_bytes`."""
+        element_size = max(p.element_size() for p in self.params.values())
+        return self.chunk_bytes // element_size
 
     def batch_axis(self, leaf: int) -> int | None:
         return None if self.axes is None else self.axes.out_axes[leaf]
@@ -1168,7 +1173,8 @@ def _structured_derivatives(problem: _Problem) -> list[torch.Tensor]:
             g = [rule.cotangents(side[1][leaf][name], spec.ndim) for side in sides]
             (g1, g2), (a1, a2) = (g[0], g[-1]), (patches[name][0], patches[name][-1])
             letters, result, _ = problem.structured_operands(leaf, rule)
-            terms.append(spec.normalized(_einsum(letters, result, (g1, a1, g2, a2)), g1.shape))
+            terms.append(spec.normalized(_einsum(letters, result, (g1, a1, g2, a2),
+                                                 problem.max_entries()), g1.shape))
         kernels.append(_sum(terms))
     return kernels
 
@@ -1184,28 +1190,32 @@ _COMPUTE = {'jacobian_contraction': _jacobian_contraction,
 
 # Contractions.
 
-def _contraction_order(terms: Sequence[str], result: str, sizes: Mapping[str, int]
-                       ) -> tuple[int, Any]:
+def _contraction_order(terms: Sequence[str], result: str, sizes: Mapping[str, int],
+                       max_size: float = math.inf) -> tuple[int, Any]:
     """The cheapest order of pairwise contractions for `einsum(terms -> result)`.
 
-    Exhaustive over binary trees (a handful of operands). Returns the
-    multiply-adds and the plan: an operand index, or `(plan, plan, letters)`
-    for the contraction of two intermediate results into `letters` (the
-    letters of `result` in another order at the root).
+    Exhaustive over binary trees (a handful of operands); orders whose
+    intermediate results stay within `max_size` entries come first, as
+    opt_einsum's `memory_limit`. Returns the multiply-adds and the plan: an
+    operand index, or `(plan, plan, letters)` for the contraction of two
+    intermediate results into `letters` (the letters of `result` in another
+    order at the root).
     """
     everything = frozenset(range(len(terms)))
 
     @functools.cache
-    def best(subset: frozenset) -> tuple[int, Any, str]:
+    def best(subset: frozenset) -> tuple[tuple[bool, int], Any, str]:
+        """`((too large, multiply-adds), plan, letters)` of the best order for `subset`."""
         if len(subset) == 1:
             i = next(iter(subset))
-            return 0, i, terms[i]
+            return (False, 0), i, terms[i]
         needed = set(result).union(*(terms[i] for i in everything - subset))
         first, rest = min(subset), sorted(subset - {min(subset)})
         options = []
         for mask in range(2**len(rest) - 1):   # the part holding `first` misses some of `rest`
             left = frozenset([first, *(i for b, i in enumerate(rest) if mask >> b & 1)])
-            (cost1, plan1, letters1), (cost2, plan2, letters2) = best(left), best(subset - left)
+            ((large1, cost1), plan1, letters1), ((large2, cost2), plan2, letters2) = \
+                best(left), best(subset - left)
             # torch.einsum's own layout of a product (shared, left-only, right-only
             # kept axes): a result in it is not copied, and symmetric pairs agree.
             # A broadcast product (nothing summed) keeps the larger factor's layout.
@@ -1219,15 +1229,19 @@ def _contraction_order(terms: Sequence[str], result: str, sizes: Mapping[str, in
                     + [c for c in letters1 if c not in letters2 and c in needed]
                     + [c for c in letters2 if c not in letters1 and c in needed])
             cost = cost1 + cost2 + math.prod(sizes[c] for c in set(letters1) | set(letters2))
-            options.append((cost, (plan1, plan2, letters), letters))
+            large = large1 or large2 or (subset != everything
+                                         and math.prod(sizes[c] for c in letters) > max_size)
+            options.append(((large, cost), (plan1, plan2, letters), letters))
         return min(options, key=lambda option: option[0])
 
-    cost, plan, _ = best(everything)
+    (_, cost), plan, _ = best(everything)
     return cost, plan
 
 
-def _einsum(terms: Sequence[str], result: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """`torch.einsum` of several operands, pairwise in the cheapest order.
+def _einsum(terms: Sequence[str], result: str, tensors: Sequence[torch.Tensor],
+            max_size: float = math.inf) -> torch.Tensor:
+    """`torch.einsum` of several operands, pairwise in the cheapest order
+    (intermediate results of at most `max_size` entries where possible).
 
     A pair met twice (the same tensors, the same contraction up to the names
     of the letters, as both sides of a kernel with `x2=None`) is computed once.
@@ -1247,7 +1261,7 @@ def _einsum(terms: Sequence[str], result: str, tensors: Sequence[torch.Tensor]) 
             done[key] = torch.einsum(spec, left, right)
         return done[key], plan[2]
 
-    out, letters = run(_contraction_order(terms, result, sizes)[1])
+    out, letters = run(_contraction_order(terms, result, sizes, max_size)[1])
     return out.permute([letters.index(c) for c in result])
 
 
