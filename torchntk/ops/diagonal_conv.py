@@ -60,8 +60,10 @@ def _check(name: str, tensor: torch.Tensor, size: int, k: int, stride: int,
 
 
 def _use_extension(tensor: torch.Tensor) -> bool:
-    # torch.compile cannot trace into the extension; it fuses the torch version itself.
-    if _EXTENSION is None or tensor.dtype not in _DTYPES or torch.compiler.is_compiling():
+    # torch.compile cannot trace into the extension (it fuses the torch version
+    # itself), nor can torch.func transforms (vmap, jvp) batch or differentiate it.
+    if (_EXTENSION is None or tensor.dtype not in _DTYPES or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()):
         return False
     return tensor.device.type == 'cpu' or (tensor.device.type == 'cuda' and _EXTENSION.with_cuda)
 
