@@ -205,8 +205,8 @@ void check_pairs(const char* name, const torch::Tensor& tensor, int64_t batch_di
   TORCH_CHECK(tensor.scalar_type() == torch::kFloat || tensor.scalar_type() == torch::kDouble,
               name, ": expected float32 or float64, got ", tensor.scalar_type());
   const int64_t spatial = tensor.dim() - batch_dims;
-  TORCH_CHECK(spatial >= 2 && spatial % 2 == 0 && spatial <= 2 * kMaxSpatial, name,
-              ": expected (batch…, X, X', Y, Y', …) with 1 to 3 spatial pairs, got ",
+  TORCH_CHECK(spatial >= 0 && spatial % 2 == 0 && spatial <= 2 * kMaxSpatial, name,
+              ": expected (batch…, X, X', Y, Y', …) with 0 to 3 spatial pairs, got ",
               tensor.sizes());
   for (int64_t d = batch_dims; d < tensor.dim(); d += 2) {
     TORCH_CHECK(tensor.size(d) == tensor.size(d + 1), name,
@@ -232,6 +232,54 @@ std::vector<int64_t> pair_shape(std::vector<int64_t> batch, const int64_t* sizes
   return batch;
 }
 
+// Flat kernels (no spatial axes): every step is elementwise on the (N1, N2)
+// entries, so each row of the pairs goes through all steps while in L1.
+template <typename scalar_t>
+void flat_chain_pairs(scalar_t* nngp, scalar_t* ntk, const Variances<scalar_t>& variances,
+                      const std::vector<Step>& steps, int64_t n1, int64_t n2) {
+  at::parallel_for(0, n1, 1, [&](int64_t begin, int64_t end) {
+    const int64_t first_column = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t* nngp_row = nngp + i * n2;
+      scalar_t* ntk_row = ntk ? ntk + i * n2 : nullptr;
+      size_t relu_index = 0;
+      for (const Step& step : steps) {
+        if (step.kind == kConv) {
+          const scalar_t alpha = step.alpha, beta = step.beta, gamma = step.gamma,
+                         delta = step.delta;
+          if (ntk_row) {
+            for (int64_t j = 0; j < n2; ++j) ntk_row[j] = gamma * nngp_row[j] + (alpha * ntk_row[j] + delta);
+          }
+          for (int64_t j = 0; j < n2; ++j) nngp_row[j] = beta + alpha * nngp_row[j];
+          continue;
+        }
+        abrelu_rows(nngp_row, ntk_row, variances.first[relu_index], variances.second[relu_index],
+                    &i, &first_column, 1, n2, step.k1, step.c0);
+        ++relu_index;
+      }
+    }
+  });
+}
+
+// Flat kernels, the pass over examples: each variance is its own covariance.
+template <typename scalar_t>
+void flat_chain_self(scalar_t* cov, const Variances<scalar_t>& variances,
+                     const std::vector<Step>& steps, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    double c = cov[i], d;
+    size_t relu_index = 0;
+    for (const Step& step : steps) {
+      if (step.kind == kConv) {
+        c = scalar_t(step.beta) + scalar_t(step.alpha) * scalar_t(c);
+        continue;
+      }
+      variances.record[relu_index++][i] = scalar_t(c);
+      c = scalar_t(abrelu_entry(c, c, c, step.k1, step.c0, &d));
+    }
+    cov[i] = scalar_t(c);
+  }
+}
+
 // The pass of `steps` over pairs (variances given) or over examples (`record` given).
 void run_chain(const torch::Tensor& nngp, const torch::Tensor& ntk, torch::Tensor& nngp_out,
                torch::Tensor& ntk_out, const std::vector<torch::Tensor>& variances1,
@@ -250,6 +298,19 @@ void run_chain(const torch::Tensor& nngp, const torch::Tensor& ntk, torch::Tenso
       variances.second.push_back(variances2[l].data_ptr<scalar_t>());
     }
     for (auto& table : record) variances.record.push_back(table.data_ptr<scalar_t>());
+    if (n_dims == 0) {
+      nngp_out.copy_(nngp);
+      if (ntk.defined()) ntk_out.copy_(ntk);
+      scalar_t* ntk_out_ptr = ntk.defined() ? ntk_out.data_ptr<scalar_t>() : nullptr;
+      // Without NTK or nonlinearities, pairs are elementwise like examples.
+      if (!variances.first.empty() || ntk.defined()) {
+        flat_chain_pairs(nngp_out.data_ptr<scalar_t>(), ntk_out_ptr, variances, steps,
+                         nngp_out.size(0), n2);
+      } else {
+        flat_chain_self(nngp_out.data_ptr<scalar_t>(), variances, steps, nngp_out.numel());
+      }
+      return;
+    }
     const int64_t in_entries = entries_of(steps.front().in, n_dims);
     const int64_t out_entries = entries_of(steps.back().out, n_dims);
     const scalar_t* nngp_ptr = nngp.data_ptr<scalar_t>();

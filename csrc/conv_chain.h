@@ -33,12 +33,13 @@ struct Step {
 
 // Steps arrive from Python as numbers:
 //   conv:   [0, α, β, γ, δ, circular, n_dims, (k, stride, pad_low, pad_high) × n_dims]
+//           (a Dense layer: windows of 1, or none on flat kernels)
 //   abrelu: [1, a, b]
 // `sizes` are the input's spatial sizes; each step records its own.
 inline std::vector<Step> parse_steps(const std::vector<std::vector<double>>& encoded,
                                      std::vector<int64_t> sizes) {
   const int64_t n_dims = sizes.size();
-  TORCH_CHECK(n_dims >= 1 && n_dims <= kMaxSpatial, "conv_chain: 1 to 3 spatial dimensions, got ",
+  TORCH_CHECK(n_dims >= 0 && n_dims <= kMaxSpatial, "conv_chain: 0 to 3 spatial dimensions, got ",
               n_dims);
   std::vector<Step> steps;
   for (const auto& values : encoded) {

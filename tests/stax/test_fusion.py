@@ -30,12 +30,21 @@ CHAINS = {
         conv(b_std=None, parameterization='standard', s=(2, 3)), stax.Relu()],
     'no-bias-even-window': lambda: [conv(b_std=None, filter_shape=(2, 4)), stax.Relu(),
                                     conv(filter_shape=(1, 3), padding='VALID')],
+    'conv-then-dense': lambda: [conv(), stax.Relu(), stax.Dense(3, W_std=1.1, b_std=0.3),
+                                stax.LeakyRelu(-0.2), stax.Dense(2, parameterization='standard')],
+}
+FLAT_CHAINS = {
+    'dense-relu': lambda: [stax.Dense(8, 1.5, 0.05), stax.Relu(), stax.Dense(8, 1.5, 0.05),
+                           stax.Relu(), stax.Dense(1, 1.5, 0.05)],
+    'standard-abrelu': lambda: [stax.Dense(8, 1.2, parameterization='standard', s=(2, 1)),
+                                stax.ABRelu(0.4, -1.1), stax.Dense(3, 0.9, 0.2, 'standard')],
+    'dense-only': lambda: [stax.Dense(8, 1.2, 0.1), stax.Dense(3, 0.7)],
 }
 SHAPES = {1: (3, 2, 7), 2: (3, 2, 6, 5), 3: (2, 1, 4, 3, 5)}
 
 
 def layer_by_layer(layers, x1, x2):
-    k = stax.Identity().kernel_fn(x1, x2, diagonal_spatial=False)
+    k = stax.Identity().kernel_fn(x1, x2, diagonal_spatial=False if x1.ndim > 2 else None)
     for layer in layers:
         k = layer.propagate(k)
     return k
@@ -62,6 +71,25 @@ def test_fused_chain_equals_the_layers_one_at_a_time(chain, x2_given):
         actual = stax.serial(*layers).kernel_fn(x1, x2, diagonal_spatial=False)
     assert fused.call_count == 1
     assert_same_kernels(actual, layer_by_layer(layers, x1, x2), 1e-13)
+
+
+@needs_chain
+@pytest.mark.parametrize('get', [None, 'nngp'], ids=['all', 'nngp'])
+@pytest.mark.parametrize('x2_given', [True, False], ids=['x2', 'x2=None'])
+@pytest.mark.parametrize('chain', FLAT_CHAINS)
+def test_fused_flat_chain_equals_the_layers_one_at_a_time(chain, x2_given, get):
+    layers = FLAT_CHAINS[chain]()
+    x1, x2 = gaussian(5, 7, seed=0), gaussian(4, 7, seed=1) if x2_given else None
+    with mock.patch.object(conv_chain, 'chain_pairs', wraps=conv_chain.chain_pairs) as fused:
+        actual = stax.serial(*layers).kernel_fn(x1, x2, get=get)
+    assert fused.call_count == 1
+    expected = layer_by_layer(layers, x1, x2)
+    if get == 'nngp':
+        assert relative_error(actual, expected.nngp) <= 1e-14
+    else:
+        assert_same_kernels(actual, expected, 1e-14)
+        if x2 is None:
+            assert torch.equal(torch.diagonal(actual.nngp), actual.cov1)
 
 
 @needs_chain
@@ -128,12 +156,13 @@ def test_masked_kernels_go_through_the_layers():
     assert fused.call_count == 0 and k.mask1 is not None
 
 
-def test_runs_are_conv_then_relu_like_layers_of_at_least_two():
+def test_runs_are_affine_then_relu_like_layers_of_at_least_two():
     conv_a, relu, conv_b, pool, conv_c = conv(), stax.Relu(), conv(), stax.AvgPool((2, 2)), conv()
-    stabilized, dense = stax.Relu(do_stabilize=True), stax.Dense(3)
-    items = fused_runs([conv_a, relu, conv_b, pool, conv_c, stabilized, dense, relu])
+    stabilized, dense, erf = stax.Relu(do_stabilize=True), stax.Dense(3), stax.Erf()
+    items = fused_runs([conv_a, relu, conv_b, pool, conv_c, stabilized, dense, relu, erf])
     assert isinstance(items[0], FusedRun) and items[0].layers == (conv_a, relu, conv_b)
-    assert items[1:] == [pool, conv_c, stabilized, dense, relu]
+    assert isinstance(items[4], FusedRun) and items[4].layers == (dense, relu)
+    assert items[1:4] + items[5:] == [pool, conv_c, stabilized, erf]
 
 
 def test_subclasses_and_a_nonlinearity_first_are_not_fused():

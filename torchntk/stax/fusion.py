@@ -1,9 +1,9 @@
-"""Runs of `Conv` and `ABRelu` layers in a `Serial` computed by one fused call.
+"""Runs of `Conv`/`Dense` and `ABRelu` layers in a `Serial` computed by one fused call.
 
-Deep CNN kernels are mostly `[Conv, Relu] × depth` on full spatial
-covariances. `FusedRun` hands such a run to the extension's fused chain
-(`torchntk.ops.conv_chain`), which keeps one pair of examples in cache through
-all its layers, and falls back to the layers' own rules one at a time wherever
+Deep kernels are mostly `[Conv, Relu] × depth` on full spatial covariances, or
+`[Dense, Relu] × depth` on flat ones. `FusedRun` hands such a run to the
+extension's fused chain (`torchntk.ops.conv_chain`), which keeps one pair of
+examples (or one row of flat pairs) in cache through all its layers, and falls back to the layers' own rules one at a time wherever
 the chain does not apply or does not pay: no extension (or a GPU one not
 built), large covariances on a GPU, diagonal layouts, masks, or gradients to be
 taken (the chain has no backward; autograd goes through the layer rules). Both
@@ -22,6 +22,7 @@ from ..kernel import Kernel
 from ..ops import conv_chain
 from .conv import Conv
 from .elementwise import ABRelu, Abs, LeakyRelu, Relu
+from .linear import Dense
 from .module import Layer
 
 
@@ -30,14 +31,20 @@ from .module import Layer
 # H100 (benchmarks/README.md): 3.5-4.3x faster than layer by layer at 16x16
 # (65536 entries per pair), 1.5x slower at 32x32 (10⁶), where the layers
 # stream whole tensors at full memory bandwidth instead.
+# Flat kernels (one entry per pair) are left to torch's elementwise GPU kernels.
 _GPU_MAX_PAIR_ENTRIES = 2**17
 
 # Exact types: a subclass may change the kernel rule the chain computes.
 _FUSED_NONLINEARITIES = (ABRelu, Relu, LeakyRelu, Abs)
 
 
+# Affine layers the chain computes (Dense: a convolution with windows of 1).
+_FUSED_AFFINE = (Conv, Dense)
+
+
 class FusedRun:
-    """Layers `Conv, [ABRelu], Conv, [ABRelu], …` (at least two) of a `Serial`."""
+    """Layers `Affine, [ABRelu], Affine, [ABRelu], …` (at least two) of a
+    `Serial`, every affine layer a `Conv` or a `Dense`."""
 
     def __init__(self, layers: Sequence[Layer]) -> None:
         self.layers = tuple(layers)
@@ -56,18 +63,18 @@ class FusedRun:
         for layer in self.layers:
             shape1, shape2 = layer.output_shape(shape1), layer.output_shape(shape2)
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
-                         is_gaussian=isinstance(self.layers[-1], Conv), shape1=shape1,
+                         is_gaussian=type(self.layers[-1]) in _FUSED_AFFINE, shape1=shape1,
                          shape2=shape2)
 
     def _steps(self, k: Kernel) -> list[conv_chain.Step] | None:
         """The chain's steps for kernel `k`, or `None` where it does not apply."""
         n_spatial = (k.nngp.ndim - 2) // 2
-        if (k.diagonal_spatial or not k.diagonal_batch or n_spatial < 1
+        if ((k.diagonal_spatial and n_spatial > 0) or not k.diagonal_batch
                 or k.mask1 is not None or not conv_chain.available(k.nngp)
                 or (torch.is_grad_enabled() and self._needs_gradient(k))):
             return None
         sizes = list(k.nngp.shape[2::2])
-        if k.nngp.is_cuda and math.prod(k.nngp.shape[2:]) > _GPU_MAX_PAIR_ENTRIES:
+        if k.nngp.is_cuda and not 1 < math.prod(k.nngp.shape[2:]) <= _GPU_MAX_PAIR_ENTRIES:
             return None
         in_chan = k.shape1[1]
         steps = []
@@ -75,14 +82,18 @@ class FusedRun:
             if isinstance(layer, ABRelu):
                 steps.append(conv_chain.abrelu_step(float(layer.a), float(layer.b)))
                 continue
-            if layer.n_spatial != n_spatial:
+            circular = isinstance(layer, Conv) and layer.padding == 'CIRCULAR'
+            if isinstance(layer, Dense):
+                windows = [(1, 1, 0, 0)] * n_spatial
+            elif layer.n_spatial != n_spatial:
                 return None  # the layer's own rule raises the error
-            windows = []
-            for d, (size, window, stride) in enumerate(zip(sizes, layer.filter_shape,
-                                                           layer.strides)):
-                low, high = conv_maps.conv_padding(size, window, stride, layer.padding)
-                windows.append((window, stride, low, high))
-                sizes[d] = conv_maps.conv_output_size(size, window, stride, layer.padding)
+            else:
+                windows = []
+                for d, (size, window, stride) in enumerate(zip(sizes, layer.filter_shape,
+                                                               layer.strides)):
+                    low, high = conv_maps.conv_padding(size, window, stride, layer.padding)
+                    windows.append((window, stride, low, high))
+                    sizes[d] = conv_maps.conv_output_size(size, window, stride, layer.padding)
             W_var = float(layer.W_std)**2
             b_var = 0. if layer.b_std is None else float(layer.b_std)**2
             if layer.parameterization == 'ntk':
@@ -90,8 +101,7 @@ class FusedRun:
             else:
                 gamma = layer.fan_in(in_chan) / layer.s[0]
                 delta = 0. if layer.b_std is None else 1.
-            steps.append(conv_chain.conv_step(W_var, b_var, gamma, delta,
-                                              layer.padding == 'CIRCULAR', windows))
+            steps.append(conv_chain.conv_step(W_var, b_var, gamma, delta, circular, windows))
             in_chan = layer.width
         return steps
 
@@ -103,8 +113,8 @@ class FusedRun:
 
 
 def fused_runs(layers: Sequence[Layer]) -> list[Union[Layer, FusedRun]]:
-    """`layers` with every maximal run `Conv, [ABRelu], Conv, [ABRelu], …` of
-    two or more layers replaced by a `FusedRun`."""
+    """`layers` with every maximal run `Affine, [ABRelu], Affine, [ABRelu], …`
+    of two or more layers replaced by a `FusedRun`."""
     items: list[Union[Layer, FusedRun]] = []
     run: list[Layer] = []
 
@@ -113,10 +123,10 @@ def fused_runs(layers: Sequence[Layer]) -> list[Union[Layer, FusedRun]]:
         run.clear()
 
     for layer in layers:
-        if type(layer) is Conv:
+        if type(layer) in _FUSED_AFFINE:
             run.append(layer)
         elif (type(layer) in _FUSED_NONLINEARITIES and not layer.do_stabilize and run
-              and type(run[-1]) is Conv):
+              and type(run[-1]) in _FUSED_AFFINE):
             run.append(layer)
         else:
             close_run()
