@@ -770,3 +770,18 @@ def test_contraction_order_keeps_intermediates_within_max_size():
     a, b, c = (torch.randn(m, n, dtype=torch.float64) for m, n in ((2, 10), (10, 100), (100, 10)))
     torch.testing.assert_close(torchntk.empirical._einsum(['ij', 'jk', 'kl'], 'il', (a, b, c),
                                                           max_size=100), a @ b @ c, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize('implementation', IMPLEMENTATIONS)
+@pytest.mark.parametrize('vmap_axes', [0, None])
+def test_diagonal_over_the_batch_axis_is_the_diagonal_of_the_kernel(implementation, vmap_axes):
+    make, shape = torch_models()['cnn']
+    torch.manual_seed(0)
+    model = make().to(torch.float64)
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    full = torchntk.empirical_ntk_fn(model, trace_axes=(), vmap_axes=None,
+                                     implementation='jacobian_contraction')(x)   # (N, N, O, O)
+    diagonal = torchntk.empirical_ntk_fn(model, trace_axes=(), diagonal_axes=(0,),
+                                         vmap_axes=vmap_axes, implementation=implementation)(x)
+    torch.testing.assert_close(diagonal, torch.diagonal(full, dim1=0, dim2=1).permute(2, 0, 1),
+                               rtol=0, atol=ATOL)

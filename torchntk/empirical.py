@@ -167,11 +167,14 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
             * `'auto'`: the cheapest by the FLOP estimate below.
 
         chunk_bytes: memory bound of the Jacobians of one parameter chunk
-            ('jacobian_contraction') and of one batch of vector products.
+            ('jacobian_contraction'), of one batch of vector products, and of
+            the intermediate results of structured contractions (an order
+            within it is preferred where one exists).
 
     FLOP estimate of `'auto'`, with `F` the forward FLOPs per example (per
-    batch with `vmap_axes=None`, counted by `torch.utils.flop_counter` on
-    `x1`), `O` the outputs per example, `|θ|` the trainable parameter count,
+    batch with `vmap_axes=None`; counted by `torch.utils.flop_counter` on the
+    first two examples of `x1`, or on `x1`), `O` the outputs per example,
+    `|θ|` the trainable parameter count,
     `K` the size of the contraction result times the size of the traced axes,
     and `B = 1` with `vmap_axes`, `B = N` without:
 
