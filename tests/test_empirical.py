@@ -785,3 +785,17 @@ def test_diagonal_over_the_batch_axis_is_the_diagonal_of_the_kernel(implementati
                                          vmap_axes=vmap_axes, implementation=implementation)(x)
     torch.testing.assert_close(diagonal, torch.diagonal(full, dim1=0, dim2=1).permute(2, 0, 1),
                                rtol=0, atol=ATOL)
+
+
+def test_examples_of_different_shapes_on_the_two_sides():
+    # x1 and x2 cannot be joined into one batch: Jacobians are taken side by side.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 2), torch.nn.Tanh(),
+                                torch.nn.AdaptiveAvgPool1d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(3, 2)).double()
+    x1 = torch.randn(3, 2, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x2 = torch.randn(2, 2, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    agrees_with_jacobian_contraction(model, x1, x2, trace_axes=())
+    expected = full_ntk_by_loop(model, x1, x2)
+    ntk = torchntk.empirical_ntk_fn(model, trace_axes=())(x1, x2)
+    torch.testing.assert_close(ntk, expected, rtol=0, atol=ATOL)
