@@ -14,7 +14,12 @@ interpreter (stax, NHWC layout). Both `trace_axes=()` (the full
 `(N1, N2, 10, 10)` kernel, the recipe's) and `trace_axes=(-1,)` are timed.
 Times are medians in milliseconds; the summary gives our `auto` against
 neural-tangents' best and the recipe. The load average is printed before and
-after: timings taken beside other processes are only comparable within a run.
+after: timings taken beside other processes are only comparable within a run,
+and `--threads 1` (both libraries on one thread) is the steadier comparison
+on a busy machine, where PyTorch's threads wait on each other. The speed of
+PyTorch's float32 matrix product is printed too: the structured MLP kernel is
+mostly matrix products, and PyTorch's MKL runs them at about half of XLA's
+speed on AMD CPUs.
 
     .venv/bin/python benchmarks/bench_empirical.py --nt-python /work/venvs/nt/bin/python
     .venv/bin/python benchmarks/bench_empirical.py --implementations structured_derivatives auto
@@ -114,12 +119,12 @@ def torch_func_recipe(model: nn.Module, trace_axes: tuple[int, ...]) -> Callable
 
 
 def neural_tangents_ms(python: str, cases: list[str], implementations: list[str], repeats: int,
-                       warmup: int) -> dict:
+                       warmup: int, single_thread: bool) -> dict:
     spec = {'cases': cases, 'repeats': repeats, 'warmup': warmup,
             'implementations': {name: NT_IMPLEMENTATIONS[name] for name in implementations}}
     return {(r['case'], tuple(r['trace_axes']), f"neural-tangents {r['name']}"):
             1e3 * statistics.median(r['times'])
-            for r in run_neural_tangents(python, NT_SCRIPT, spec)}
+            for r in run_neural_tangents(python, NT_SCRIPT, spec, single_thread)}
 
 
 def main() -> None:
@@ -130,11 +135,14 @@ def main() -> None:
                         choices=list(NT_IMPLEMENTATIONS),
                         help='implementations timed (ours and neural-tangents\')')
     parser.add_argument('--no-recipe', action='store_true', help="skip torch.func's recipe")
+    parser.add_argument('--threads', type=int, help="PyTorch's threads (1: neural-tangents too)")
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=1)
     args = parser.parse_args()
 
     load_before = os.getloadavg()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     times = {}
     for case in args.cases:
@@ -156,14 +164,21 @@ def main() -> None:
             times[case, trace_axes, f'(auto picks {problem_choice})'] = float('nan')
     if args.nt_python:
         times.update(neural_tangents_ms(args.nt_python, args.cases, args.implementations,
-                                        args.repeats, args.warmup))
+                                        args.repeats, args.warmup, args.threads == 1))
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, vmap_axes=0, "
-          f"median ms; load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
+          f"median ms; load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; "
+          f"matrix product {matmul_gflops():.0f} GFLOP/s")
     print(f"{'case':5} {'trace_axes':10} {'implementation':45} {'ms':>10}")
     for (case, trace_axes, name), ms in sorted(times.items(), key=lambda kv: kv[0][:2]):
         print(f"{case:5} {str(tuple(trace_axes)):10} {name:45} {ms:10.1f}")
     print_summary(times)
+
+
+def matmul_gflops(n: int = 512) -> float:
+    """PyTorch's float32 speed on a product of two `n × n` matrices."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / median_ms(lambda: a @ b, repeats=20, warmup=2) / 1e6
 
 
 def print_summary(times: dict) -> None:
