@@ -42,6 +42,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
+import torchntk
 from torchntk import predict, stax
 
 N_CLASSES = 10
@@ -160,13 +161,6 @@ def myrtle5(width: int = 64) -> stax.Serial:
                        stax.GlobalAvgPool(), stax.Dense(N_CLASSES, W_std=1., b_std=0.))
 
 
-def tiled_ntk(model: stax.Layer, x1: torch.Tensor, x2: torch.Tensor, rows: int,
-              desc: str) -> torch.Tensor:
-    """`model`'s NTK between `x1` and `x2`, `rows` rows of `x1` at a time (bounded memory)."""
-    return torch.cat([model.kernel_fn(x1[i:i + rows], x2, get='ntk')
-                      for i in tqdm(range(0, len(x1), rows), desc=desc)])
-
-
 def compare_with_cnn(fc_model: stax.Layer, x_train: torch.Tensor, y_train: torch.Tensor,
                      x_test: torch.Tensor, y_test: torch.Tensor, n: int,
                      diag_reg: float) -> None:
@@ -178,9 +172,11 @@ def compare_with_cnn(fc_model: stax.Layer, x_train: torch.Tensor, y_train: torch
             ('fully connected, 3 layers', fc_model, lambda x: x),
             ('Myrtle-5-style CNN, 8x8 images', myrtle5(), lambda x: x.reshape(-1, 1, 8, 8).float())):
         start = time.perf_counter()
-        k_train_train, k_test_train = (
-            tiled_ntk(model, inputs(x), inputs(x_train), 20, f'{name}: kernel').double()
-            for x in (x_train, x_test))
+        # In 40 x 40 tiles (bounded memory, a progress bar); x2=None computes
+        # only the tiles on and above the diagonal.
+        ntk_fn = torchntk.batch(model.kernel_fn, batch_size=40)
+        k_train_train = ntk_fn(inputs(x_train), None, get='ntk').double()
+        k_test_train = ntk_fn(inputs(x_test), inputs(x_train), get='ntk').double()
         prediction = predict.gp_inference(k_train_train, y_train, diag_reg=diag_reg)(
             'ntk', k_test_train)
         print(f'  {name:<34}{accuracy(prediction, y_test):>8.2%}'
