@@ -47,8 +47,9 @@ def _extensions():
     # builds and runs serially without it); no -march: the row kernels are
     # compiled per instruction set by target_clones and picked at load time.
     # No contraction into fused multiply-adds: var1·var2 − c² must be exactly 0
-    # for an example paired with itself (csrc/conv_chain.cpp).
-    cxx = ['-O3', '-std=c++17', '-fopenmp', '-ffp-contract=off']
+    # for an example paired with itself (csrc/conv_chain.cpp). No errno from
+    # math functions, which keeps sqrt from vectorizing (nothing reads errno).
+    cxx = ['-O3', '-std=c++17', '-fopenmp', '-ffp-contract=off', '-fno-math-errno']
     link = ['-fopenmp'] if sys.platform.startswith('linux') else []
     if sys.platform == 'darwin':
         cxx.remove('-fopenmp')

@@ -15,8 +15,7 @@
 // The nonlinearity needs each example's variances at its input. They come
 // from a first pass over the examples' own covariances (conv_chain_self,
 // which reads them off its diagonal and returns them) and are looked up by
-// the pass over pairs (conv_chain_pairs). The nonlinearity runs in double
-// precision for float32 covariances too.
+// the pass over pairs (conv_chain_pairs).
 #include "conv_chain.h"
 
 #include <ATen/Parallel.h>
@@ -30,13 +29,13 @@ namespace {
 
 // One row of entries sharing var1 (the innermost spatial pair varies var2).
 template <typename scalar_t, bool with_ntk>
-inline void abrelu_row(scalar_t* __restrict__ nngp, scalar_t* __restrict__ ntk, double var1,
-                       const scalar_t* __restrict__ var2, int64_t n, double k1, double c0) {
+inline void abrelu_row(scalar_t* __restrict__ nngp, scalar_t* __restrict__ ntk, scalar_t var1,
+                       const scalar_t* __restrict__ var2, int64_t n, scalar_t k1, scalar_t c0) {
 #pragma omp simd
   for (int64_t q = 0; q < n; ++q) {
-    double d;
-    nngp[q] = scalar_t(abrelu_entry(double(nngp[q]), var1, double(var2[q]), k1, c0, &d));
-    if (with_ntk) ntk[q] = scalar_t(d * double(ntk[q]));
+    scalar_t d;
+    nngp[q] = abrelu_entry(nngp[q], var1, var2[q], k1, c0, &d);
+    if (with_ntk) ntk[q] = d * ntk[q];
   }
 }
 
@@ -47,7 +46,8 @@ inline void abrelu_row(scalar_t* __restrict__ nngp, scalar_t* __restrict__ ntk, 
       double c0) {                                                                                \
     for (int64_t r = 0; r < rows; ++r)                                                            \
       abrelu_row<scalar_t, with_ntk>(nngp + r * n, with_ntk ? ntk + r * n : nullptr,              \
-                                     double(var1[row_var1[r]]), var2 + row_var2[r], n, k1, c0);   \
+                                     var1[row_var1[r]], var2 + row_var2[r], n, scalar_t(k1),      \
+                                     scalar_t(c0));                                               \
   }
 
 TORCHNTK_ABRELU_ROWS(float, true)
@@ -266,17 +266,17 @@ template <typename scalar_t>
 void flat_chain_self(scalar_t* cov, const Variances<scalar_t>& variances,
                      const std::vector<Step>& steps, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    double c = cov[i], d;
+    scalar_t c = cov[i], d;
     size_t relu_index = 0;
     for (const Step& step : steps) {
       if (step.kind == kConv) {
-        c = scalar_t(step.beta) + scalar_t(step.alpha) * scalar_t(c);
+        c = scalar_t(step.beta) + scalar_t(step.alpha) * c;
         continue;
       }
-      variances.record[relu_index++][i] = scalar_t(c);
-      c = scalar_t(abrelu_entry(c, c, c, step.k1, step.c0, &d));
+      variances.record[relu_index++][i] = c;
+      c = abrelu_entry(c, c, c, scalar_t(step.k1), scalar_t(step.c0), &d);
     }
-    cov[i] = scalar_t(c);
+    cov[i] = c;
   }
 }
 

@@ -89,39 +89,43 @@ C10_HOST_DEVICE inline int64_t entries_of(const int64_t* sizes, int n_dims) {
 }
 
 // atan(r) for r in [0, 1], branch-free: Cephes' atan (Moshier 1989), reduced
-// at 0.66 and a rational approximation of degree 4/5 in r², ~1 ulp.
-C10_HOST_DEVICE inline double atan_unit(double r) {
-  const bool reduced = r > 0.66;
-  const double x = reduced ? (r - 1.0) / (r + 1.0) : r;
-  const double z = x * x;
-  const double p = (((-8.750608600031904122785e-1 * z - 1.615753718733365076637e1) * z -
-                     7.500855792314704667340e1) * z - 1.228866684490136173410e2) * z -
-                   6.485021904942025371773e1;
-  const double q = ((((z + 2.485846490142306297962e1) * z + 1.650270098316988542046e2) * z +
-                     4.328810604912902668951e2) * z + 4.853903996359136964868e2) * z +
-                   1.945506571482613964425e2;
-  const double base = reduced ? M_PI_4 + 0.5 * 6.123233995736765886130e-17 : 0.0;
+// at 0.66 and a rational approximation of degree 4/5 in r², ~1 ulp in double
+// (float arithmetic rounds it to float's precision).
+template <typename T>
+C10_HOST_DEVICE inline T atan_unit(T r) {
+  const bool reduced = r > T(0.66);
+  const T x = reduced ? (r - T(1)) / (r + T(1)) : r;
+  const T z = x * x;
+  const T p = (((T(-8.750608600031904122785e-1) * z - T(1.615753718733365076637e1)) * z -
+                T(7.500855792314704667340e1)) * z - T(1.228866684490136173410e2)) * z -
+              T(6.485021904942025371773e1);
+  const T q = ((((z + T(2.485846490142306297962e1)) * z + T(1.650270098316988542046e2)) * z +
+                T(4.328810604912902668951e2)) * z + T(4.853903996359136964868e2)) * z +
+              T(1.945506571482613964425e2);
+  const T base = reduced ? T(M_PI_4 + 0.5 * 6.123233995736765886130e-17) : T(0);
   return base + (x + x * z * p / q);
 }
 
 // atan2(c, s) for s >= 0, in [-π/2, π/2]; 0 when c = s = 0.
-C10_HOST_DEVICE inline double atan2_nonnegative(double c, double s) {
-  const double t = fabs(c);
-  const double low = t < s ? t : s, high = t < s ? s : t;
-  const double angle = atan_unit(high > 0 ? low / high : 0.0);
-  const double magnitude = t > s ? M_PI_2 - angle : angle;
-  return c < 0 ? -magnitude : magnitude;
+template <typename T>
+C10_HOST_DEVICE inline T atan2_nonnegative(T c, T s) {
+  const T t = c < T(0) ? -c : c;
+  const T low = t < s ? t : s, high = t < s ? s : t;
+  const T angle = atan_unit(high > T(0) ? low / high : T(0));
+  const T magnitude = t > s ? T(M_PI_2) - angle : angle;
+  return c < T(0) ? -magnitude : magnitude;
 }
 
 // The ABRelu map of one entry of covariance c between variances var1, var2
 // (Cho & Saul 2009): s = sqrt(var1·var2 − c²), ψ = atan2(c, s),
-// d = c0 + k1·ψ; nngp' = k1·s + c·d, and the NTK is multiplied by d.
-// Compiled without fused multiply-adds (setup.py), var1·var2 − c² is exactly 0
-// for an example with itself, as in the torch rule.
-C10_HOST_DEVICE inline double abrelu_entry(double c, double var1, double var2, double k1,
-                                           double c0, double* d) {
-  const double gap = var1 * var2 - c * c;
-  const double s = sqrt(gap > 0 ? gap : 0.0);
+// d = c0 + k1·ψ; nngp' = k1·s + c·d, and the NTK is multiplied by d. In the
+// covariances' own precision, as the torch rule. Compiled without fused
+// multiply-adds (setup.py), var1·var2 − c² is exactly 0 for an example with
+// itself.
+template <typename T>
+C10_HOST_DEVICE inline T abrelu_entry(T c, T var1, T var2, T k1, T c0, T* d) {
+  const T gap = var1 * var2 - c * c;
+  const T s = std::sqrt(gap > T(0) ? gap : T(0));
   *d = c0 + k1 * atan2_nonnegative(c, s);
   return k1 * s + c * *d;
 }

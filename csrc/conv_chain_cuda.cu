@@ -127,10 +127,10 @@ __global__ void __launch_bounds__(kChainThreads) chain_kernel(ChainArguments<sca
           rest /= step.in[d];
           weight *= step.in[d];
         }
-        double d_nngp;
-        a[e] = scalar_t(abrelu_entry(double(a[e]), double(var1[index1]), double(var2[index2]),
-                                     step.k1, step.c0, &d_nngp));
-        if (with_ntk) b[e] = scalar_t(d_nngp * double(b[e]));
+        scalar_t d_nngp;
+        a[e] = abrelu_entry(a[e], var1[index1], var2[index2], scalar_t(step.k1),
+                            scalar_t(step.c0), &d_nngp);
+        if (with_ntk) b[e] = d_nngp * b[e];
       }
       __syncthreads();
       ++relu_index;

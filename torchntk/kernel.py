@@ -291,11 +291,13 @@ def _gram(xa: torch.Tensor, xb: torch.Tensor, pairwise: bool, diagonal_spatial: 
     if diagonal_spatial:
         product = torch.einsum('nca,mca->nma' if pairwise else 'nca,nca->na', a, b)
         batch_shape = product.shape[:-1]
-        return product.reshape(*batch_shape, *spatial) / channels
+        # In place: the product is ours, and a second N1 x N2 tensor costs more
+        # in fresh memory than the division.
+        return product.reshape(*batch_shape, *spatial).div_(channels)
     product = torch.einsum('nca,mcb->nmab' if pairwise else 'nca,ncb->nab', a, b)
     batch_shape = product.shape[:-2]
     product = product.reshape(*batch_shape, *spatial, *spatial)
-    return interleave(product, len(batch_shape)) / channels
+    return interleave(product, len(batch_shape)).div_(channels)
 
 
 def interleave(t: torch.Tensor, n_batch: int) -> torch.Tensor:

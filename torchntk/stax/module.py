@@ -208,6 +208,16 @@ def _inputs_to_kernels(x1: Tensors, x2: Tensors | None, layer_name: str, **layou
     return type(x1)(_inputs_to_kernels(a, b, layer_name, **layout) for a, b in zip(x1, x2s))
 
 
+def _all_finite(x: torch.Tensor, mask_constant: float | None) -> bool:
+    """Whether `x` is finite where it is not masked. Unmasked, its extremes say
+    so (NaN propagates through min and max) in one pass without a mask tensor."""
+    if x.numel() == 0:
+        return True
+    if mask_constant is None:
+        return all(bool(torch.isfinite(extreme)) for extreme in torch.aminmax(x))
+    return bool((torch.isfinite(x) | input_mask(x, mask_constant)).all())
+
+
 def _checked_inputs(x1: torch.Tensor, x2: torch.Tensor | None, layer_name: str,
                     mask_constant: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate inputs at the public boundary; integer inputs become floating.
@@ -217,12 +227,9 @@ def _checked_inputs(x1: torch.Tensor, x2: torch.Tensor | None, layer_name: str,
             continue
         if x.ndim < 2:
             raise ValueError(f"{layer_name}: {name} must have shape (N, C, *spatial), got {tuple(x.shape)}")
-        if not torch.compiler.is_compiling():
-            finite = torch.isfinite(x)
-            mask = input_mask(x, mask_constant)
-            if not bool((finite if mask is None else finite | mask).all()):
-                raise ValueError(f"{layer_name}: {name} contains non-finite values (NaN or inf)"
-                                 + ("" if mask is None else " that are not the mask_constant"))
+        if not torch.compiler.is_compiling() and not _all_finite(x, mask_constant):
+            raise ValueError(f"{layer_name}: {name} contains non-finite values (NaN or inf)"
+                             + ("" if mask_constant is None else " that are not the mask_constant"))
     if x2 is not None:
         if x1.shape[1:] != x2.shape[1:]:
             raise ValueError(f"{layer_name}: x1 and x2 must agree in all but the batch axis, got "
