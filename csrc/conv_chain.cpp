@@ -171,11 +171,13 @@ class PairChain {
  private:
   // The unit-variance convolution map along every spatial dimension, in place
   // in `buffer` (using `spare`).
-  // A dimension whose pair is followed by fewer entries than this is moved to
-  // the front first: diagonal_conv's inner loops run over those entries, and
-  // short loops (16 for the last axis of a 16x16 image) cost ~10x more per
-  // entry than two transposes.
+  // A dimension whose pair is followed by fewer entries than kShortInner is
+  // moved to the front first: diagonal_conv's inner loops run over those
+  // entries, and short loops (16 for the last axis of a 16x16 image) cost ~10x
+  // more per entry than two transposes, while the buffer stays in L2 (up to
+  // kTransposedEntries; beyond, the transposes stream it through memory).
   static constexpr int64_t kShortInner = 64;
+  static constexpr int64_t kTransposedEntries = int64_t{1} << 17;
 
   void convolve(const Step& step, std::vector<scalar_t>& buffer, std::vector<scalar_t>& spare) {
     int64_t sizes[kMaxSpatial];
@@ -184,7 +186,7 @@ class PairChain {
       const int64_t outer = entries_of(sizes, d);
       const int64_t inner = entries_of(sizes + d + 1, n_dims_ - d - 1);
       const int64_t size = sizes[d], out_size = step.out[d];
-      if (outer == 1 || inner >= kShortInner) {
+      if (outer == 1 || inner >= kShortInner || outer * size * size * inner > kTransposedEntries) {
         forward_rows(buffer.data(), spare.data(), 0, outer * out_size, size, out_size, inner,
                      step.k[d], step.stride[d], step.pad_low[d], step.circular);
         buffer.swap(spare);
