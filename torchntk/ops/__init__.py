@@ -20,8 +20,9 @@ was built without CUDA, dtypes other than float32/float64) go to torch.
 
 from __future__ import annotations
 
-from .diagonal_conv import (backend, diagonal_conv, diagonal_conv_output_size,
-                            diagonal_conv_transpose, same_padding)
+from .diagonal_conv import (diagonal_conv, diagonal_conv_output_size, diagonal_conv_transpose,
+                            same_padding)
+from .extension import backend
 
 __all__ = ['backend', 'diagonal_conv', 'diagonal_conv_output_size', 'diagonal_conv_transpose',
            'same_padding']

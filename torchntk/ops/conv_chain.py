@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from .diagonal_conv import _EXTENSION, _use_extension
+from .extension import EXTENSION, takes
 
 Step = list[float]
 
@@ -31,7 +31,7 @@ def available(tensor: torch.Tensor) -> bool:
     """Whether the fused chain can run on `tensor`: where the extension takes
     it (float32/float64, CPU or CUDA as built, not under torch.compile or
     torch.func transforms)."""
-    return _use_extension(tensor) and hasattr(_EXTENSION, 'conv_chain_pairs')
+    return takes(tensor) and hasattr(EXTENSION, 'conv_chain_pairs')
 
 
 def conv_step(alpha: float, beta: float, gamma: float, delta: float, circular: bool,
@@ -49,7 +49,7 @@ def abrelu_step(a: float, b: float) -> Step:
 def chain_self(cov: torch.Tensor, steps: Sequence[Step]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The run on each example's own covariance `(N, X, X', …)`: the output
     covariance and, per ABRelu step, the `(N, X·Y·…)` variances at its input."""
-    cov_out, *variances = _EXTENSION.conv_chain_self(cov, list(steps))
+    cov_out, *variances = EXTENSION.conv_chain_self(cov, list(steps))
     return cov_out, variances
 
 
@@ -58,6 +58,6 @@ def chain_pairs(nngp: torch.Tensor, ntk: torch.Tensor | None, variances1: Sequen
                 steps: Sequence[Step]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The run on the pairs `(N1, N2, X, X', …)` of `nngp` and `ntk` (broadcast
     to `nngp`'s shape, or `None`), with the variance tables of `chain_self`."""
-    nngp_out, ntk_out = _EXTENSION.conv_chain_pairs(nngp, ntk, list(variances1),
+    nngp_out, ntk_out = EXTENSION.conv_chain_pairs(nngp, ntk, list(variances1),
                                                     list(variances2), list(steps))
     return nngp_out, (None if ntk is None else ntk_out)

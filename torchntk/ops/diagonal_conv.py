@@ -2,37 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import torch
 
-_BACKENDS = ('auto', 'extension', 'torch')
-_DTYPES = (torch.float32, torch.float64)
-
-
-def _load_extension():
-    choice = os.environ.get('TORCHNTK_BACKEND', 'auto')
-    if choice not in _BACKENDS:
-        raise ValueError(f"TORCHNTK_BACKEND must be one of {_BACKENDS}, got {choice!r}")
-    if choice == 'torch':
-        return None
-    try:
-        return importlib.import_module('torchntk._C')
-    except ImportError as error:
-        if choice == 'extension':
-            raise ImportError("TORCHNTK_BACKEND=extension but the compiled extension torchntk._C "
-                              "is not built (pip install --no-build-isolation -e .)") from error
-        return None
-
-
-_EXTENSION = _load_extension()
-
-
-def backend() -> str:
-    """`'extension'` when the compiled extension is in use, else `'torch'`."""
-    return 'torch' if _EXTENSION is None else 'extension'
-
+from .extension import EXTENSION, takes
 
 def same_padding(size: int, k: int, stride: int) -> tuple[int, int]:
     """(low, high) zero padding of 'SAME' convolutions (as TensorFlow, JAX and
@@ -59,15 +31,6 @@ def _check(name: str, tensor: torch.Tensor, size: int, k: int, stride: int,
                          f"{size + padding[0] + padding[1]} (size {size}, padding {tuple(padding)})")
 
 
-def _use_extension(tensor: torch.Tensor) -> bool:
-    # torch.compile cannot trace into the extension (it fuses the torch version
-    # itself), nor can torch.func transforms (vmap, jvp) batch or differentiate it.
-    if (_EXTENSION is None or tensor.dtype not in _DTYPES or torch.compiler.is_compiling()
-            or torch._C._are_functorch_transforms_active()):
-        return False
-    return tensor.device.type == 'cpu' or (tensor.device.type == 'cuda' and _EXTENSION.with_cuda)
-
-
 def diagonal_conv(cov: torch.Tensor, k: int, stride: int, padding: tuple[int, int],
                   circular: bool) -> torch.Tensor:
     """`out[b, p, q] = (1/k) Σ_{i<k} cov_pad[b, s·p + i, s·q + i]` for `cov` of shape `(B, X, X)`.
@@ -83,12 +46,12 @@ def diagonal_conv(cov: torch.Tensor, k: int, stride: int, padding: tuple[int, in
         - output: `(B, Xo, Xo)` or `(B, Xo, Xo, R)`, `Xo = (X + low + high - k) // stride + 1`.
     """
     _check('diagonal_conv', cov, cov.shape[1] if cov.ndim >= 2 else 0, k, stride, padding)
-    if not _use_extension(cov):
+    if not takes(cov):
         return diagonal_conv_torch(cov, k, stride, padding, circular)
     low, high = int(padding[0]), int(padding[1])
     if torch.is_grad_enabled() and cov.requires_grad:
         return _DiagonalConv.apply(cov, k, stride, low, high, circular)
-    return _EXTENSION.diagonal_conv(cov, k, stride, low, high, circular)
+    return EXTENSION.diagonal_conv(cov, k, stride, low, high, circular)
 
 
 def diagonal_conv_transpose(grad: torch.Tensor, size: int, k: int, stride: int,
@@ -109,12 +72,12 @@ def diagonal_conv_transpose(grad: torch.Tensor, size: int, k: int, stride: int,
         raise ValueError(f"diagonal_conv_transpose: grad must have size {out_size} along "
                          f"dimensions 1 and 2 for size={size}, k={k}, stride={stride}, "
                          f"padding={tuple(padding)}, got {tuple(grad.shape)}")
-    if not _use_extension(grad):
+    if not takes(grad):
         return diagonal_conv_transpose_torch(grad, size, k, stride, padding, circular)
     low, high = int(padding[0]), int(padding[1])
     if torch.is_grad_enabled() and grad.requires_grad:
         return _DiagonalConvTranspose.apply(grad, size, k, stride, low, high, circular)
-    return _EXTENSION.diagonal_conv_transpose(grad, size, k, stride, low, high, circular)
+    return EXTENSION.diagonal_conv_transpose(grad, size, k, stride, low, high, circular)
 
 
 class _DiagonalConv(torch.autograd.Function):
@@ -124,7 +87,7 @@ class _DiagonalConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cov, k, stride, low, high, circular):
         ctx.arguments = (cov.shape[1], k, stride, low, high, circular)
-        return _EXTENSION.diagonal_conv(cov, k, stride, low, high, circular)
+        return EXTENSION.diagonal_conv(cov, k, stride, low, high, circular)
 
     @staticmethod
     def backward(ctx, grad):
@@ -137,7 +100,7 @@ class _DiagonalConvTranspose(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grad, size, k, stride, low, high, circular):
         ctx.arguments = (k, stride, low, high, circular)
-        return _EXTENSION.diagonal_conv_transpose(grad, size, k, stride, low, high, circular)
+        return EXTENSION.diagonal_conv_transpose(grad, size, k, stride, low, high, circular)
 
     @staticmethod
     def backward(ctx, grad_grad):

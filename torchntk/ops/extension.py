@@ -1,0 +1,52 @@
+"""The compiled extension `torchntk._C` (csrc/), and which tensors it takes.
+
+`TORCHNTK_BACKEND=torch|extension` forces the torch fallback or the
+extension at import (the default, `auto`, uses the extension where it was
+built).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+_BACKENDS = ('auto', 'extension', 'torch')
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _load() -> ModuleType | None:
+    choice = os.environ.get('TORCHNTK_BACKEND', 'auto')
+    if choice not in _BACKENDS:
+        raise ValueError(f"TORCHNTK_BACKEND must be one of {_BACKENDS}, got {choice!r}")
+    if choice == 'torch':
+        return None
+    try:
+        return importlib.import_module('torchntk._C')
+    except ImportError as error:
+        if choice == 'extension':
+            raise ImportError("TORCHNTK_BACKEND=extension but the compiled extension torchntk._C "
+                              "is not built (pip install --no-build-isolation -e .)") from error
+        return None
+
+
+#: The loaded extension module, or `None` (not built, or TORCHNTK_BACKEND=torch).
+EXTENSION = _load()
+
+
+def backend() -> str:
+    """`'extension'` when the compiled extension is in use, else `'torch'`."""
+    return 'torch' if EXTENSION is None else 'extension'
+
+
+def takes(tensor: torch.Tensor) -> bool:
+    """Whether the extension computes on `tensor`: float32/float64, on the CPU
+    or (built with CUDA) a GPU. torch.compile cannot trace into it (it fuses
+    the torch version itself), nor can torch.func transforms (vmap, jvp) batch
+    or differentiate it."""
+    if (EXTENSION is None or tensor.dtype not in _DTYPES or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    return tensor.device.type == 'cpu' or (tensor.device.type == 'cuda' and EXTENSION.with_cuda)
