@@ -340,7 +340,7 @@ void run_chain(const torch::Tensor& nngp, const torch::Tensor& ntk, torch::Tenso
     for (auto& table : record) variances.record.push_back(table.data_ptr<scalar_t>());
     if (n_dims == 0) {
       nngp_out.copy_(nngp);
-      if (ntk.defined()) ntk_out.copy_(ntk);
+      if (ntk.defined()) ntk.dim() == 0 ? ntk_out.fill_(ntk) : ntk_out.copy_(ntk);
       scalar_t* ntk_out_ptr = ntk.defined() ? ntk_out.data_ptr<scalar_t>() : nullptr;
       // Without NTK or nonlinearities, pairs are elementwise like examples.
       if (!variances.first.empty() || ntk.defined()) {
@@ -402,7 +402,10 @@ std::vector<torch::Tensor> conv_chain_pairs(const torch::Tensor& nngp_in,
   if (ntk_in.has_value()) {
     TORCH_CHECK(ntk_in->scalar_type() == nngp.scalar_type() && ntk_in->device() == nngp.device(),
                 "conv_chain_pairs: ntk must have nngp's dtype and device");
-    ntk = ntk_in->expand_as(nngp).contiguous();
+    // The inputs' NTK is a scalar zero: flat kernels on the CPU fill the
+    // output with it instead of materializing a broadcast copy.
+    const bool fill = nngp.dim() == 2 && nngp.device().is_cpu() && ntk_in->numel() == 1;
+    ntk = fill ? ntk_in->reshape({}) : ntk_in->expand_as(nngp).contiguous();
   }
   const std::vector<Step> steps = parse_steps(encoded, spatial_sizes(nngp, 2));
   TORCH_CHECK(!steps.empty(), "conv_chain_pairs: no steps");
