@@ -27,6 +27,18 @@
 namespace torchntk {
 namespace {
 
+// The affine part of a Conv/Dense step on `n` entries of the unit-variance
+// map's output: ntk = γ·nngp + α·ntk + δ (if `ntk`), then nngp = β + α·nngp.
+template <typename scalar_t>
+inline void affine(const Step& step, scalar_t* __restrict__ nngp, scalar_t* __restrict__ ntk,
+                   int64_t n) {
+  const scalar_t alpha = step.alpha, beta = step.beta, gamma = step.gamma, delta = step.delta;
+  if (ntk) {
+    for (int64_t e = 0; e < n; ++e) ntk[e] = gamma * nngp[e] + (alpha * ntk[e] + delta);
+  }
+  for (int64_t e = 0; e < n; ++e) nngp[e] = beta + alpha * nngp[e];
+}
+
 // One row of entries sharing var1 (the innermost spatial pair varies var2).
 template <typename scalar_t, bool with_ntk>
 inline void abrelu_row(scalar_t* __restrict__ nngp, scalar_t* __restrict__ ntk, scalar_t var1,
@@ -145,7 +157,7 @@ class PairChain {
       if (step.kind == kConv) {
         convolve(step, a_, a_spare_);
         if (with_ntk) convolve(step, b_, b_spare_);
-        affine(step, with_ntk);
+        affine(step, a_.data(), with_ntk ? b_.data() : nullptr, entries_of(step.out, n_dims_));
         continue;
       }
       const PairIndex& index = indices_[s];
@@ -224,17 +236,6 @@ class PairChain {
     }
   }
 
-  void affine(const Step& step, bool with_ntk) {
-    const int64_t entries = entries_of(step.out, n_dims_);
-    scalar_t* a = a_.data();
-    scalar_t* b = b_.data();
-    const scalar_t alpha = step.alpha, beta = step.beta, gamma = step.gamma, delta = step.delta;
-    if (with_ntk) {
-      for (int64_t e = 0; e < entries; ++e) b[e] = gamma * a[e] + (alpha * b[e] + delta);
-    }
-    for (int64_t e = 0; e < entries; ++e) a[e] = beta + alpha * a[e];
-  }
-
   const std::vector<Step>& steps_;
   const int n_dims_;
   std::vector<PairIndex> indices_;
@@ -285,12 +286,7 @@ void flat_chain_pairs(scalar_t* nngp, scalar_t* ntk, const Variances<scalar_t>& 
       size_t relu_index = 0;
       for (const Step& step : steps) {
         if (step.kind == kConv) {
-          const scalar_t alpha = step.alpha, beta = step.beta, gamma = step.gamma,
-                         delta = step.delta;
-          if (ntk_row) {
-            for (int64_t j = 0; j < n2; ++j) ntk_row[j] = gamma * nngp_row[j] + (alpha * ntk_row[j] + delta);
-          }
-          for (int64_t j = 0; j < n2; ++j) nngp_row[j] = beta + alpha * nngp_row[j];
+          affine(step, nngp_row, ntk_row, n2);
           continue;
         }
         abrelu_rows(nngp_row, ntk_row, variances.first[relu_index], variances.second[relu_index],
@@ -310,7 +306,7 @@ void flat_chain_self(scalar_t* cov, const Variances<scalar_t>& variances,
     size_t relu_index = 0;
     for (const Step& step : steps) {
       if (step.kind == kConv) {
-        c = scalar_t(step.beta) + scalar_t(step.alpha) * c;
+        affine(step, &c, static_cast<scalar_t*>(nullptr), 1);
         continue;
       }
       variances.record[relu_index++][i] = c;
