@@ -1,21 +1,29 @@
-// conv_chain: a run of shared-weight convolutions and ABRelu-family
+// conv_chain: a run of shared-weight convolutions, pooling and ABRelu-family
 // nonlinearities applied to full spatial covariances, one pair of examples at
 // a time, all layers in a row. CPU here, CUDA in conv_chain_cuda.cu.
 //
 // Layer by layer, every step streams the whole (N1, N2, X, X', Y, Y')
-// covariances through memory several times (convolution per dimension,
-// affine map, nonlinearity, fresh tensors). Here a pair's covariance (0.5 MiB
-// for 16x16 in float64) goes through all layers in per-thread buffers that
-// stay in cache, and the steps are fused:
+// covariances through memory several times (window sums per dimension,
+// affine map, nonlinearity, fresh tensors). Here a pair's covariance goes
+// through all layers in per-thread buffers, and each linear step is one pass:
 //
-//   Conv   (Novak et al. 2019, eq. 7): A = diagonal_conv along every spatial
-//          dimension; nngp' = α·A(nngp) + β, ntk' = γ·A(nngp) + α·A(ntk) + δ.
+//   Conv   (Novak et al. 2019, eq. 7): A = the diagonal window sum along
+//          every spatial dimension, divided by the window size;
+//          nngp' = α·A(nngp) + β, ntk' = γ·A(nngp) + α·A(ntk) + δ.
+//   Pool   (Novak et al. 2019, §3.2): the same with the box window sum.
 //   ABRelu (Cho & Saul 2009): abrelu_entry in conv_chain.h.
+//
+// A linear step walks the output one block of the innermost spatial pair
+// (Y, Y') at a time: the window's taps along the outer dimensions are summed
+// into a padded (Y, Y') matrix in L1, whose own window sums give the block,
+// and the affine map and the following nonlinearity are applied to it there.
 //
 // The nonlinearity needs each example's variances at its input. They come
 // from a first pass over the examples' own covariances (conv_chain_self,
-// which reads them off its diagonal and returns them) and are looked up by
-// the pass over pairs (conv_chain_pairs).
+// which reads them off its diagonal and returns them; there the nonlinearity
+// runs after the step, once the whole diagonal is known) and are looked up by
+// the pass over pairs (conv_chain_pairs). Both passes do the same arithmetic
+// per entry, so an example paired with itself gets its own covariance exactly.
 #include "conv_chain.h"
 
 #include <ATen/Parallel.h>
@@ -27,58 +35,98 @@
 namespace torchntk {
 namespace {
 
-// The affine part of a Conv/Dense step on `n` entries of the unit-variance
-// map's output: ntk = γ·nngp + α·ntk + δ (if `ntk`), then nngp = β + α·nngp.
-template <typename scalar_t>
-inline void affine(const Step& step, scalar_t* __restrict__ nngp, scalar_t* __restrict__ ntk,
-                   int64_t n) {
-  const scalar_t alpha = step.alpha, beta = step.beta, gamma = step.gamma, delta = step.delta;
-  if (ntk) {
-    for (int64_t e = 0; e < n; ++e) ntk[e] = gamma * nngp[e] + (alpha * ntk[e] + delta);
-  }
-  for (int64_t e = 0; e < n; ++e) nngp[e] = beta + alpha * nngp[e];
-}
+// Everything the entry points compiled per instruction set call must be
+// inlined into them: a function not inlined is compiled for baseline x86-64.
+#define TORCHNTK_INLINE inline __attribute__((always_inline))
+#define TORCHNTK_LAMBDA_INLINE __attribute__((always_inline))
+
+// A linear step's affine map of the window sums u (nngp) and v (ntk),
+// nngp' = β + α·u and ntk' = γ·u + (α·v + δ) (α, γ include the window's
+// 1/k), and the nonlinearity applied after it, if any.
+template <typename T>
+struct Epilogue {
+  T alpha, beta, gamma, delta;
+  bool relu;
+  T k1, c0;
+};
 
 // One row of entries sharing var1 (the innermost spatial pair varies var2).
-template <typename scalar_t, bool with_ntk>
-inline void abrelu_row(scalar_t* __restrict__ nngp, scalar_t* __restrict__ ntk, scalar_t var1,
-                       const scalar_t* __restrict__ var2, int64_t n, scalar_t k1, scalar_t c0) {
+template <typename T, bool with_ntk, bool relu>
+TORCHNTK_INLINE void epilogue_row(T* __restrict__ nngp, T* __restrict__ ntk, int64_t n,
+                                  const Epilogue<T>& e, T var1, const T* __restrict__ var2) {
 #pragma omp simd
   for (int64_t q = 0; q < n; ++q) {
-    scalar_t d;
-    nngp[q] = abrelu_entry(nngp[q], var1, var2[q], k1, c0, &d);
-    if (with_ntk) ntk[q] = d * ntk[q];
+    const T u = nngp[q];
+    T out = e.beta + e.alpha * u, out_ntk = 0;
+    if (with_ntk) out_ntk = e.gamma * u + (e.alpha * ntk[q] + e.delta);
+    if (relu) {
+      T d;
+      out = abrelu_entry(out, var1, var2[q], e.k1, e.c0, &d);
+      out_ntk = d * out_ntk;
+    }
+    nngp[q] = out;
+    if (with_ntk) ntk[q] = out_ntk;
   }
 }
 
-#define TORCHNTK_ABRELU_ROWS(scalar_t, with_ntk)                                                  \
-  TORCHNTK_TARGET_CLONES void abrelu_rows_##scalar_t##_##with_ntk(                               \
-      scalar_t* nngp, scalar_t* ntk, const scalar_t* var1, const scalar_t* var2,                  \
-      const int64_t* row_var1, const int64_t* row_var2, int64_t rows, int64_t n, double k1,       \
-      double c0) {                                                                                \
-    for (int64_t r = 0; r < rows; ++r)                                                            \
-      abrelu_row<scalar_t, with_ntk>(nngp + r * n, with_ntk ? ntk + r * n : nullptr,              \
-                                     var1[row_var1[r]], var2 + row_var2[r], n, scalar_t(k1),      \
-                                     scalar_t(c0));                                               \
+template <typename T>
+TORCHNTK_INLINE void epilogue_rows(T* nngp, T* ntk, int64_t rows, int64_t n, const Epilogue<T>& e,
+                                   const T* var1, const T* var2) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* ntk_row = ntk ? ntk + r * n : nullptr;
+    if (e.relu && ntk) epilogue_row<T, true, true>(nngp + r * n, ntk_row, n, e, var1[r], var2);
+    else if (e.relu) epilogue_row<T, false, true>(nngp + r * n, ntk_row, n, e, var1[r], var2);
+    else if (ntk) epilogue_row<T, true, false>(nngp + r * n, ntk_row, n, e, T(0), var2);
+    else epilogue_row<T, false, false>(nngp + r * n, ntk_row, n, e, T(0), var2);
   }
-
-TORCHNTK_ABRELU_ROWS(float, true)
-TORCHNTK_ABRELU_ROWS(float, false)
-TORCHNTK_ABRELU_ROWS(double, true)
-TORCHNTK_ABRELU_ROWS(double, false)
-
-void abrelu_rows(float* nngp, float* ntk, const float* var1, const float* var2,
-                 const int64_t* row_var1, const int64_t* row_var2, int64_t rows, int64_t n,
-                 double k1, double c0) {
-  if (ntk) abrelu_rows_float_true(nngp, ntk, var1, var2, row_var1, row_var2, rows, n, k1, c0);
-  else abrelu_rows_float_false(nngp, ntk, var1, var2, row_var1, row_var2, rows, n, k1, c0);
 }
-void abrelu_rows(double* nngp, double* ntk, const double* var1, const double* var2,
-                 const int64_t* row_var1, const int64_t* row_var2, int64_t rows, int64_t n,
-                 double k1, double c0) {
-  if (ntk) abrelu_rows_double_true(nngp, ntk, var1, var2, row_var1, row_var2, rows, n, k1, c0);
-  else abrelu_rows_double_false(nngp, ntk, var1, var2, row_var1, row_var2, rows, n, k1, c0);
+
+// A nonlinearity on its own, rows r of n entries with variances
+// var1[row_var1[r]] and var2[row_var2[r] + q].
+template <typename T>
+TORCHNTK_INLINE void abrelu_rows(T* nngp, T* ntk, const T* var1, const T* var2,
+                                 const int64_t* row_var1, const int64_t* row_var2, int64_t rows,
+                                 int64_t n, T k1, T c0) {
+  const Epilogue<T> e{T(1), T(0), T(0), T(0), true, k1, c0};
+  for (int64_t r = 0; r < rows; ++r) {
+    // The identity affine map (1·u + 0 and 0·u + (1·v + 0)) changes no value.
+    if (ntk) epilogue_row<T, true, true>(nngp + r * n, ntk + r * n, n, e, var1[row_var1[r]], var2 + row_var2[r]);
+    else epilogue_row<T, false, true>(nngp + r * n, nullptr, n, e, var1[row_var1[r]], var2 + row_var2[r]);
+  }
 }
+
+// One spatial dimension of a linear step. Padded positions a = s·p + i
+// (output p, tap i < k) read position source[a] of the axis, or a zero (−1)
+// in zero padding. The padded matrix of the innermost pair has `padded`
+// entries a side: those read, and the axis itself at [pad_low, pad_low + size).
+struct Axis {
+  int64_t size, out_size, k, stride, pad_low, span, padded;
+  bool circular;
+  std::vector<int64_t> source;
+
+  Axis(const Step& step, int d)
+      : size(step.in[d]), out_size(step.out[d]), k(step.k[d]), stride(step.stride[d]),
+        pad_low(step.pad_low[d]), span(step.stride[d] * (step.out[d] - 1) + step.k[d]),
+        padded(std::max(span, step.pad_low[d] + step.in[d])), circular(step.circular) {
+    for (int64_t a = 0; a < span; ++a) {
+      const int64_t position = a - pad_low;
+      const bool inside = position >= 0 && position < size;
+      source.push_back(inside ? position : circular ? position - floor_div(position, size) * size : -1);
+    }
+  }
+};
+
+// A step as a pass runs it: a linear step (with the nonlinearity after it
+// fused in the pass over pairs), or a nonlinearity on its own.
+template <typename T>
+struct Item {
+  const Step* step;
+  bool linear;
+  bool box;                  // linear: Pool's box window (else Conv's diagonals)
+  Epilogue<T> epilogue;      // linear
+  std::vector<Axis> axes;    // linear, per spatial dimension
+  int relu_index;            // the variance table of the (fused) nonlinearity, or −1
+};
 
 // For the pair layout (X, X', Y, Y', …) of spatial sizes `sizes`: rows run
 // along the last X'; row r's first-example variance sits at row_var1[r] and
@@ -90,7 +138,7 @@ struct PairIndex {
 
   PairIndex() = default;
   PairIndex(const int64_t* sizes, int n_dims) {
-    row_length = sizes[n_dims - 1];
+    row_length = n_dims > 0 ? sizes[n_dims - 1] : 1;
     positions = positions_of(sizes, n_dims);
     rows = entries_of(sizes, n_dims) / row_length;
     row_var1.resize(rows), row_var2.resize(rows);
@@ -120,126 +168,388 @@ struct PairIndex {
   }
 };
 
+// The items of a pass; `fuse`: nonlinearities join the linear step before them.
+template <typename T>
+std::vector<Item<T>> plan_pass(const std::vector<Step>& steps, int n_dims, bool fuse) {
+  std::vector<Item<T>> items;
+  int relu_count = 0;
+  for (size_t s = 0; s < steps.size(); ++s) {
+    const Step& step = steps[s];
+    Item<T> item{&step, step.kind != kABRelu, step.kind == kPool, {}, {}, -1};
+    if (item.linear) {
+      double unit = 1;  // Conv's A divides the diagonal sums by the window size
+      for (int d = 0; d < n_dims; ++d) {
+        item.axes.emplace_back(step, d);
+        if (step.kind == kConv) unit *= step.k[d];
+      }
+      item.epilogue = {T(step.alpha / unit), T(step.beta), T(step.gamma / unit), T(step.delta),
+                       false, T(0), T(0)};
+      if (fuse && s + 1 < steps.size() && steps[s + 1].kind == kABRelu) {
+        item.epilogue.relu = true;
+        item.epilogue.k1 = T(steps[s + 1].k1), item.epilogue.c0 = T(steps[s + 1].c0);
+        item.relu_index = relu_count++;
+        ++s;
+      }
+    } else {
+      item.relu_index = relu_count++;
+    }
+    items.push_back(std::move(item));
+  }
+  return items;
+}
+
+// Per-thread buffers of a linear step: the window sums of the outer
+// dimensions (3 spatial dimensions), the padded matrices, a row of box sums.
+template <typename T>
+struct Scratch {
+  std::vector<T> slab_a, slab_b, matrix_a, matrix_b, row;
+  std::vector<int64_t> taps;
+  std::vector<const T*> from;  // the rows a window sum adds
+};
+
+// Offsets (in slabs) of the input blocks the window sums for output (p, q)
+// of `axis`: the diagonal (s·p + i, s·q + i), or the box (s·p + i, s·q + j).
+TORCHNTK_INLINE int64_t window_taps(const Axis& axis, bool box, int64_t p, int64_t q, int64_t* taps) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < axis.k; ++i) {
+    const int64_t row = axis.source[axis.stride * p + i];
+    if (row < 0) continue;
+    for (int64_t j = box ? 0 : i; j < (box ? axis.k : i + 1); ++j) {
+      const int64_t column = axis.source[axis.stride * q + j];
+      if (column >= 0) taps[count++] = row * axis.size + column;
+    }
+  }
+  return count;
+}
+
+// out[c] = Σ_t from[t][c] for c < n, t < count (count >= 1), summed in the
+// order of t; up to three rows in one vector pass (3x3 convolutions).
+template <typename T>
+TORCHNTK_INLINE void sum_rows(T* __restrict__ out, const T* const* from, int64_t count, int64_t n) {
+  const T* __restrict__ a = from[0];
+  const T* __restrict__ b = from[count > 1 ? 1 : 0];
+  const T* __restrict__ c = from[count > 2 ? 2 : 0];
+  if (count == 1) {
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) out[e] = a[e];
+    return;
+  }
+  if (count == 2) {
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) out[e] = a[e] + b[e];
+    return;
+  }
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) out[e] = (a[e] + b[e]) + c[e];
+  for (int64_t t = 3; t < count; ++t) {
+    const T* __restrict__ more = from[t];
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) out[e] += more[e];
+  }
+}
+
+// dst[r·dst_stride + c] = Σ_t src[taps[t]·slab + r·columns + c], r < rows, c < columns.
+template <typename T>
+TORCHNTK_INLINE void sum_taps(T* __restrict__ dst, int64_t dst_stride, const T* __restrict__ src,
+                              const int64_t* taps, int64_t count, int64_t slab, int64_t rows,
+                              int64_t columns, const T** from) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* __restrict__ out = dst + r * dst_stride;
+    if (count == 0) {
+      std::fill(out, out + columns, T(0));
+      continue;
+    }
+    for (int64_t t = 0; t < count; ++t) from[t] = src + taps[t] * slab + r * columns;
+    sum_rows(out, from, count, columns);
+  }
+}
+
+// The padded matrix's positions outside the axis, under circular padding:
+// copies of the positions they wrap onto (zero padding leaves them zero).
+template <typename T>
+TORCHNTK_INLINE void wrap_border(T* matrix, const Axis& axis) {
+  if (!axis.circular) return;
+  const int64_t n = axis.padded, low = axis.pad_low, high = axis.pad_low + axis.size;
+  for (int64_t a = low; a < high; ++a) {
+    for (int64_t b = 0; b < axis.span; ++b) {
+      if (b < low || b >= high) matrix[a * n + b] = matrix[a * n + axis.source[b] + low];
+    }
+  }
+  for (int64_t a = 0; a < axis.span; ++a) {
+    if (a < low || a >= high) std::copy(matrix + (axis.source[a] + low) * n,
+                                        matrix + (axis.source[a] + low) * n + axis.span,
+                                        matrix + a * n);
+  }
+}
+
+// The window sums of the innermost pair from its padded matrix, into the
+// (out_size, out_size) block `out`.
+template <typename T>
+TORCHNTK_INLINE void matrix_sums(const T* __restrict__ matrix, const Axis& axis, bool box,
+                                 T* __restrict__ out, T* __restrict__ row, const T** from) {
+  const int64_t n = axis.padded, m = axis.out_size, s = axis.stride, k = axis.k;
+  for (int64_t y = 0; y < m; ++y) {
+    T* __restrict__ out_row = out + y * m;
+    if (!box && s == 1) {  // contiguous diagonals: vector loads
+      for (int64_t i = 0; i < k; ++i) from[i] = matrix + (y + i) * n + i;
+      sum_rows(out_row, from, k, m);
+    } else if (!box) {
+      for (int64_t q = 0; q < m; ++q) {
+        T sum = matrix[s * y * n + s * q];
+        for (int64_t i = 1; i < k; ++i) sum += matrix[(s * y + i) * n + s * q + i];
+        out_row[q] = sum;
+      }
+    } else {
+      for (int64_t i = 0; i < k; ++i) from[i] = matrix + (s * y + i) * n;
+      sum_rows(row, from, k, axis.span);
+      for (int64_t q = 0; q < m; ++q) {
+        T sum = row[s * q];
+        for (int64_t j = 1; j < k; ++j) sum += row[s * q + j];
+        out_row[q] = sum;
+      }
+    }
+  }
+}
+
+// One linear step of one pair, D spatial dimensions: `in_*` to `out_*`
+// (`*_b`: the NTK, or null), the fused nonlinearity with the variance tables
+// var1, var2 of the pair's examples at the step's output positions.
+template <typename T, int D>
+TORCHNTK_INLINE void linear_step(const Item<T>& item, const T* in_a, const T* in_b, T* out_a,
+                                 T* out_b, const T* var1, const T* var2, Scratch<T>& scratch) {
+  const Axis& last = item.axes[D - 1];
+  const int64_t n = last.padded, m = last.out_size, low = last.pad_low;
+  T* matrix_a = scratch.matrix_a.data();
+  T* matrix_b = scratch.matrix_b.data();
+  std::fill(matrix_a, matrix_a + n * n, T(0));
+  if (in_b) std::fill(matrix_b, matrix_b + n * n, T(0));
+  // The innermost pair: window sums of its padded matrix, then the epilogue.
+  auto finish = [&](T* block_a, T* block_b, const T* block_var1,
+                    const T* block_var2) TORCHNTK_LAMBDA_INLINE {
+    wrap_border(matrix_a, last);
+    matrix_sums(matrix_a, last, item.box, block_a, scratch.row.data(), scratch.from.data());
+    if (in_b) {
+      wrap_border(matrix_b, last);
+      matrix_sums(matrix_b, last, item.box, block_b, scratch.row.data(), scratch.from.data());
+    }
+    epilogue_rows(block_a, block_b, m, m, item.epilogue, block_var1, block_var2);
+  };
+  // Sums the taps of output (p, q) of dimension d from slabs of `slab`
+  // entries into `dst_*` (rows of `columns`, dst_stride apart).
+  int64_t* taps = scratch.taps.data();
+  auto gather = [&](int d, int64_t p, int64_t q, const T* src_a, const T* src_b, T* dst_a,
+                    T* dst_b, int64_t dst_stride, int64_t slab, int64_t rows,
+                    int64_t columns) TORCHNTK_LAMBDA_INLINE {
+    const int64_t count = window_taps(item.axes[d], item.box, p, q, taps);
+    sum_taps(dst_a, dst_stride, src_a, taps, count, slab, rows, columns, scratch.from.data());
+    if (src_b) sum_taps(dst_b, dst_stride, src_b, taps, count, slab, rows, columns, scratch.from.data());
+  };
+  const int64_t inner = last.size;  // rows and columns of the innermost input pair
+  if constexpr (D == 1) {
+    const int64_t whole = 0;  // one tap: the input matrix itself
+    sum_taps(matrix_a + low * n + low, n, in_a, &whole, 1, 0, inner, inner, scratch.from.data());
+    if (in_b) sum_taps(matrix_b + low * n + low, n, in_b, &whole, 1, 0, inner, inner, scratch.from.data());
+    finish(out_a, out_b, var1, var2);
+  } else {
+    const Axis& outer = item.axes[0];
+    const int64_t slab_in = entries_of(item.step->in + 1, D - 1);
+    const int64_t slab_out = entries_of(item.step->out + 1, D - 1);
+    const int64_t positions_out = positions_of(item.step->out + 1, D - 1);
+    // Outputs (p, q) in the order of the diagonals q − p: a convolution's
+    // next output (p + 1, q + 1) reads the input blocks this one read, while
+    // they are still in L1.
+    const int64_t blocks = outer.out_size;
+    for (int64_t offset = 1 - blocks; offset < blocks; ++offset) {
+      for (int64_t p = std::max<int64_t>(0, -offset); p < std::min(blocks, blocks - offset); ++p) {
+        const int64_t q = p + offset;
+        const int64_t block = (p * outer.out_size + q) * slab_out;
+        T* block_a = out_a + block;
+        T* block_b = out_b ? out_b + block : nullptr;
+        const T* block_var1 = var1 ? var1 + p * positions_out : nullptr;
+        const T* block_var2 = var2 ? var2 + q * positions_out : nullptr;
+        if constexpr (D == 2) {
+          gather(0, p, q, in_a, in_b, matrix_a + low * n + low, matrix_b + low * n + low, n,
+                 slab_in, inner, inner);
+          finish(block_a, block_b, block_var1, block_var2);
+        } else {
+          gather(0, p, q, in_a, in_b, scratch.slab_a.data(), scratch.slab_b.data(), slab_in,
+                 slab_in, 1, slab_in);
+          const Axis& middle = item.axes[1];
+          const int64_t inner_in = inner * inner, inner_out = m * m;
+          for (int64_t p1 = 0; p1 < middle.out_size; ++p1) {
+            for (int64_t q1 = 0; q1 < middle.out_size; ++q1) {
+              gather(1, p1, q1, scratch.slab_a.data(), in_b ? scratch.slab_b.data() : nullptr,
+                     matrix_a + low * n + low, matrix_b + low * n + low, n, inner_in, inner,
+                     inner);
+              const int64_t sub = (p1 * middle.out_size + q1) * inner_out;
+              finish(block_a + sub, block_b ? block_b + sub : nullptr,
+                     block_var1 ? block_var1 + p1 * m : nullptr,
+                     block_var2 ? block_var2 + q1 * m : nullptr);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // Where a pass takes the nonlinearities' variances from: per ABRelu step,
 // (N, positions) tables of the first and second examples of each pair; empty
 // for the pass over the examples themselves, which reads them off its own
 // diagonal and stores them in `record`.
-template <typename scalar_t>
+template <typename T>
 struct Variances {
-  std::vector<const scalar_t*> first, second;
-  std::vector<scalar_t*> record;
+  std::vector<const T*> first, second;
+  std::vector<T*> record;
 };
 
-template <typename scalar_t>
-class PairChain {
- public:
-  PairChain(const std::vector<Step>& steps, int n_dims) : steps_(steps), n_dims_(n_dims) {
-    for (const Step& step : steps) {
-      indices_.push_back(step.kind == kABRelu ? PairIndex(step.in, n_dims) : PairIndex());
+// Flat kernels (no spatial axes): row i of the pairs, copied from the input
+// (an NTK given as one scalar fills it), through every item while in L1.
+template <typename T>
+TORCHNTK_INLINE void flat_row(const std::vector<Item<T>>& items, const T* nngp_in,
+                              const T* ntk_in, bool ntk_scalar, T* nngp, T* ntk, int64_t n,
+                              const Variances<T>& variances, int64_t i) {
+  std::copy(nngp_in, nngp_in + n, nngp);
+  if (ntk && ntk_scalar) std::fill(ntk, ntk + n, *ntk_in);
+  else if (ntk) std::copy(ntk_in, ntk_in + n, ntk);
+  const int64_t first_column = 0;
+  for (const Item<T>& item : items) {
+    const T* var1 = item.relu_index >= 0 ? variances.first[item.relu_index] : nullptr;
+    const T* var2 = item.relu_index >= 0 ? variances.second[item.relu_index] : nullptr;
+    if (item.linear) {
+      epilogue_rows(nngp, ntk, 1, n, item.epilogue, var1 ? var1 + i : nullptr, var2);
+    } else {
+      abrelu_rows(nngp, ntk, var1, var2, &i, &first_column, 1, n, T(item.step->k1),
+                  T(item.step->c0));
     }
-    const int64_t entries = entries_of(steps.front().in, n_dims);
-    for (auto* buffer : {&a_, &a_spare_, &b_, &b_spare_}) buffer->resize(entries);
-    own_.resize(positions_of(steps.front().in, n_dims));
+  }
+}
+
+// Entry points compiled for several instruction sets (TORCHNTK_TARGET_CLONES),
+// with everything above inlined into them.
+#define TORCHNTK_CHAIN_KERNELS(T)                                                                \
+  TORCHNTK_TARGET_CLONES void linear_step_##T(const Item<T>& item, int n_dims, const T* in_a,     \
+                                              const T* in_b, T* out_a, T* out_b, const T* var1,  \
+                                              const T* var2, Scratch<T>& scratch) {              \
+    if (n_dims == 1) linear_step<T, 1>(item, in_a, in_b, out_a, out_b, var1, var2, scratch);     \
+    else if (n_dims == 2) linear_step<T, 2>(item, in_a, in_b, out_a, out_b, var1, var2, scratch); \
+    else linear_step<T, 3>(item, in_a, in_b, out_a, out_b, var1, var2, scratch);                 \
+  }                                                                                              \
+  TORCHNTK_TARGET_CLONES void abrelu_rows_##T(T* nngp, T* ntk, const T* var1, const T* var2,     \
+                                              const int64_t* row_var1, const int64_t* row_var2,  \
+                                              int64_t rows, int64_t n, T k1, T c0) {             \
+    abrelu_rows(nngp, ntk, var1, var2, row_var1, row_var2, rows, n, k1, c0);                     \
+  }                                                                                              \
+  TORCHNTK_TARGET_CLONES void flat_row_##T(const std::vector<Item<T>>& items, const T* nngp_in,  \
+                                           const T* ntk_in, bool ntk_scalar, T* nngp, T* ntk,    \
+                                           int64_t n, const Variances<T>& variances, int64_t i) { \
+    flat_row(items, nngp_in, ntk_in, ntk_scalar, nngp, ntk, n, variances, i);                    \
+  }                                                                                              \
+  void run_linear_step(const Item<T>& item, int n_dims, const T* in_a, const T* in_b, T* out_a,  \
+                       T* out_b, const T* var1, const T* var2, Scratch<T>& scratch) {            \
+    linear_step_##T(item, n_dims, in_a, in_b, out_a, out_b, var1, var2, scratch);                \
+  }                                                                                              \
+  void run_abrelu_rows(T* nngp, T* ntk, const T* var1, const T* var2, const int64_t* row_var1,   \
+                       const int64_t* row_var2, int64_t rows, int64_t n, T k1, T c0) {           \
+    abrelu_rows_##T(nngp, ntk, var1, var2, row_var1, row_var2, rows, n, k1, c0);                 \
+  }                                                                                              \
+  void run_flat_row(const std::vector<Item<T>>& items, const T* nngp_in, const T* ntk_in,        \
+                    bool ntk_scalar, T* nngp, T* ntk, int64_t n, const Variances<T>& variances,  \
+                    int64_t i) {                                                                 \
+    flat_row_##T(items, nngp_in, ntk_in, ntk_scalar, nngp, ntk, n, variances, i);                \
   }
 
-  // Runs the chain on one pair: `nngp` (and `ntk` if not null) hold the input
-  // entries; the results go to `nngp_out`, `ntk_out`. `first`, `second`
-  // index the pair's examples in the variance tables.
-  void run(const scalar_t* nngp, const scalar_t* ntk, scalar_t* nngp_out, scalar_t* ntk_out,
-           const Variances<scalar_t>& variances, int64_t first, int64_t second) {
-    const bool with_ntk = ntk != nullptr;
-    const int64_t in_entries = entries_of(steps_.front().in, n_dims_);
-    std::copy(nngp, nngp + in_entries, a_.data());
-    if (with_ntk) std::copy(ntk, ntk + in_entries, b_.data());
-    size_t relu_index = 0;
-    for (size_t s = 0; s < steps_.size(); ++s) {
-      const Step& step = steps_[s];
-      if (step.kind == kConv) {
-        convolve(step, a_, a_spare_);
-        if (with_ntk) convolve(step, b_, b_spare_);
-        affine(step, a_.data(), with_ntk ? b_.data() : nullptr, entries_of(step.out, n_dims_));
+TORCHNTK_CHAIN_KERNELS(float)
+TORCHNTK_CHAIN_KERNELS(double)
+
+// One thread's buffers for taking pairs of examples through a pass's items.
+template <typename T>
+class PairChain {
+ public:
+  PairChain(const std::vector<Item<T>>& items, int n_dims) : items_(items), n_dims_(n_dims) {
+    int64_t entries = 0, side = 1, span = 1, taps = 1, slab = 1;
+    for (const Item<T>& item : items) {
+      entries = std::max({entries, entries_of(item.step->in, n_dims), entries_of(item.step->out, n_dims)});
+      indices_.push_back(item.linear ? PairIndex() : PairIndex(item.step->in, n_dims));
+      if (!item.linear) continue;
+      const Axis& last = item.axes.back();
+      side = std::max(side, last.padded), span = std::max(span, last.span);
+      for (const Axis& axis : item.axes) taps = std::max(taps, item.box ? axis.k * axis.k : axis.k);
+      if (n_dims == 3) slab = std::max(slab, entries_of(item.step->in + 1, 2));
+    }
+    for (auto* buffer : {&a_[0], &a_[1], &b_[0], &b_[1]}) buffer->resize(entries);
+    own_.resize(positions_of(items.front().step->in, n_dims));
+    for (const Item<T>& item : items) {
+      own_.resize(std::max<size_t>(own_.size(), positions_of(item.step->in, n_dims)));
+    }
+    scratch_.matrix_a.resize(side * side), scratch_.matrix_b.resize(side * side);
+    scratch_.slab_a.resize(slab), scratch_.slab_b.resize(slab);
+    scratch_.row.resize(span), scratch_.taps.resize(taps), scratch_.from.resize(taps);
+    for (size_t t = 0; t < items.size(); ++t) {
+      writes_output_.push_back(std::none_of(items.begin() + t + 1, items.end(),
+                                            [](const Item<T>& later) { return later.linear; }));
+    }
+  }
+
+  // Runs the items on one pair: `nngp` (and `ntk` if not null) hold the
+  // input entries; the results go to `nngp_out`, `ntk_out`. `first`,
+  // `second` index the pair's examples in the variance tables.
+  void run(const T* nngp, const T* ntk, T* nngp_out, T* ntk_out, const Variances<T>& variances,
+           int64_t first, int64_t second) {
+    const bool self = !variances.record.empty();
+    const int64_t in_entries = entries_of(items_.front().step->in, n_dims_);
+    const T *in_a = nngp, *in_b = ntk;
+    T *held_a = nullptr, *held_b = nullptr;  // the current covariances, writable
+    int next = 0;
+    auto hold = [&](T* a, T* b) {
+      held_a = a, held_b = b, in_a = a, in_b = b;
+      next ^= 1;
+    };
+    for (size_t t = 0; t < items_.size(); ++t) {
+      const Item<T>& item = items_[t];
+      const int64_t positions = positions_of(item.linear ? item.step->out : item.step->in, n_dims_);
+      const T* var1 = nullptr;
+      const T* var2 = nullptr;
+      if (item.relu_index >= 0 && !self) {
+        var1 = variances.first[item.relu_index] + first * positions;
+        var2 = variances.second[item.relu_index] + second * positions;
+      }
+      if (item.linear) {
+        T* out_a = writes_output_[t] ? nngp_out : a_[next].data();
+        T* out_b = !ntk ? nullptr : writes_output_[t] ? ntk_out : b_[next].data();
+        run_linear_step(item, n_dims_, in_a, in_b, out_a, out_b, var1, var2, scratch_);
+        hold(out_a, out_b);
         continue;
       }
-      const PairIndex& index = indices_[s];
-      const scalar_t *var1, *var2;
-      if (variances.first.empty()) {
-        for (int64_t x = 0; x < index.positions; ++x) own_[x] = a_[index.diagonal[x]];
-        std::copy(own_.begin(), own_.begin() + index.positions,
-                  variances.record[relu_index] + first * index.positions);
-        var1 = var2 = own_.data();
-      } else {
-        var1 = variances.first[relu_index] + first * index.positions;
-        var2 = variances.second[relu_index] + second * index.positions;
+      if (!held_a) {  // a nonlinearity first: it runs on a copy of the input
+        std::copy(nngp, nngp + in_entries, a_[next].data());
+        if (ntk) std::copy(ntk, ntk + in_entries, b_[next].data());
+        hold(a_[next].data(), ntk ? b_[next].data() : nullptr);
       }
-      abrelu_rows(a_.data(), with_ntk ? b_.data() : nullptr, var1, var2, index.row_var1.data(),
-                  index.row_var2.data(), index.rows, index.row_length, step.k1, step.c0);
-      ++relu_index;
+      const PairIndex& index = indices_[t];
+      if (self) {
+        for (int64_t x = 0; x < positions; ++x) own_[x] = held_a[index.diagonal[x]];
+        std::copy(own_.begin(), own_.begin() + positions,
+                  variances.record[item.relu_index] + first * positions);
+        var1 = var2 = own_.data();
+      }
+      run_abrelu_rows(held_a, held_b, var1, var2, index.row_var1.data(), index.row_var2.data(),
+                      index.rows, index.row_length, T(item.step->k1), T(item.step->c0));
     }
-    const int64_t out_entries = entries_of(steps_.back().out, n_dims_);
-    std::copy(a_.data(), a_.data() + out_entries, nngp_out);
-    if (with_ntk) std::copy(b_.data(), b_.data() + out_entries, ntk_out);
+    if (held_a != nngp_out) {
+      const int64_t out_entries = entries_of(items_.back().step->out, n_dims_);
+      std::copy(held_a, held_a + out_entries, nngp_out);
+      if (ntk) std::copy(held_b, held_b + out_entries, ntk_out);
+    }
   }
 
  private:
-  // The unit-variance convolution map along every spatial dimension, in place
-  // in `buffer` (using `spare`).
-  // A dimension whose pair is followed by fewer entries than kShortInner is
-  // moved to the front first: diagonal_conv's inner loops run over those
-  // entries, and short loops (16 for the last axis of a 16x16 image) cost ~10x
-  // more per entry than two transposes, while the buffer stays in L2 (up to
-  // kTransposedEntries; beyond, the transposes stream it through memory).
-  static constexpr int64_t kShortInner = 64;
-  static constexpr int64_t kTransposedEntries = int64_t{1} << 17;
-
-  void convolve(const Step& step, std::vector<scalar_t>& buffer, std::vector<scalar_t>& spare) {
-    int64_t sizes[kMaxSpatial];
-    std::copy(step.in, step.in + n_dims_, sizes);
-    for (int d = 0; d < n_dims_; ++d) {
-      const int64_t outer = entries_of(sizes, d);
-      const int64_t inner = entries_of(sizes + d + 1, n_dims_ - d - 1);
-      const int64_t size = sizes[d], out_size = step.out[d];
-      if (outer == 1 || inner >= kShortInner || outer * size * size * inner > kTransposedEntries) {
-        forward_rows(buffer.data(), spare.data(), 0, outer * out_size, size, out_size, inner,
-                     step.k[d], step.stride[d], step.pad_low[d], step.circular);
-        buffer.swap(spare);
-      } else {
-        // (outer, X·X', inner) -> (X·X', outer, inner), convolve, and back.
-        swap_axes(buffer.data(), spare.data(), outer, size * size, inner);
-        forward_rows(spare.data(), buffer.data(), 0, out_size, size, out_size, outer * inner,
-                     step.k[d], step.stride[d], step.pad_low[d], step.circular);
-        swap_axes(buffer.data(), spare.data(), out_size * out_size, outer, inner);
-        buffer.swap(spare);
-      }
-      sizes[d] = out_size;
-    }
-  }
-
-  // dst[b, a, c] = src[a, b, c] for src of shape (A, B, C); in 16 x 16 tiles
-  // when C = 1 (a matrix transpose), so that both sides stay in cache lines.
-  static void swap_axes(const scalar_t* src, scalar_t* dst, int64_t A, int64_t B, int64_t C) {
-    if (C > 1) {
-      for (int64_t a = 0; a < A; ++a)
-        for (int64_t b = 0; b < B; ++b) std::copy(src + (a * B + b) * C, src + (a * B + b + 1) * C, dst + (b * A + a) * C);
-      return;
-    }
-    constexpr int64_t kTile = 16;
-    for (int64_t a0 = 0; a0 < A; a0 += kTile) {
-      for (int64_t b0 = 0; b0 < B; b0 += kTile) {
-        if (a0 + kTile <= A && b0 + kTile <= B) {  // a whole tile: fixed trip counts
-          for (int64_t b = 0; b < kTile; ++b)
-            for (int64_t a = 0; a < kTile; ++a) dst[(b0 + b) * A + a0 + a] = src[(a0 + a) * B + b0 + b];
-          continue;
-        }
-        for (int64_t a = a0; a < std::min(A, a0 + kTile); ++a)
-          for (int64_t b = b0; b < std::min(B, b0 + kTile); ++b) dst[b * A + a] = src[a * B + b];
-      }
-    }
-  }
-
-  const std::vector<Step>& steps_;
+  const std::vector<Item<T>>& items_;
   const int n_dims_;
   std::vector<PairIndex> indices_;
-  std::vector<scalar_t> a_, a_spare_, b_, b_spare_, own_;
+  std::vector<bool> writes_output_;
+  std::vector<T> a_[2], b_[2], own_;
+  Scratch<T> scratch_;
 };
 
 void check_pairs(const char* name, const torch::Tensor& tensor, int64_t batch_dims) {
@@ -273,52 +583,11 @@ std::vector<int64_t> pair_shape(std::vector<int64_t> batch, const int64_t* sizes
   return batch;
 }
 
-// Flat kernels (no spatial axes): every step is elementwise on the (N1, N2)
-// entries, so each row of the pairs goes through all steps while in L1.
-template <typename scalar_t>
-void flat_chain_pairs(scalar_t* nngp, scalar_t* ntk, const Variances<scalar_t>& variances,
-                      const std::vector<Step>& steps, int64_t n1, int64_t n2) {
-  at::parallel_for(0, n1, 1, [&](int64_t begin, int64_t end) {
-    const int64_t first_column = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      scalar_t* nngp_row = nngp + i * n2;
-      scalar_t* ntk_row = ntk ? ntk + i * n2 : nullptr;
-      size_t relu_index = 0;
-      for (const Step& step : steps) {
-        if (step.kind == kConv) {
-          affine(step, nngp_row, ntk_row, n2);
-          continue;
-        }
-        abrelu_rows(nngp_row, ntk_row, variances.first[relu_index], variances.second[relu_index],
-                    &i, &first_column, 1, n2, step.k1, step.c0);
-        ++relu_index;
-      }
-    }
-  });
-}
-
-// Flat kernels, the pass over examples: each variance is its own covariance.
-template <typename scalar_t>
-void flat_chain_self(scalar_t* cov, const Variances<scalar_t>& variances,
-                     const std::vector<Step>& steps, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    scalar_t c = cov[i], d;
-    size_t relu_index = 0;
-    for (const Step& step : steps) {
-      if (step.kind == kConv) {
-        affine(step, &c, static_cast<scalar_t*>(nullptr), 1);
-        continue;
-      }
-      variances.record[relu_index++][i] = c;
-      c = abrelu_entry(c, c, c, scalar_t(step.k1), scalar_t(step.c0), &d);
-    }
-    cov[i] = c;
-  }
-}
-
-// The pass of `steps` over pairs (variances given) or over examples (`record` given).
-void run_chain(const torch::Tensor& nngp, const torch::Tensor& ntk, torch::Tensor& nngp_out,
-               torch::Tensor& ntk_out, const std::vector<torch::Tensor>& variances1,
+// The pass of `steps` over pairs (variances given) or over examples (`self`,
+// `record` given).
+void run_chain(bool self, const torch::Tensor& nngp, const torch::Tensor& ntk,
+               torch::Tensor& nngp_out, torch::Tensor& ntk_out,
+               const std::vector<torch::Tensor>& variances1,
                const std::vector<torch::Tensor>& variances2, std::vector<torch::Tensor>& record,
                const std::vector<Step>& steps, int n_dims, int64_t n2) {
 #ifdef TORCHNTK_WITH_CUDA
@@ -334,27 +603,44 @@ void run_chain(const torch::Tensor& nngp, const torch::Tensor& ntk, torch::Tenso
       variances.second.push_back(variances2[l].data_ptr<scalar_t>());
     }
     for (auto& table : record) variances.record.push_back(table.data_ptr<scalar_t>());
-    if (n_dims == 0) {
-      nngp_out.copy_(nngp);
-      if (ntk.defined()) ntk.dim() == 0 ? ntk_out.fill_(ntk) : ntk_out.copy_(ntk);
-      scalar_t* ntk_out_ptr = ntk.defined() ? ntk_out.data_ptr<scalar_t>() : nullptr;
-      // Without NTK or nonlinearities, pairs are elementwise like examples.
-      if (!variances.first.empty() || ntk.defined()) {
-        flat_chain_pairs(nngp_out.data_ptr<scalar_t>(), ntk_out_ptr, variances, steps,
-                         nngp_out.size(0), n2);
-      } else {
-        flat_chain_self(nngp_out.data_ptr<scalar_t>(), variances, steps, nngp_out.numel());
-      }
-      return;
-    }
-    const int64_t in_entries = entries_of(steps.front().in, n_dims);
-    const int64_t out_entries = entries_of(steps.back().out, n_dims);
+    const std::vector<Item<scalar_t>> items = plan_pass<scalar_t>(steps, n_dims, !self);
     const scalar_t* nngp_ptr = nngp.data_ptr<scalar_t>();
     const scalar_t* ntk_ptr = ntk.defined() ? ntk.data_ptr<scalar_t>() : nullptr;
     scalar_t* nngp_out_ptr = nngp_out.data_ptr<scalar_t>();
     scalar_t* ntk_out_ptr = ntk.defined() ? ntk_out.data_ptr<scalar_t>() : nullptr;
+    if (n_dims == 0 && self) {
+      // Each example through every step, its variance its own covariance.
+      const int64_t n = nngp.numel();
+      for (int64_t i = 0; i < n; ++i) {
+        scalar_t c = nngp_ptr[i], d;
+        for (const Item<scalar_t>& item : items) {
+          if (item.linear) {
+            epilogue_rows(&c, static_cast<scalar_t*>(nullptr), 1, 1, item.epilogue, &c, &c);
+            continue;
+          }
+          variances.record[item.relu_index][i] = c;
+          c = abrelu_entry(c, c, c, scalar_t(item.step->k1), scalar_t(item.step->c0), &d);
+        }
+        nngp_out_ptr[i] = c;
+      }
+      return;
+    }
+    if (n_dims == 0) {
+      const bool ntk_scalar = ntk.defined() && ntk.dim() == 0;
+      at::parallel_for(0, nngp.size(0), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          run_flat_row(items, nngp_ptr + i * n2,
+                       ntk_ptr ? ntk_ptr + (ntk_scalar ? 0 : i * n2) : nullptr, ntk_scalar,
+                       nngp_out_ptr + i * n2, ntk_out_ptr ? ntk_out_ptr + i * n2 : nullptr, n2,
+                       variances, i);
+        }
+      });
+      return;
+    }
+    const int64_t in_entries = entries_of(steps.front().in, n_dims);
+    const int64_t out_entries = entries_of(steps.back().out, n_dims);
     at::parallel_for(0, nngp_out.numel() / out_entries, 1, [&](int64_t begin, int64_t end) {
-      PairChain<scalar_t> chain(steps, n_dims);
+      PairChain<scalar_t> chain(items, n_dims);
       for (int64_t p = begin; p < end; ++p) {
         chain.run(nngp_ptr + p * in_entries, ntk_ptr ? ntk_ptr + p * in_entries : nullptr,
                   nngp_out_ptr + p * out_entries, ntk_ptr ? ntk_out_ptr + p * out_entries : nullptr,
@@ -382,7 +668,7 @@ std::vector<torch::Tensor> conv_chain_self(const torch::Tensor& cov_in,
     }
   }
   torch::Tensor no_ntk;
-  run_chain(cov, no_ntk, cov_out, no_ntk, {}, {}, record, steps, n_dims, 1);
+  run_chain(true, cov, no_ntk, cov_out, no_ntk, {}, {}, record, steps, n_dims, 1);
   record.insert(record.begin(), cov_out);
   return record;
 }
@@ -427,7 +713,7 @@ std::vector<torch::Tensor> conv_chain_pairs(const torch::Tensor& nngp_in,
   torch::Tensor nngp_out = torch::empty(pair_shape({n1, n2}, steps.back().out, n_dims),
                                         nngp.options());
   torch::Tensor ntk_out = ntk.defined() ? torch::empty_like(nngp_out) : torch::Tensor();
-  run_chain(nngp, ntk, nngp_out, ntk_out, variances1, variances2, no_record, steps, n_dims, n2);
+  run_chain(false, nngp, ntk, nngp_out, ntk_out, variances1, variances2, no_record, steps, n_dims, n2);
   return {nngp_out, ntk_out};
 }
 

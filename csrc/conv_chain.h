@@ -14,14 +14,18 @@
 
 namespace torchntk {
 
-enum StepKind : int { kConv = 0, kABRelu = 1 };
+// Conv and Pool are the linear steps: Conv sums each pair of positions along
+// the diagonals of its window, Pool over the whole box (both positions vary).
+enum StepKind : int { kConv = 0, kABRelu = 1, kPool = 2 };
 constexpr int kMaxSpatial = 3;
 
 // One step, trivially copyable so that the CUDA kernels can read it.
 struct Step {
   int kind;
-  // Conv: nngp' = α·A(nngp) + β, ntk' = γ·A(nngp) + α·A(ntk) + δ, and the
-  // window per spatial dimension.
+  // Conv: nngp' = α·A(nngp) + β, ntk' = γ·A(nngp) + α·A(ntk) + δ, with A the
+  // unit-variance window map (the diagonal sum over k taps divided by k), and
+  // the window per spatial dimension. Pool: the same with the box sum, not
+  // divided (α holds the scale, β = γ = δ = 0).
   double alpha, beta, gamma, delta;
   bool circular;
   int64_t k[kMaxSpatial], stride[kMaxSpatial], pad_low[kMaxSpatial], pad_high[kMaxSpatial];
@@ -35,6 +39,7 @@ struct Step {
 //   conv:   [0, α, β, γ, δ, circular, n_dims, (k, stride, pad_low, pad_high) × n_dims]
 //           (a Dense layer: windows of 1, or none on flat kernels)
 //   abrelu: [1, a, b]
+//   pool:   [2, scale, 0, 0, 0, circular, n_dims, (k, stride, pad_low, pad_high) × n_dims]
 // `sizes` are the input's spatial sizes; each step records its own.
 inline std::vector<Step> parse_steps(const std::vector<std::vector<double>>& encoded,
                                      std::vector<int64_t> sizes) {
@@ -46,10 +51,11 @@ inline std::vector<Step> parse_steps(const std::vector<std::vector<double>>& enc
     TORCH_CHECK(!values.empty(), "conv_chain: empty step");
     Step step{};
     for (int64_t d = 0; d < n_dims; ++d) step.in[d] = sizes[d];
-    if (values[0] == kConv) {
+    if (values[0] == kConv || values[0] == kPool) {
       TORCH_CHECK(values.size() == 7 + 4 * static_cast<size_t>(n_dims) && values[6] == n_dims,
-                  "conv_chain: a conv step needs 7 + 4·", n_dims, " numbers, got ", values.size());
-      step.kind = kConv;
+                  "conv_chain: a conv or pool step needs 7 + 4·", n_dims, " numbers, got ",
+                  values.size());
+      step.kind = static_cast<int>(values[0]);
       step.alpha = values[1], step.beta = values[2], step.gamma = values[3], step.delta = values[4];
       step.circular = values[5] != 0;
       for (int64_t d = 0; d < n_dims; ++d) {
@@ -88,13 +94,15 @@ C10_HOST_DEVICE inline int64_t entries_of(const int64_t* sizes, int n_dims) {
   return result;
 }
 
-// atan(r) for r in [0, 1], branch-free: Cephes' atan (Moshier 1989), reduced
-// at 0.66 and a rational approximation of degree 4/5 in r², ~1 ulp in double
-// (float arithmetic rounds it to float's precision).
+// atan(n / m) for 0 <= n <= m, m > 0, branch-free: Cephes' atan (Moshier
+// 1989), reduced at n/m = 0.66 to x = (n − m)/(n + m) (atan(n/m) = π/4 +
+// atan(x)), then a rational approximation of degree 4/5 in x²; ~1 ulp in
+// double (float arithmetic rounds it to float's precision). The ratio and the
+// reduction share one division.
 template <typename T>
-C10_HOST_DEVICE inline T atan_unit(T r) {
-  const bool reduced = r > T(0.66);
-  const T x = reduced ? (r - T(1)) / (r + T(1)) : r;
+C10_HOST_DEVICE inline T atan_ratio(T n, T m) {
+  const bool reduced = n > T(0.66) * m;
+  const T x = (reduced ? n - m : n) / (reduced ? n + m : m);
   const T z = x * x;
   const T p = (((T(-8.750608600031904122785e-1) * z - T(1.615753718733365076637e1)) * z -
                 T(7.500855792314704667340e1)) * z - T(1.228866684490136173410e2)) * z -
@@ -111,7 +119,7 @@ template <typename T>
 C10_HOST_DEVICE inline T atan2_nonnegative(T c, T s) {
   const T t = c < T(0) ? -c : c;
   const T low = t < s ? t : s, high = t < s ? s : t;
-  const T angle = atan_unit(high > T(0) ? low / high : T(0));
+  const T angle = high > T(0) ? atan_ratio(low, high) : T(0);
   const T magnitude = t > s ? T(M_PI_2) - angle : angle;
   return c < T(0) ? -magnitude : magnitude;
 }

@@ -46,7 +46,8 @@ __device__ __forceinline__ void swap(T& x, T& y) {
   y = t;
 }
 
-// One dimension's convolution of a pair buffer (sizes before it in `sizes`).
+// One dimension's window sums of a pair buffer (sizes before it in `sizes`):
+// a Conv's diagonals or a Pool's boxes.
 template <typename scalar_t>
 __device__ void convolve_dimension(const Step& step, int d, const int64_t* sizes, int n_dims,
                                    const scalar_t* in, scalar_t* out) {
@@ -55,8 +56,11 @@ __device__ void convolve_dimension(const Step& step, int d, const int64_t* sizes
   for (int e = d + 1; e < n_dims; ++e) inner *= sizes[e] * sizes[e];
   const int64_t total = outer * step.out[d] * step.out[d] * inner;
   for (int64_t index = threadIdx.x; index < total; index += blockDim.x) {
-    out[index] = diagonal_conv_entry(in, index, sizes[d], step.out[d], inner, step.k[d],
-                                     step.stride[d], step.pad_low[d], step.circular);
+    out[index] = step.kind == kPool
+        ? window_entry<true>(in, index, sizes[d], step.out[d], inner, step.k[d], step.stride[d],
+                             step.pad_low[d], step.circular)
+        : window_entry<false>(in, index, sizes[d], step.out[d], inner, step.k[d], step.stride[d],
+                              step.pad_low[d], step.circular);
   }
 }
 
@@ -79,7 +83,7 @@ __global__ void __launch_bounds__(kChainThreads) chain_kernel(ChainArguments<sca
     int relu_index = 0;
     for (int s = 0; s < args.n_steps; ++s) {
       const Step& step = args.steps[s];
-      if (step.kind == kConv) {
+      if (step.kind != kABRelu) {
         int64_t sizes[kMaxSpatial];
         for (int d = 0; d < n_dims; ++d) sizes[d] = step.in[d];
         for (int d = 0; d < n_dims; ++d) {

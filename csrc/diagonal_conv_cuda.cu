@@ -25,7 +25,7 @@ __global__ void diagonal_conv_kernel(const scalar_t* __restrict__ cov, scalar_t*
                                      int64_t k, int64_t stride, int64_t pad_low, bool circular) {
   for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
        index += int64_t(gridDim.x) * blockDim.x) {
-    out[index] = diagonal_conv_entry(cov, index, size, out_size, inner, k, stride, pad_low,
+    out[index] = window_entry<false>(cov, index, size, out_size, inner, k, stride, pad_low,
                                      circular);
   }
 }

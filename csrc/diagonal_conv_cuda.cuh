@@ -19,14 +19,14 @@ __device__ __forceinline__ int64_t source_index(int64_t pos, int64_t size, bool 
   return pos - floor_div_device(pos, size) * size;
 }
 
-// Entry `index` of diagonal_conv's (B, Xo, Xo, R) output from the (B, X, X, R)
-// input `cov`: (1/k) Σ_i cov_pad[b, s·p + i, s·q + i, r].
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t diagonal_conv_entry(const scalar_t* __restrict__ cov,
-                                                        int64_t index, int64_t size,
-                                                        int64_t out_size, int64_t inner, int64_t k,
-                                                        int64_t stride, int64_t pad_low,
-                                                        bool circular) {
+// Entry `index` of a window sum's (B, Xo, Xo, R) output from the (B, X, X, R)
+// input `cov`: diagonal_conv's (1/k) Σ_i cov_pad[b, s·p + i, s·q + i, r], or
+// with kBox the box sum Σ_{i,j} cov_pad[b, s·p + i, s·q + j, r] (pooling).
+template <bool kBox, typename scalar_t>
+__device__ __forceinline__ scalar_t window_entry(const scalar_t* __restrict__ cov, int64_t index,
+                                                 int64_t size, int64_t out_size, int64_t inner,
+                                                 int64_t k, int64_t stride, int64_t pad_low,
+                                                 bool circular) {
   const int64_t r = index % inner;
   const int64_t q = (index / inner) % out_size;
   const int64_t p = (index / inner / out_size) % out_size;
@@ -35,10 +35,13 @@ __device__ __forceinline__ scalar_t diagonal_conv_entry(const scalar_t* __restri
   scalar_t sum = 0;
   for (int64_t i = 0; i < k; ++i) {
     const int64_t row = source_index(stride * p + i - pad_low, size, circular);
-    const int64_t col = source_index(stride * q + i - pad_low, size, circular);
-    if (row >= 0 && col >= 0) sum += cov_b[(row * size + col) * inner];
+    if (row < 0) continue;
+    for (int64_t j = kBox ? 0 : i; j < (kBox ? k : i + 1); ++j) {
+      const int64_t col = source_index(stride * q + j - pad_low, size, circular);
+      if (col >= 0) sum += cov_b[(row * size + col) * inner];
+    }
   }
-  return sum / scalar_t(k);
+  return kBox ? sum : sum / scalar_t(k);
 }
 
 }  // namespace torchntk

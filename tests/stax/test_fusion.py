@@ -1,5 +1,5 @@
-"""Runs of Conv and ReLU-like layers through the extension's fused chain
-(stax/fusion.py, csrc/conv_chain.cpp) give the layers' own kernels."""
+"""Runs of Conv, pooling and ReLU-like layers through the extension's fused
+chain (stax/fusion.py, csrc/conv_chain.cpp) give the layers' own kernels."""
 
 from unittest import mock
 
@@ -32,6 +32,13 @@ CHAINS = {
                                     conv(filter_shape=(1, 3), padding='VALID')],
     'conv-then-dense': lambda: [conv(), stax.Relu(), stax.Dense(3, W_std=1.1, b_std=0.3),
                                 stax.LeakyRelu(-0.2), stax.Dense(2, parameterization='standard')],
+    # Pools between and after the convolutions, and a nonlinearity right after
+    # a pool (its input is Gaussian through it).
+    'pools': lambda: [conv(), stax.Relu(), stax.AvgPool((2, 2), strides=(2, 2)), conv(),
+                      stax.SumPool((3, 2), strides=(1, 2), padding='SAME'), stax.Relu(),
+                      stax.AvgPool((2, 1), padding='CIRCULAR', normalize_edges=True),
+                      conv(padding='VALID', filter_shape=(2, 1)), stax.Abs(),
+                      stax.AvgPool((2, 1), strides=(1, 1))],
 }
 FLAT_CHAINS = {
     'dense-relu': lambda: [stax.Dense(8, 1.5, 0.05), stax.Relu(), stax.Dense(8, 1.5, 0.05),
@@ -95,7 +102,9 @@ def test_fused_flat_chain_equals_the_layers_one_at_a_time(chain, x2_given, get):
 @needs_chain
 @pytest.mark.parametrize('n_spatial', [1, 3])
 def test_fused_chain_in_one_and_three_dimensions(n_spatial):
-    layers = [conv(n_spatial), stax.Relu(), conv(n_spatial, padding='CIRCULAR'), stax.Relu()]
+    layers = [conv(n_spatial), stax.Relu(), conv(n_spatial, padding='CIRCULAR'), stax.Relu(),
+              stax.AvgPool((2,) * n_spatial, strides=(2,) + (1,) * (n_spatial - 1)),
+              conv(n_spatial), stax.Relu(), stax.SumPool((2,) * n_spatial, padding='CIRCULAR')]
     x1 = gaussian(*SHAPES[n_spatial], seed=2)
     actual = stax.serial(*layers).kernel_fn(x1, None, diagonal_spatial=False)
     assert_same_kernels(actual, layer_by_layer(layers, x1, None), 1e-13)
@@ -156,13 +165,19 @@ def test_masked_kernels_go_through_the_layers():
     assert fused.call_count == 0 and k.mask1 is not None
 
 
-def test_runs_are_affine_then_relu_like_layers_of_at_least_two():
+def test_runs_are_affine_pool_and_relu_like_layers_of_at_least_two():
     conv_a, relu, conv_b, pool, conv_c = conv(), stax.Relu(), conv(), stax.AvgPool((2, 2)), conv()
     stabilized, dense, erf = stax.Relu(do_stabilize=True), stax.Dense(3), stax.Erf()
-    items = fused_runs([conv_a, relu, conv_b, pool, conv_c, stabilized, dense, relu, erf])
-    assert isinstance(items[0], FusedRun) and items[0].layers == (conv_a, relu, conv_b)
-    assert isinstance(items[4], FusedRun) and items[4].layers == (dense, relu)
-    assert items[1:4] + items[5:] == [pool, conv_c, stabilized, erf]
+    edges = stax.AvgPool((2, 2), padding='SAME', normalize_edges=True)
+    items = fused_runs([conv_a, relu, conv_b, pool, conv_c, stabilized, dense, relu, erf, edges,
+                        conv_a, relu, pool, relu])
+    assert isinstance(items[0], FusedRun) and items[0].layers == (conv_a, relu, conv_b, pool,
+                                                                  conv_c)
+    assert isinstance(items[2], FusedRun) and items[2].layers == (dense, relu)
+    # After a nonlinearity the pool's output is not Gaussian: the next one is left out.
+    assert isinstance(items[5], FusedRun) and items[5].layers == (conv_a, relu, pool)
+    assert [items[1], *items[3:5], items[6]] == [stabilized, erf, edges, relu]
+    assert len(items) == 7
 
 
 def test_subclasses_and_a_nonlinearity_first_are_not_fused():

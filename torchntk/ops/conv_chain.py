@@ -1,4 +1,4 @@
-"""A run of Conv and ABRelu layers on full spatial covariances, fused in the extension.
+"""A run of Conv, pooling and ABRelu layers on full spatial covariances, fused in the extension.
 
 Layer by layer, each Conv and nonlinearity streams the whole `(N1, N2, X, X',
 Y, Y')` covariances through memory several times. The extension's
@@ -9,10 +9,12 @@ pair, csrc/conv_chain_cuda.cu): first every example with itself
 every pair (`chain_pairs`). The steps are
 
     Conv:   nngp' = α·A(nngp) + β,   ntk' = γ·A(nngp) + α·A(ntk) + δ,
+    Pool:   nngp' = c·B(nngp),       ntk' = c·B(ntk),
     ABRelu: the arc-cosine kernel of `a·min(x, 0) + b·max(x, 0)`,
 
 with `A` the unit-variance convolution map (`diagonal_conv` along every
-spatial dimension). There is no torch version: without the extension, layers
+spatial dimension) and `B` the sum over the window's box on both positions of
+every spatial pair (`torchntk.functional.conv.pool`). There is no torch version: without the extension, layers
 run one at a time (`torchntk.stax` decides, see `torchntk.stax.fusion`).
 """
 
@@ -38,6 +40,14 @@ def conv_step(alpha: float, beta: float, gamma: float, delta: float, circular: b
               windows: Sequence[tuple[int, int, int, int]]) -> Step:
     """A Conv step; `windows` holds `(k, stride, pad_low, pad_high)` per spatial dimension."""
     return [0., alpha, beta, gamma, delta, float(circular), float(len(windows)),
+            *(float(value) for window in windows for value in window)]
+
+
+def pool_step(scale: float, circular: bool,
+              windows: Sequence[tuple[int, int, int, int]]) -> Step:
+    """A pooling step: the box sums times `scale` (`1/Π k²` for averages, 1
+    for sums); `windows` as `conv_step`'s."""
+    return [2., scale, 0., 0., 0., float(circular), float(len(windows)),
             *(float(value) for window in windows for value in window)]
 
 

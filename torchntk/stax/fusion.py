@@ -1,7 +1,8 @@
-"""Runs of `Conv`/`Dense` and `ABRelu` layers in a `Serial` computed by one fused call.
+"""Runs of `Conv`/`Dense`, pooling and `ABRelu` layers in a `Serial` computed by one fused call.
 
-Deep kernels are mostly `[Conv, Relu] × depth` on full spatial covariances, or
-`[Dense, Relu] × depth` on flat ones. `FusedRun` hands such a run to the
+Deep kernels are mostly `[Conv, Relu] × depth` on full spatial covariances
+(with `AvgPool`s between stages in Myrtle networks), or `[Dense, Relu] × depth`
+on flat ones. `FusedRun` hands such a run to the
 extension's fused chain (`torchntk.ops.conv_chain`), which keeps one pair of
 examples (or one row of flat pairs) in cache through all its layers, and falls back to the layers' own rules one at a time wherever
 the chain does not apply or does not pay: no extension (or a GPU one not
@@ -24,6 +25,7 @@ from .conv import Conv
 from .elementwise import ABRelu, Abs, LeakyRelu, Relu
 from .linear import Dense
 from .module import Layer
+from .pooling import AvgPool, SumPool
 
 
 # On a GPU the chain gives each pair one thread block and its own buffers; they
@@ -41,10 +43,19 @@ _FUSED_NONLINEARITIES = (ABRelu, Relu, LeakyRelu, Abs)
 # Affine layers the chain computes (Dense: a convolution with windows of 1).
 _FUSED_AFFINE = (Conv, Dense)
 
+# Pooling layers it computes, except averages normalized at 'SAME' edges.
+_FUSED_POOLS = (AvgPool, SumPool)
+
+
+def _fused_pool(layer: Layer) -> bool:
+    return type(layer) in _FUSED_POOLS and not (layer.normalize_edges and layer.padding == 'SAME')
+
 
 class FusedRun:
-    """Layers `Affine, [ABRelu], Affine, [ABRelu], …` (at least two) of a
-    `Serial`, every affine layer a `Conv` or a `Dense`."""
+    """Two or more layers of a `Serial`, each an affine layer (`Conv`,
+    `Dense`), a pooling layer (`AvgPool`, `SumPool`), or an ABRelu-family
+    nonlinearity whose input is Gaussian (an affine layer comes before it,
+    possibly through pooling layers)."""
 
     def __init__(self, layers: Sequence[Layer]) -> None:
         self.layers = tuple(layers)
@@ -59,12 +70,12 @@ class FusedRun:
         cov2, variances2 = (None, variances1) if k.cov2 is None else \
             conv_chain.chain_self(k.cov2, steps)
         nngp, ntk = conv_chain.chain_pairs(k.nngp, k.ntk, variances1, variances2, steps)
-        shape1, shape2 = k.shape1, k.shape2
+        shape1, shape2, is_gaussian = k.shape1, k.shape2, k.is_gaussian
         for layer in self.layers:
             shape1, shape2 = layer.output_shape(shape1), layer.output_shape(shape2)
-        return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
-                         is_gaussian=type(self.layers[-1]) in _FUSED_AFFINE, shape1=shape1,
-                         shape2=shape2)
+            is_gaussian = _output_is_gaussian(layer, is_gaussian)
+        return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=is_gaussian,
+                         shape1=shape1, shape2=shape2)
 
     def _steps(self, k: Kernel) -> list[conv_chain.Step] | None:
         """The chain's steps for kernel `k`, or `None` where it does not apply."""
@@ -82,18 +93,23 @@ class FusedRun:
             if isinstance(layer, ABRelu):
                 steps.append(conv_chain.abrelu_step(float(layer.a), float(layer.b)))
                 continue
-            circular = isinstance(layer, Conv) and layer.padding == 'CIRCULAR'
+            circular = not isinstance(layer, Dense) and layer.padding == 'CIRCULAR'
             if isinstance(layer, Dense):
                 windows = [(1, 1, 0, 0)] * n_spatial
-            elif layer.n_spatial != n_spatial:
+            elif n_spatial == 0 or layer.n_spatial != n_spatial:
                 return None  # the layer's own rule raises the error
             else:
+                shape = layer.window_shape if isinstance(layer, _FUSED_POOLS) else \
+                    layer.filter_shape
                 windows = []
-                for d, (size, window, stride) in enumerate(zip(sizes, layer.filter_shape,
-                                                               layer.strides)):
+                for d, (size, window, stride) in enumerate(zip(sizes, shape, layer.strides)):
                     low, high = conv_maps.conv_padding(size, window, stride, layer.padding)
                     windows.append((window, stride, low, high))
                     sizes[d] = conv_maps.conv_output_size(size, window, stride, layer.padding)
+            if isinstance(layer, _FUSED_POOLS):
+                scale = 1 / math.prod(shape)**2 if layer.average else 1.
+                steps.append(conv_chain.pool_step(scale, circular, windows))
+                continue
             W_var = float(layer.W_std)**2
             b_var = 0. if layer.b_std is None else float(layer.b_std)**2
             if layer.parameterization == 'ntk':
@@ -112,24 +128,33 @@ class FusedRun:
         return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
+def _output_is_gaussian(layer: Layer, input_is_gaussian: bool) -> bool:
+    """Whether a fusable layer's output is Gaussian: after an affine layer
+    yes, after a nonlinearity no, and pooling keeps what its input was."""
+    if type(layer) in _FUSED_AFFINE:
+        return True
+    return input_is_gaussian and _fused_pool(layer)
+
+
 def fused_runs(layers: Sequence[Layer]) -> list[Union[Layer, FusedRun]]:
-    """`layers` with every maximal run `Affine, [ABRelu], Affine, [ABRelu], …`
-    of two or more layers replaced by a `FusedRun`."""
+    """`layers` with every maximal run of two or more fusable layers (see
+    `FusedRun`) replaced by a `FusedRun`."""
     items: list[Union[Layer, FusedRun]] = []
     run: list[Layer] = []
+    gaussian = False  # whether the run's output is Gaussian
 
     def close_run() -> None:
         items.extend([FusedRun(run)] if len(run) >= 2 else run)
         run.clear()
 
     for layer in layers:
-        if type(layer) in _FUSED_AFFINE:
-            run.append(layer)
-        elif (type(layer) in _FUSED_NONLINEARITIES and not layer.do_stabilize and run
-              and type(run[-1]) in _FUSED_AFFINE):
+        nonlinearity = type(layer) in _FUSED_NONLINEARITIES and not layer.do_stabilize
+        if type(layer) in _FUSED_AFFINE or _fused_pool(layer) or (nonlinearity and run and gaussian):
+            gaussian = _output_is_gaussian(layer, gaussian)
             run.append(layer)
         else:
             close_run()
             items.append(layer)
+            gaussian = False
     close_run()
     return items
