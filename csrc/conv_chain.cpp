@@ -207,16 +207,35 @@ struct Scratch {
   std::vector<const T*> from;  // the rows a window sum adds
 };
 
-// Offsets (in slabs) of the input blocks the window sums for output (p, q)
-// of `axis`: the diagonal (s·p + i, s·q + i), or the box (s·p + i, s·q + j).
-TORCHNTK_INLINE int64_t window_taps(const Axis& axis, bool box, int64_t p, int64_t q, int64_t* taps) {
+// Which outputs (p, q) of the outermost spatial pair a linear step computes,
+// and where the input and output blocks sit: all pairs in the (X, X') layout,
+// or (`one_diagonal`) only those with q − p = offset, in order of p, with the
+// input, the output or both holding that diagonal's blocks alone.
+struct OuterLayout {
+  bool one_diagonal = false, in_diagonal = false, out_diagonal = false;
+  int64_t offset = 0;
+
+  int64_t first() const { return std::max<int64_t>(0, -offset); }
+  int64_t in_block(int64_t p, int64_t q, int64_t size) const {
+    return in_diagonal ? p - first() : p * size + q;
+  }
+  int64_t out_block(int64_t p, int64_t q, int64_t size) const {
+    return out_diagonal ? p - first() : p * size + q;
+  }
+};
+
+// Offsets (in blocks, by `layout` for the outermost dimension) of the input
+// blocks the window sums for output (p, q) of `axis`: the diagonal
+// (s·p + i, s·q + i), or the box (s·p + i, s·q + j).
+TORCHNTK_INLINE int64_t window_taps(const Axis& axis, bool box, int64_t p, int64_t q,
+                                    const OuterLayout& layout, int64_t* taps) {
   int64_t count = 0;
   for (int64_t i = 0; i < axis.k; ++i) {
     const int64_t row = axis.source[axis.stride * p + i];
     if (row < 0) continue;
     for (int64_t j = box ? 0 : i; j < (box ? axis.k : i + 1); ++j) {
       const int64_t column = axis.source[axis.stride * q + j];
-      if (column >= 0) taps[count++] = row * axis.size + column;
+      if (column >= 0) taps[count++] = layout.in_block(row, column, axis.size);
     }
   }
   return count;
@@ -313,10 +332,12 @@ TORCHNTK_INLINE void matrix_sums(const T* __restrict__ matrix, const Axis& axis,
 
 // One linear step of one pair, D spatial dimensions: `in_*` to `out_*`
 // (`*_b`: the NTK, or null), the fused nonlinearity with the variance tables
-// var1, var2 of the pair's examples at the step's output positions.
+// var1, var2 of the pair's examples at the step's output positions; the
+// outermost pair's outputs and blocks as `layout` says (D >= 2).
 template <typename T, int D>
 TORCHNTK_INLINE void linear_step(const Item<T>& item, const T* in_a, const T* in_b, T* out_a,
-                                 T* out_b, const T* var1, const T* var2, Scratch<T>& scratch) {
+                                 T* out_b, const T* var1, const T* var2, const OuterLayout& layout,
+                                 Scratch<T>& scratch) {
   const Axis& last = item.axes[D - 1];
   const int64_t n = last.padded, m = last.out_size, low = last.pad_low;
   T* matrix_a = scratch.matrix_a.data();
@@ -340,7 +361,8 @@ TORCHNTK_INLINE void linear_step(const Item<T>& item, const T* in_a, const T* in
   auto gather = [&](int d, int64_t p, int64_t q, const T* src_a, const T* src_b, T* dst_a,
                     T* dst_b, int64_t dst_stride, int64_t slab, int64_t rows,
                     int64_t columns) TORCHNTK_LAMBDA_INLINE {
-    const int64_t count = window_taps(item.axes[d], item.box, p, q, taps);
+    const int64_t count = window_taps(item.axes[d], item.box, p, q, d == 0 ? layout : OuterLayout{},
+                                      taps);
     sum_taps(dst_a, dst_stride, src_a, taps, count, slab, rows, columns, scratch.from.data());
     if (src_b) sum_taps(dst_b, dst_stride, src_b, taps, count, slab, rows, columns, scratch.from.data());
   };
@@ -359,10 +381,12 @@ TORCHNTK_INLINE void linear_step(const Item<T>& item, const T* in_a, const T* in
     // next output (p + 1, q + 1) reads the input blocks this one read, while
     // they are still in L1.
     const int64_t blocks = outer.out_size;
-    for (int64_t offset = 1 - blocks; offset < blocks; ++offset) {
+    const int64_t first_offset = layout.one_diagonal ? layout.offset : 1 - blocks;
+    const int64_t last_offset = layout.one_diagonal ? layout.offset : blocks - 1;
+    for (int64_t offset = first_offset; offset <= last_offset; ++offset) {
       for (int64_t p = std::max<int64_t>(0, -offset); p < std::min(blocks, blocks - offset); ++p) {
         const int64_t q = p + offset;
-        const int64_t block = (p * outer.out_size + q) * slab_out;
+        const int64_t block = layout.out_block(p, q, blocks) * slab_out;
         T* block_a = out_a + block;
         T* block_b = out_b ? out_b + block : nullptr;
         const T* block_var1 = var1 ? var1 + p * positions_out : nullptr;
@@ -430,10 +454,11 @@ TORCHNTK_INLINE void flat_row(const std::vector<Item<T>>& items, const T* nngp_i
 #define TORCHNTK_CHAIN_KERNELS(T)                                                                \
   TORCHNTK_TARGET_CLONES void linear_step_##T(const Item<T>& item, int n_dims, const T* in_a,     \
                                               const T* in_b, T* out_a, T* out_b, const T* var1,  \
-                                              const T* var2, Scratch<T>& scratch) {              \
-    if (n_dims == 1) linear_step<T, 1>(item, in_a, in_b, out_a, out_b, var1, var2, scratch);     \
-    else if (n_dims == 2) linear_step<T, 2>(item, in_a, in_b, out_a, out_b, var1, var2, scratch); \
-    else linear_step<T, 3>(item, in_a, in_b, out_a, out_b, var1, var2, scratch);                 \
+                                              const T* var2, const OuterLayout& layout,          \
+                                              Scratch<T>& scratch) {                             \
+    if (n_dims == 1) linear_step<T, 1>(item, in_a, in_b, out_a, out_b, var1, var2, layout, scratch); \
+    else if (n_dims == 2) linear_step<T, 2>(item, in_a, in_b, out_a, out_b, var1, var2, layout, scratch); \
+    else linear_step<T, 3>(item, in_a, in_b, out_a, out_b, var1, var2, layout, scratch);         \
   }                                                                                              \
   TORCHNTK_TARGET_CLONES void abrelu_rows_##T(T* nngp, T* ntk, const T* var1, const T* var2,     \
                                               const int64_t* row_var1, const int64_t* row_var2,  \
@@ -446,8 +471,9 @@ TORCHNTK_INLINE void flat_row(const std::vector<Item<T>>& items, const T* nngp_i
     flat_row(items, nngp_in, ntk_in, ntk_scalar, nngp, ntk, n, variances, i);                    \
   }                                                                                              \
   void run_linear_step(const Item<T>& item, int n_dims, const T* in_a, const T* in_b, T* out_a,  \
-                       T* out_b, const T* var1, const T* var2, Scratch<T>& scratch) {            \
-    linear_step_##T(item, n_dims, in_a, in_b, out_a, out_b, var1, var2, scratch);                \
+                       T* out_b, const T* var1, const T* var2, const OuterLayout& layout,        \
+                       Scratch<T>& scratch) {                                                    \
+    linear_step_##T(item, n_dims, in_a, in_b, out_a, out_b, var1, var2, layout, scratch);        \
   }                                                                                              \
   void run_abrelu_rows(T* nngp, T* ntk, const T* var1, const T* var2, const int64_t* row_var1,   \
                        const int64_t* row_var2, int64_t rows, int64_t n, T k1, T c0) {           \
@@ -462,12 +488,21 @@ TORCHNTK_INLINE void flat_row(const std::vector<Item<T>>& items, const T* nngp_i
 TORCHNTK_CHAIN_KERNELS(float)
 TORCHNTK_CHAIN_KERNELS(double)
 
+// Whether a linear step keeps the diagonals q − p of the outermost spatial
+// pair apart: a convolution with stride 1 and zero padding there reads, for
+// output (p, q), only inputs (p + i − pad, q + i − pad).
+template <typename T>
+bool keeps_diagonals(const Item<T>& item) {
+  return item.linear && !item.box && item.axes.size() >= 2 && item.axes[0].stride == 1 &&
+         !item.axes[0].circular;
+}
+
 // One thread's buffers for taking pairs of examples through a pass's items.
 template <typename T>
 class PairChain {
  public:
   PairChain(const std::vector<Item<T>>& items, int n_dims) : items_(items), n_dims_(n_dims) {
-    int64_t entries = 0, side = 1, span = 1, taps = 1, slab = 1;
+    int64_t entries = 0, side = 1, span = 1, taps = 1, slab = 1, diagonal = 0;
     for (const Item<T>& item : items) {
       entries = std::max({entries, entries_of(item.step->in, n_dims), entries_of(item.step->out, n_dims)});
       indices_.push_back(item.linear ? PairIndex() : PairIndex(item.step->in, n_dims));
@@ -476,8 +511,10 @@ class PairChain {
       side = std::max(side, last.padded), span = std::max(span, last.span);
       for (const Axis& axis : item.axes) taps = std::max(taps, item.box ? axis.k * axis.k : axis.k);
       if (n_dims == 3) slab = std::max(slab, entries_of(item.step->in + 1, 2));
+      if (n_dims >= 2) diagonal = std::max(diagonal, item.step->out[0] * entries_of(item.step->out + 1, n_dims - 1));
     }
     for (auto* buffer : {&a_[0], &a_[1], &b_[0], &b_[1]}) buffer->resize(entries);
+    for (auto* buffer : {&diagonal_a_[0], &diagonal_a_[1], &diagonal_b_[0], &diagonal_b_[1]}) buffer->resize(diagonal);
     own_.resize(positions_of(items.front().step->in, n_dims));
     for (const Item<T>& item : items) {
       own_.resize(std::max<size_t>(own_.size(), positions_of(item.step->in, n_dims)));
@@ -488,6 +525,15 @@ class PairChain {
     for (size_t t = 0; t < items.size(); ++t) {
       writes_output_.push_back(std::none_of(items.begin() + t + 1, items.end(),
                                             [](const Item<T>& later) { return later.linear; }));
+    }
+    // Runs of two or more steps that keep the diagonals apart go one diagonal
+    // at a time through all their steps (`run_by_diagonals`).
+    diagonal_run_end_.assign(items.size(), 0);
+    for (size_t t = 0; t < items.size();) {
+      size_t end = t;
+      while (end < items.size() && keeps_diagonals(items[end])) ++end;
+      if (end >= t + 2) diagonal_run_end_[t] = end;
+      t = std::max(end, t + 1);
     }
   }
 
@@ -505,19 +551,31 @@ class PairChain {
       held_a = a, held_b = b, in_a = a, in_b = b;
       next ^= 1;
     };
-    for (size_t t = 0; t < items_.size(); ++t) {
+    // The variance tables of item t's nonlinearity for this pair (pass over pairs).
+    auto tables = [&](size_t t) {
       const Item<T>& item = items_[t];
       const int64_t positions = positions_of(item.linear ? item.step->out : item.step->in, n_dims_);
-      const T* var1 = nullptr;
-      const T* var2 = nullptr;
-      if (item.relu_index >= 0 && !self) {
-        var1 = variances.first[item.relu_index] + first * positions;
-        var2 = variances.second[item.relu_index] + second * positions;
+      if (item.relu_index < 0 || self) return std::pair<const T*, const T*>(nullptr, nullptr);
+      return std::pair<const T*, const T*>(variances.first[item.relu_index] + first * positions,
+                                           variances.second[item.relu_index] + second * positions);
+    };
+    for (size_t t = 0; t < items_.size(); ++t) {
+      const Item<T>& item = items_[t];
+      const size_t run_end = self ? 0 : diagonal_run_end_[t];
+      if (run_end > 0) {
+        T* out_a = writes_output_[run_end - 1] ? nngp_out : a_[next].data();
+        T* out_b = !ntk ? nullptr : writes_output_[run_end - 1] ? ntk_out : b_[next].data();
+        run_by_diagonals(t, run_end, in_a, in_b, out_a, out_b, tables);
+        hold(out_a, out_b);
+        t = run_end - 1;
+        continue;
       }
+      auto [var1, var2] = tables(t);
       if (item.linear) {
         T* out_a = writes_output_[t] ? nngp_out : a_[next].data();
         T* out_b = !ntk ? nullptr : writes_output_[t] ? ntk_out : b_[next].data();
-        run_linear_step(item, n_dims_, in_a, in_b, out_a, out_b, var1, var2, scratch_);
+        run_linear_step(item, n_dims_, in_a, in_b, out_a, out_b, var1, var2, OuterLayout{},
+                        scratch_);
         hold(out_a, out_b);
         continue;
       }
@@ -527,6 +585,7 @@ class PairChain {
         hold(a_[next].data(), ntk ? b_[next].data() : nullptr);
       }
       const PairIndex& index = indices_[t];
+      const int64_t positions = index.positions;
       if (self) {
         for (int64_t x = 0; x < positions; ++x) own_[x] = held_a[index.diagonal[x]];
         std::copy(own_.begin(), own_.begin() + positions,
@@ -543,12 +602,78 @@ class PairChain {
     }
   }
 
+ // The pass over one example's own covariance, when every linear step keeps
+  // the diagonals apart (`keeps_diagonals`): the variances each nonlinearity
+  // needs lie on the diagonal q − p = 0 of the outermost pair, which alone
+  // goes through `unfused` (the same steps, nonlinearities on their own) to
+  // record them in the tables of `variances`; then the whole covariance runs
+  // as the pair (example, example) with those tables.
+  void run_self(const std::vector<Item<T>>& unfused, const T* cov, T* cov_out, int64_t example,
+                const Variances<T>& variances) {
+    const T* from = cov;
+    int side = 0;
+    for (const Item<T>& item : unfused) {
+      if (item.linear) {
+        T* to = diagonal_a_[side].data();
+        run_linear_step(item, n_dims_, from, nullptr, to, nullptr, nullptr, nullptr,
+                        OuterLayout{true, from != cov, true, 0}, scratch_);
+        from = to, side ^= 1;
+        continue;
+      }
+      // Blocks (x, x) in order of x; each holds the pair of example positions
+      // (x, ·), laid out as a pair of the inner dimensions.
+      T* blocks = diagonal_a_[side ^ 1].data();
+      const PairIndex index(item.step->in + 1, n_dims_ - 1);
+      const int64_t block_entries = entries_of(item.step->in + 1, n_dims_ - 1);
+      T* table = variances.record[item.relu_index] +
+                 example * item.step->in[0] * index.positions;
+      for (int64_t x = 0; x < item.step->in[0]; ++x) {
+        T* block = blocks + x * block_entries;
+        T* own = table + x * index.positions;
+        for (int64_t position = 0; position < index.positions; ++position) {
+          own[position] = block[index.diagonal[position]];
+        }
+        run_abrelu_rows(block, static_cast<T*>(nullptr), own, own, index.row_var1.data(),
+                        index.row_var2.data(), index.rows, index.row_length, T(item.step->k1),
+                        T(item.step->c0));
+      }
+    }
+    Variances<T> tables;
+    for (T* table : variances.record) tables.first.push_back(table), tables.second.push_back(table);
+    run(cov, nullptr, cov_out, nullptr, tables, example, example);
+  }
+
  private:
+  // Items [begin, end), all keeping the diagonals apart, one diagonal q − p
+  // of the outermost pair at a time: its blocks (a few hundred KiB at most)
+  // stay in cache through all the steps, between the (X, X') layouts of the
+  // input and the output.
+  template <typename Tables>
+  void run_by_diagonals(size_t begin, size_t end, const T* in_a, const T* in_b, T* out_a,
+                        T* out_b, const Tables& tables) {
+    const int64_t blocks = items_[end - 1].step->out[0];
+    for (int64_t offset = 1 - blocks; offset < blocks; ++offset) {
+      const T *from_a = in_a, *from_b = in_b;
+      for (size_t t = begin; t < end; ++t) {
+        const bool last = t + 1 == end;
+        const int side = (t - begin) % 2;
+        T* to_a = last ? out_a : diagonal_a_[side].data();
+        T* to_b = !in_b ? nullptr : last ? out_b : diagonal_b_[side].data();
+        const OuterLayout layout{true, t != begin, !last, offset};
+        auto [var1, var2] = tables(t);
+        run_linear_step(items_[t], n_dims_, from_a, from_b, to_a, to_b, var1, var2, layout,
+                        scratch_);
+        from_a = to_a, from_b = to_b;
+      }
+    }
+  }
+
   const std::vector<Item<T>>& items_;
   const int n_dims_;
   std::vector<PairIndex> indices_;
   std::vector<bool> writes_output_;
-  std::vector<T> a_[2], b_[2], own_;
+  std::vector<size_t> diagonal_run_end_;  // per item: the end of the run by diagonals it starts, or 0
+  std::vector<T> a_[2], b_[2], diagonal_a_[2], diagonal_b_[2], own_;
   Scratch<T> scratch_;
 };
 
@@ -639,9 +764,20 @@ void run_chain(bool self, const torch::Tensor& nngp, const torch::Tensor& ntk,
     }
     const int64_t in_entries = entries_of(steps.front().in, n_dims);
     const int64_t out_entries = entries_of(steps.back().out, n_dims);
+    // The pass over examples as pairs (PairChain::run_self) where it can.
+    const std::vector<Item<scalar_t>> fused = plan_pass<scalar_t>(steps, n_dims, true);
+    const bool as_pairs = self && n_dims >= 2 && items.front().linear &&
+        std::all_of(items.begin(), items.end(), [](const Item<scalar_t>& item) {
+          return !item.linear || keeps_diagonals(item);
+        });
     at::parallel_for(0, nngp_out.numel() / out_entries, 1, [&](int64_t begin, int64_t end) {
-      PairChain<scalar_t> chain(items, n_dims);
+      PairChain<scalar_t> chain(as_pairs ? fused : items, n_dims);
       for (int64_t p = begin; p < end; ++p) {
+        if (as_pairs) {
+          chain.run_self(items, nngp_ptr + p * in_entries, nngp_out_ptr + p * out_entries, p,
+                         variances);
+          continue;
+        }
         chain.run(nngp_ptr + p * in_entries, ntk_ptr ? ntk_ptr + p * in_entries : nullptr,
                   nngp_out_ptr + p * out_entries, ntk_ptr ? ntk_out_ptr + p * out_entries : nullptr,
                   variances, p / n2, p % n2);

@@ -100,14 +100,22 @@ def test_fused_flat_chain_equals_the_layers_one_at_a_time(chain, x2_given, get):
 
 
 @needs_chain
+@pytest.mark.parametrize('pools', [True, False], ids=['pools', 'convolutions'])
 @pytest.mark.parametrize('n_spatial', [1, 3])
-def test_fused_chain_in_one_and_three_dimensions(n_spatial):
-    layers = [conv(n_spatial), stax.Relu(), conv(n_spatial, padding='CIRCULAR'), stax.Relu(),
-              stax.AvgPool((2,) * n_spatial, strides=(2,) + (1,) * (n_spatial - 1)),
-              conv(n_spatial), stax.Relu(), stax.SumPool((2,) * n_spatial, padding='CIRCULAR')]
+def test_fused_chain_in_one_and_three_dimensions(n_spatial, pools):
+    """Without pools, the chain goes one diagonal of the first spatial pair at
+    a time (csrc/conv_chain.cpp, run_by_diagonals and run_self)."""
+    layers = [conv(n_spatial), stax.Relu(), conv(n_spatial, padding='VALID'), stax.Relu(),
+              conv(n_spatial, strides=(1,) + (2,) * (n_spatial - 1))]
+    if pools:
+        window = (2,) + (1,) * (n_spatial - 1)
+        layers += [stax.AvgPool(window, strides=window), conv(n_spatial, padding='CIRCULAR'),
+                   stax.Relu(), stax.SumPool(window[::-1], padding='CIRCULAR')]
     x1 = gaussian(*SHAPES[n_spatial], seed=2)
     actual = stax.serial(*layers).kernel_fn(x1, None, diagonal_spatial=False)
     assert_same_kernels(actual, layer_by_layer(layers, x1, None), 1e-13)
+    if not pools:
+        assert torch.equal(torch.diagonal(actual.nngp, 0, 0, 1).movedim(-1, 0), actual.cov1)
 
 
 @needs_chain
