@@ -966,6 +966,8 @@ class _AffineRule(abc.ABC):
 
     #: Axes of the inputs one output sees, at the end of `windows`.
     column_ndim = 1
+    #: Whether `patches` holds the rows last in memory.
+    rows_last = False
 
     @abc.abstractmethod
     def windows(self, x: torch.Tensor, n_lead: int) -> torch.Tensor:
@@ -986,15 +988,23 @@ class _AffineRule(abc.ABC):
     def patches(self, x: torch.Tensor, n_lead: int) -> torch.Tensor:
         r"""The layer's parameter Jacobian per row: :math:`(s_W a, s_b)`, `(*lead, rows, G, columns)`.
 
-        Written into one new tensor: the windows are copied once.
+        Written into one new tensor: the windows are copied once, with the
+        rows last in memory where `rows_last` (convolutions: the copy then runs
+        along the image's rows, not along the few entries of a kernel row,
+        about twice as fast; the products take either layout without a copy).
         """
         windows = self.windows(x, n_lead)
         lead, k = windows.shape[:n_lead], self.column_ndim
         rows, window = windows.shape[n_lead:-k - 1], windows.shape[-k:]
         inputs = math.prod(window) * self.trains_weight
-        patches = windows.new_empty(*lead, math.prod(rows), self.groups, inputs + self.trains_bias)
+        columns = inputs + self.trains_bias
+        if self.rows_last:
+            patches = windows.new_empty(*lead, self.groups, columns, math.prod(rows))
+            patches = patches.movedim(-1, n_lead)
+        else:
+            patches = windows.new_empty(*lead, math.prod(rows), self.groups, columns)
         if self.trains_weight:
-            patches[..., :inputs].view(*lead, *rows, self.groups, *window).copy_(windows)
+            patches[..., :inputs].unflatten(-1, window).unflatten(n_lead, rows).copy_(windows)
             scale = self.weight_scale()
             if not isinstance(scale, (int, float)) or scale != 1:
                 patches[..., :inputs] *= scale
@@ -1085,6 +1095,7 @@ class _ConvRule(_AffineRule):
 
     # Channels before positions, as the layer's output is laid out.
     cotangent_layout = 'GJR'
+    rows_last = True
 
     def cotangents(self, g, n_lead):
         n, channels = self.n_spatial, self.module.weight.shape[0]
