@@ -109,6 +109,15 @@ def test_x1_is_x2_flag(x1, x2):
     assert bool(network().kernel_fn(x1, x1.clone()).x1_is_x2)
 
 
+@pytest.mark.parametrize('change, same', [(1e-9, False), (1e-13, True)])
+def test_x1_is_x2_looks_at_every_entry_of_large_inputs(change, same):
+    """Inputs of 3·10⁵ entries are compared in pieces; the last entry counts."""
+    x1 = torch.randn(300, 1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x2 = x1.clone()
+    x2[-1, -1] += change
+    assert bool(stax.Dense(1).kernel_fn(x1, x2).x1_is_x2) == same
+
+
 def test_kernels_are_symmetric_when_x2_is_none(x1):
     kernel = network().kernel_fn(x1)
     torch.testing.assert_close(kernel.nngp, kernel.nngp.T, rtol=0, atol=0)
