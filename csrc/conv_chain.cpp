@@ -29,6 +29,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 
 #include "extension.h"
 
@@ -198,11 +199,23 @@ std::vector<Item<T>> plan_pass(const std::vector<Step>& steps, int n_dims, bool 
   return items;
 }
 
+// Scratch memory, left uninitialized: the pages of a buffer a pair's steps
+// never touch (the layouts a run by diagonals skips) cost nothing.
+template <typename T>
+class Buffer {
+ public:
+  void resize(int64_t size) { data_.reset(new T[std::max<int64_t>(size, 1)]); }
+  T* data() { return data_.get(); }
+
+ private:
+  std::unique_ptr<T[]> data_;
+};
+
 // Per-thread buffers of a linear step: the window sums of the outer
 // dimensions (3 spatial dimensions), the padded matrices, a row of box sums.
 template <typename T>
 struct Scratch {
-  std::vector<T> slab_a, slab_b, matrix_a, matrix_b, row;
+  Buffer<T> slab_a, slab_b, matrix_a, matrix_b, row;
   std::vector<int64_t> taps;
   std::vector<const T*> from;  // the rows a window sum adds
 };
@@ -491,10 +504,23 @@ TORCHNTK_CHAIN_KERNELS(double)
 // Whether a linear step keeps the diagonals q − p of the outermost spatial
 // pair apart: a convolution with stride 1 and zero padding there reads, for
 // output (p, q), only inputs (p + i − pad, q + i − pad).
+bool keeps_diagonals(const Step& step, int n_dims) {
+  return step.kind == kConv && n_dims >= 2 && step.stride[0] == 1 && !step.circular;
+}
+
 template <typename T>
-bool keeps_diagonals(const Item<T>& item) {
-  return item.linear && !item.box && item.axes.size() >= 2 && item.axes[0].stride == 1 &&
-         !item.axes[0].circular;
+bool keeps_diagonals(const Item<T>& item, int n_dims) {
+  return item.linear && keeps_diagonals(*item.step, n_dims);
+}
+
+// Whether the pass over examples can find the variances on the diagonal
+// q = p of the outermost pair alone (PairChain::run_self): every linear step
+// keeps the diagonals apart, and one comes first.
+bool variances_on_the_diagonal(const std::vector<Step>& steps, int n_dims) {
+  return steps.front().kind != kABRelu &&
+         std::all_of(steps.begin(), steps.end(), [&](const Step& step) {
+           return step.kind == kABRelu || keeps_diagonals(step, n_dims);
+         });
 }
 
 // One thread's buffers for taking pairs of examples through a pass's items.
@@ -515,10 +541,9 @@ class PairChain {
     }
     for (auto* buffer : {&a_[0], &a_[1], &b_[0], &b_[1]}) buffer->resize(entries);
     for (auto* buffer : {&diagonal_a_[0], &diagonal_a_[1], &diagonal_b_[0], &diagonal_b_[1]}) buffer->resize(diagonal);
-    own_.resize(positions_of(items.front().step->in, n_dims));
-    for (const Item<T>& item : items) {
-      own_.resize(std::max<size_t>(own_.size(), positions_of(item.step->in, n_dims)));
-    }
+    int64_t positions = 0;
+    for (const Item<T>& item : items) positions = std::max(positions, positions_of(item.step->in, n_dims));
+    own_.resize(positions);
     scratch_.matrix_a.resize(side * side), scratch_.matrix_b.resize(side * side);
     scratch_.slab_a.resize(slab), scratch_.slab_b.resize(slab);
     scratch_.row.resize(span), scratch_.taps.resize(taps), scratch_.from.resize(taps);
@@ -531,7 +556,7 @@ class PairChain {
     diagonal_run_end_.assign(items.size(), 0);
     for (size_t t = 0; t < items.size();) {
       size_t end = t;
-      while (end < items.size() && keeps_diagonals(items[end])) ++end;
+      while (end < items.size() && keeps_diagonals(items[end], n_dims)) ++end;
       if (end >= t + 2) diagonal_run_end_[t] = end;
       t = std::max(end, t + 1);
     }
@@ -587,8 +612,8 @@ class PairChain {
       const PairIndex& index = indices_[t];
       const int64_t positions = index.positions;
       if (self) {
-        for (int64_t x = 0; x < positions; ++x) own_[x] = held_a[index.diagonal[x]];
-        std::copy(own_.begin(), own_.begin() + positions,
+        for (int64_t x = 0; x < positions; ++x) own_.data()[x] = held_a[index.diagonal[x]];
+        std::copy(own_.data(), own_.data() + positions,
                   variances.record[item.relu_index] + first * positions);
         var1 = var2 = own_.data();
       }
@@ -638,6 +663,7 @@ class PairChain {
                         T(item.step->c0));
       }
     }
+    if (!cov_out) return;
     Variances<T> tables;
     for (T* table : variances.record) tables.first.push_back(table), tables.second.push_back(table);
     run(cov, nullptr, cov_out, nullptr, tables, example, example);
@@ -673,7 +699,7 @@ class PairChain {
   std::vector<PairIndex> indices_;
   std::vector<bool> writes_output_;
   std::vector<size_t> diagonal_run_end_;  // per item: the end of the run by diagonals it starts, or 0
-  std::vector<T> a_[2], b_[2], diagonal_a_[2], diagonal_b_[2], own_;
+  Buffer<T> a_[2], b_[2], diagonal_a_[2], diagonal_b_[2], own_;
   Scratch<T> scratch_;
 };
 
@@ -731,7 +757,7 @@ void run_chain(bool self, const torch::Tensor& nngp, const torch::Tensor& ntk,
     const std::vector<Item<scalar_t>> items = plan_pass<scalar_t>(steps, n_dims, !self);
     const scalar_t* nngp_ptr = nngp.data_ptr<scalar_t>();
     const scalar_t* ntk_ptr = ntk.defined() ? ntk.data_ptr<scalar_t>() : nullptr;
-    scalar_t* nngp_out_ptr = nngp_out.data_ptr<scalar_t>();
+    scalar_t* nngp_out_ptr = nngp_out.defined() ? nngp_out.data_ptr<scalar_t>() : nullptr;
     scalar_t* ntk_out_ptr = ntk.defined() ? ntk_out.data_ptr<scalar_t>() : nullptr;
     if (n_dims == 0 && self) {
       // Each example through every step, its variance its own covariance.
@@ -764,22 +790,21 @@ void run_chain(bool self, const torch::Tensor& nngp, const torch::Tensor& ntk,
     }
     const int64_t in_entries = entries_of(steps.front().in, n_dims);
     const int64_t out_entries = entries_of(steps.back().out, n_dims);
-    // The pass over examples as pairs (PairChain::run_self) where it can.
+    // The pass over examples as pairs (PairChain::run_self) where it can;
+    // there an undefined `nngp_out` asks for the variances alone.
     const std::vector<Item<scalar_t>> fused = plan_pass<scalar_t>(steps, n_dims, true);
-    const bool as_pairs = self && n_dims >= 2 && items.front().linear &&
-        std::all_of(items.begin(), items.end(), [](const Item<scalar_t>& item) {
-          return !item.linear || keeps_diagonals(item);
-        });
-    at::parallel_for(0, nngp_out.numel() / out_entries, 1, [&](int64_t begin, int64_t end) {
+    const bool as_pairs = self && variances_on_the_diagonal(steps, n_dims);
+    scalar_t* out_ptr = nngp_out.defined() ? nngp_out.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, nngp.numel() / in_entries, 1, [&](int64_t begin, int64_t end) {
       PairChain<scalar_t> chain(as_pairs ? fused : items, n_dims);
       for (int64_t p = begin; p < end; ++p) {
         if (as_pairs) {
-          chain.run_self(items, nngp_ptr + p * in_entries, nngp_out_ptr + p * out_entries, p,
-                         variances);
+          chain.run_self(items, nngp_ptr + p * in_entries,
+                         out_ptr ? out_ptr + p * out_entries : nullptr, p, variances);
           continue;
         }
         chain.run(nngp_ptr + p * in_entries, ntk_ptr ? ntk_ptr + p * in_entries : nullptr,
-                  nngp_out_ptr + p * out_entries, ntk_ptr ? ntk_out_ptr + p * out_entries : nullptr,
+                  out_ptr + p * out_entries, ntk_ptr ? ntk_out_ptr + p * out_entries : nullptr,
                   variances, p / n2, p % n2);
       }
     });
@@ -789,14 +814,19 @@ void run_chain(bool self, const torch::Tensor& nngp, const torch::Tensor& ntk,
 }  // namespace
 
 std::vector<torch::Tensor> conv_chain_self(const torch::Tensor& cov_in,
-                                           const std::vector<std::vector<double>>& encoded) {
+                                           const std::vector<std::vector<double>>& encoded,
+                                           bool with_covariance) {
   check_pairs("conv_chain_self", cov_in, 1);
   const torch::Tensor cov = cov_in.contiguous();
   const std::vector<Step> steps = parse_steps(encoded, spatial_sizes(cov, 1));
   TORCH_CHECK(!steps.empty(), "conv_chain_self: no steps");
   const int n_dims = (cov.dim() - 1) / 2;
   const int64_t n = cov.size(0);
-  torch::Tensor cov_out = torch::empty(pair_shape({n}, steps.back().out, n_dims), cov.options());
+  // On the CPU the variances alone can cost less than the covariances.
+  const bool variances_only = !with_covariance && cov.device().is_cpu() &&
+                              variances_on_the_diagonal(steps, n_dims);
+  torch::Tensor cov_out;
+  if (!variances_only) cov_out = torch::empty(pair_shape({n}, steps.back().out, n_dims), cov.options());
   std::vector<torch::Tensor> record;
   for (const Step& step : steps) {
     if (step.kind == kABRelu) {

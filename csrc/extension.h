@@ -14,11 +14,13 @@ torch::Tensor diagonal_conv_transpose(const torch::Tensor& grad, int64_t size, i
                                       int64_t stride, int64_t pad_low, int64_t pad_high,
                                       bool circular);
 
-// conv_chain.cpp: a run of Conv and ABRelu steps on each example's own
-// covariance (N, X, X', …), returning it and the variance tables (N, X·Y·…)
-// at every nonlinearity's input; then on the pairs (N1, N2, X, X', …).
+// conv_chain.cpp: a run of Conv, Pool and ABRelu steps on each example's own
+// covariance (N, X, X', …), returning it (undefined where `with_covariance`
+// is false and the variances alone are cheaper) and the variance tables
+// (N, X·Y·…) at every nonlinearity's input; then on the pairs (N1, N2, X, X', …).
 std::vector<torch::Tensor> conv_chain_self(const torch::Tensor& cov,
-                                           const std::vector<std::vector<double>>& steps);
+                                           const std::vector<std::vector<double>>& steps,
+                                           bool with_covariance);
 std::vector<torch::Tensor> conv_chain_pairs(const torch::Tensor& nngp,
                                             const c10::optional<torch::Tensor>& ntk,
                                             const std::vector<torch::Tensor>& var1,

@@ -3,7 +3,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torchntk's compiled kernels: diagonal_conv and its adjoint (CPU, and CUDA if "
-            "built), and the fused Conv/ABRelu chain (CPU).";
+            "built), and the fused Conv/Pool/ABRelu chain (CPU, and CUDA if built).";
   m.def("diagonal_conv", &torchntk::diagonal_conv, "(cov, k, stride, pad_low, pad_high, circular)",
         pybind11::arg("cov"), pybind11::arg("k"), pybind11::arg("stride"),
         pybind11::arg("pad_low"), pybind11::arg("pad_high"), pybind11::arg("circular"));
@@ -12,8 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("grad"), pybind11::arg("size"), pybind11::arg("k"), pybind11::arg("stride"),
         pybind11::arg("pad_low"), pybind11::arg("pad_high"), pybind11::arg("circular"));
   m.def("conv_chain_self", &torchntk::conv_chain_self,
-        "(cov, steps) -> [cov_out, variances at each nonlinearity]", pybind11::arg("cov"),
-        pybind11::arg("steps"));
+        "(cov, steps, with_covariance) -> [cov_out or None, variances at each nonlinearity]",
+        pybind11::arg("cov"), pybind11::arg("steps"), pybind11::arg("with_covariance") = true);
   m.def("conv_chain_pairs", &torchntk::conv_chain_pairs,
         "(nngp, ntk, var1, var2, steps) -> [nngp_out, ntk_out]", pybind11::arg("nngp"),
         pybind11::arg("ntk"), pybind11::arg("var1"), pybind11::arg("var2"),

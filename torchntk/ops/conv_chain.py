@@ -56,10 +56,14 @@ def abrelu_step(a: float, b: float) -> Step:
     return [1., float(a), float(b)]
 
 
-def chain_self(cov: torch.Tensor, steps: Sequence[Step]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def chain_self(cov: torch.Tensor, steps: Sequence[Step], with_covariance: bool = True
+               ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """The run on each example's own covariance `(N, X, X', …)`: the output
-    covariance and, per ABRelu step, the `(N, X·Y·…)` variances at its input."""
-    cov_out, *variances = EXTENSION.conv_chain_self(cov, list(steps))
+    covariance and, per ABRelu step, the `(N, X·Y·…)` variances at its input.
+    With `with_covariance=False` the covariance may be left out (`None`) where
+    the variances alone cost less: then the pairs `(i, i)` of `chain_pairs`
+    hold it, bitwise."""
+    cov_out, *variances = EXTENSION.conv_chain_self(cov, list(steps), with_covariance)
     return cov_out, variances
 
 
