@@ -217,7 +217,7 @@ template <typename T>
 struct Scratch {
   Buffer<T> slab_a, slab_b, matrix_a, matrix_b, row;
   std::vector<int64_t> taps;
-  std::vector<const T*> from;  // the rows a window sum adds
+  std::vector<const T*> from_a, from_b;  // the rows a window sum adds
 };
 
 // Which outputs (p, q) of the outermost spatial pair a linear step computes,
@@ -254,45 +254,68 @@ TORCHNTK_INLINE int64_t window_taps(const Axis& axis, bool box, int64_t p, int64
   return count;
 }
 
-// out[c] = Σ_t from[t][c] for c < n, t < count (count >= 1), summed in the
-// order of t; up to three rows in one vector pass (3x3 convolutions).
-template <typename T>
-TORCHNTK_INLINE void sum_rows(T* __restrict__ out, const T* const* from, int64_t count, int64_t n) {
-  const T* __restrict__ a = from[0];
-  const T* __restrict__ b = from[count > 1 ? 1 : 0];
-  const T* __restrict__ c = from[count > 2 ? 2 : 0];
+// out_a[c] = Σ_t from_a[t][c] for c < n, t < count (count >= 1), summed in
+// the order of t, and the same for the NTK's rows `*_b` in the same loop if
+// kTwo; up to three rows in one vector pass (3x3 convolutions).
+template <typename T, bool kTwo>
+TORCHNTK_INLINE void sum_rows(T* __restrict__ out_a, T* __restrict__ out_b,
+                              const T* const* from_a, const T* const* from_b, int64_t count,
+                              int64_t n) {
+  const int64_t second = count > 1 ? 1 : 0, third = count > 2 ? 2 : 0;
+  const T *__restrict__ a0 = from_a[0], *__restrict__ a1 = from_a[second],
+                        *__restrict__ a2 = from_a[third];
+  const T *__restrict__ b0 = kTwo ? from_b[0] : a0, *__restrict__ b1 = kTwo ? from_b[second] : a0,
+                        *__restrict__ b2 = kTwo ? from_b[third] : a0;
   if (count == 1) {
 #pragma omp simd
-    for (int64_t e = 0; e < n; ++e) out[e] = a[e];
+    for (int64_t e = 0; e < n; ++e) {
+      out_a[e] = a0[e];
+      if (kTwo) out_b[e] = b0[e];
+    }
     return;
   }
   if (count == 2) {
 #pragma omp simd
-    for (int64_t e = 0; e < n; ++e) out[e] = a[e] + b[e];
+    for (int64_t e = 0; e < n; ++e) {
+      out_a[e] = a0[e] + a1[e];
+      if (kTwo) out_b[e] = b0[e] + b1[e];
+    }
     return;
   }
 #pragma omp simd
-  for (int64_t e = 0; e < n; ++e) out[e] = (a[e] + b[e]) + c[e];
+  for (int64_t e = 0; e < n; ++e) {
+    out_a[e] = (a0[e] + a1[e]) + a2[e];
+    if (kTwo) out_b[e] = (b0[e] + b1[e]) + b2[e];
+  }
   for (int64_t t = 3; t < count; ++t) {
-    const T* __restrict__ more = from[t];
+    const T *__restrict__ more_a = from_a[t], *__restrict__ more_b = kTwo ? from_b[t] : more_a;
 #pragma omp simd
-    for (int64_t e = 0; e < n; ++e) out[e] += more[e];
+    for (int64_t e = 0; e < n; ++e) {
+      out_a[e] += more_a[e];
+      if (kTwo) out_b[e] += more_b[e];
+    }
   }
 }
 
-// dst[r·dst_stride + c] = Σ_t src[taps[t]·slab + r·columns + c], r < rows, c < columns.
-template <typename T>
-TORCHNTK_INLINE void sum_taps(T* __restrict__ dst, int64_t dst_stride, const T* __restrict__ src,
-                              const int64_t* taps, int64_t count, int64_t slab, int64_t rows,
-                              int64_t columns, const T** from) {
+// dst_*[r·dst_stride + c] = Σ_t src_*[taps[t]·slab + r·columns + c] for
+// r < rows, c < columns; `*_b` too if kTwo.
+template <typename T, bool kTwo>
+TORCHNTK_INLINE void sum_taps(T* dst_a, T* dst_b, int64_t dst_stride, const T* src_a,
+                              const T* src_b, const int64_t* taps, int64_t count, int64_t slab,
+                              int64_t rows, int64_t columns, const T** from_a, const T** from_b) {
   for (int64_t r = 0; r < rows; ++r) {
-    T* __restrict__ out = dst + r * dst_stride;
+    T* out_a = dst_a + r * dst_stride;
+    T* out_b = kTwo ? dst_b + r * dst_stride : nullptr;
     if (count == 0) {
-      std::fill(out, out + columns, T(0));
+      std::fill(out_a, out_a + columns, T(0));
+      if (kTwo) std::fill(out_b, out_b + columns, T(0));
       continue;
     }
-    for (int64_t t = 0; t < count; ++t) from[t] = src + taps[t] * slab + r * columns;
-    sum_rows(out, from, count, columns);
+    for (int64_t t = 0; t < count; ++t) {
+      from_a[t] = src_a + taps[t] * slab + r * columns;
+      if (kTwo) from_b[t] = src_b + taps[t] * slab + r * columns;
+    }
+    sum_rows<T, kTwo>(out_a, out_b, from_a, from_b, count, columns);
   }
 }
 
@@ -314,26 +337,39 @@ TORCHNTK_INLINE void wrap_border(T* matrix, const Axis& axis) {
   }
 }
 
-// The window sums of the innermost pair from its padded matrix, into the
-// (out_size, out_size) block `out`.
-template <typename T>
-TORCHNTK_INLINE void matrix_sums(const T* __restrict__ matrix, const Axis& axis, bool box,
-                                 T* __restrict__ out, T* __restrict__ row, const T** from) {
+// The window sums of the innermost pair from its padded matrices, into the
+// (out_size, out_size) blocks `out_*` (`*_b` too if kTwo).
+template <typename T, bool kTwo>
+TORCHNTK_INLINE void matrix_sums(const T* matrix_a, const T* matrix_b, const Axis& axis, bool box,
+                                 T* out_a, T* out_b, Scratch<T>& scratch) {
   const int64_t n = axis.padded, m = axis.out_size, s = axis.stride, k = axis.k;
-  for (int64_t y = 0; y < m; ++y) {
-    T* __restrict__ out_row = out + y * m;
-    if (!box && s == 1) {  // contiguous diagonals: vector loads
-      for (int64_t i = 0; i < k; ++i) from[i] = matrix + (y + i) * n + i;
-      sum_rows(out_row, from, k, m);
-    } else if (!box) {
-      for (int64_t q = 0; q < m; ++q) {
-        T sum = matrix[s * y * n + s * q];
-        for (int64_t i = 1; i < k; ++i) sum += matrix[(s * y + i) * n + s * q + i];
-        out_row[q] = sum;
+  const T** from_a = scratch.from_a.data();
+  const T** from_b = scratch.from_b.data();
+  if (!box && s == 1) {  // contiguous diagonals: vector loads
+    for (int64_t y = 0; y < m; ++y) {
+      for (int64_t i = 0; i < k; ++i) {
+        from_a[i] = matrix_a + (y + i) * n + i;
+        if (kTwo) from_b[i] = matrix_b + (y + i) * n + i;
       }
-    } else {
-      for (int64_t i = 0; i < k; ++i) from[i] = matrix + (s * y + i) * n;
-      sum_rows(row, from, k, axis.span);
+      sum_rows<T, kTwo>(out_a + y * m, kTwo ? out_b + y * m : nullptr, from_a, from_b, k, m);
+    }
+    return;
+  }
+  T* row = scratch.row.data();
+  for (const auto& [matrix, out] : {std::pair(matrix_a, out_a), std::pair(matrix_b, out_b)}) {
+    if (!matrix) continue;
+    for (int64_t y = 0; y < m; ++y) {
+      T* __restrict__ out_row = out + y * m;
+      if (!box) {
+        for (int64_t q = 0; q < m; ++q) {
+          T sum = matrix[s * y * n + s * q];
+          for (int64_t i = 1; i < k; ++i) sum += matrix[(s * y + i) * n + s * q + i];
+          out_row[q] = sum;
+        }
+        continue;
+      }
+      for (int64_t i = 0; i < k; ++i) from_a[i] = matrix + (s * y + i) * n;
+      sum_rows<T, false>(row, nullptr, from_a, nullptr, k, axis.span);
       for (int64_t q = 0; q < m; ++q) {
         T sum = row[s * q];
         for (int64_t j = 1; j < k; ++j) sum += row[s * q + j];
@@ -361,29 +397,43 @@ TORCHNTK_INLINE void linear_step(const Item<T>& item, const T* in_a, const T* in
   auto finish = [&](T* block_a, T* block_b, const T* block_var1,
                     const T* block_var2) TORCHNTK_LAMBDA_INLINE {
     wrap_border(matrix_a, last);
-    matrix_sums(matrix_a, last, item.box, block_a, scratch.row.data(), scratch.from.data());
     if (in_b) {
       wrap_border(matrix_b, last);
-      matrix_sums(matrix_b, last, item.box, block_b, scratch.row.data(), scratch.from.data());
+      matrix_sums<T, true>(matrix_a, matrix_b, last, item.box, block_a, block_b, scratch);
+    } else {
+      matrix_sums<T, false>(matrix_a, nullptr, last, item.box, block_a, nullptr, scratch);
     }
     epilogue_rows(block_a, block_b, m, m, item.epilogue, block_var1, block_var2);
   };
-  // Sums the taps of output (p, q) of dimension d from slabs of `slab`
-  // entries into `dst_*` (rows of `columns`, dst_stride apart).
+  // Sums the taps into `dst_*` (rows of `columns`, dst_stride apart) from
+  // blocks of `slab` entries at `taps` in `src_*`.
+  auto sum = [&](const int64_t* taps, int64_t count, const T* src_a, const T* src_b, T* dst_a,
+                 T* dst_b, int64_t dst_stride, int64_t slab, int64_t rows,
+                 int64_t columns) TORCHNTK_LAMBDA_INLINE {
+    const T** from_a = scratch.from_a.data();
+    const T** from_b = scratch.from_b.data();
+    if (src_b) {
+      sum_taps<T, true>(dst_a, dst_b, dst_stride, src_a, src_b, taps, count, slab, rows, columns,
+                        from_a, from_b);
+    } else {
+      sum_taps<T, false>(dst_a, nullptr, dst_stride, src_a, nullptr, taps, count, slab, rows,
+                         columns, from_a, from_b);
+    }
+  };
+  // The taps of output (p, q) of dimension d.
   int64_t* taps = scratch.taps.data();
   auto gather = [&](int d, int64_t p, int64_t q, const T* src_a, const T* src_b, T* dst_a,
                     T* dst_b, int64_t dst_stride, int64_t slab, int64_t rows,
                     int64_t columns) TORCHNTK_LAMBDA_INLINE {
     const int64_t count = window_taps(item.axes[d], item.box, p, q, d == 0 ? layout : OuterLayout{},
                                       taps);
-    sum_taps(dst_a, dst_stride, src_a, taps, count, slab, rows, columns, scratch.from.data());
-    if (src_b) sum_taps(dst_b, dst_stride, src_b, taps, count, slab, rows, columns, scratch.from.data());
+    sum(taps, count, src_a, src_b, dst_a, dst_b, dst_stride, slab, rows, columns);
   };
   const int64_t inner = last.size;  // rows and columns of the innermost input pair
   if constexpr (D == 1) {
     const int64_t whole = 0;  // one tap: the input matrix itself
-    sum_taps(matrix_a + low * n + low, n, in_a, &whole, 1, 0, inner, inner, scratch.from.data());
-    if (in_b) sum_taps(matrix_b + low * n + low, n, in_b, &whole, 1, 0, inner, inner, scratch.from.data());
+    sum(&whole, 1, in_a, in_b, matrix_a + low * n + low, matrix_b + low * n + low, n, 0, inner,
+        inner);
     finish(out_a, out_b, var1, var2);
   } else {
     const Axis& outer = item.axes[0];
@@ -546,7 +596,8 @@ class PairChain {
     own_.resize(positions);
     scratch_.matrix_a.resize(side * side), scratch_.matrix_b.resize(side * side);
     scratch_.slab_a.resize(slab), scratch_.slab_b.resize(slab);
-    scratch_.row.resize(span), scratch_.taps.resize(taps), scratch_.from.resize(taps);
+    scratch_.row.resize(span), scratch_.taps.resize(taps);
+    scratch_.from_a.resize(taps), scratch_.from_b.resize(taps);
     for (size_t t = 0; t < items.size(); ++t) {
       writes_output_.push_back(std::none_of(items.begin() + t + 1, items.end(),
                                             [](const Item<T>& later) { return later.linear; }));
