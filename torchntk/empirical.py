@@ -1258,6 +1258,16 @@ _COMPUTE = {'jacobian_contraction': _jacobian_contraction,
 
 def _contraction_order(terms: Sequence[str], result: str, sizes: Mapping[str, int],
                        max_size: float = math.inf) -> tuple[int, Any]:
+    """The cheapest order of pairwise contractions for `einsum(terms -> result)`
+    (`_search_contraction_order`), remembered across calls: the search costs
+    milliseconds, as much as a small model's whole kernel."""
+    return _search_contraction_order(tuple(terms), result, tuple(sizes.items()), max_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _search_contraction_order(terms: tuple[str, ...], result: str,
+                              size_items: tuple[tuple[str, int], ...],
+                              max_size: float) -> tuple[int, Any]:
     """The cheapest order of pairwise contractions for `einsum(terms -> result)`.
 
     Exhaustive over binary trees (a handful of operands); orders whose
@@ -1267,6 +1277,7 @@ def _contraction_order(terms: Sequence[str], result: str, sizes: Mapping[str, in
     intermediate results into `letters` (the letters of `result` in another
     order at the root).
     """
+    sizes = dict(size_items)
     everything = frozenset(range(len(terms)))
 
     @functools.cache
