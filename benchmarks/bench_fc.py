@@ -18,8 +18,9 @@ NTK's arccos at a correlation rounded off 1 and loses half the digits (about
 sqrt(eps): 2e-8 in float64, 4e-4 in float32); torchntk's diagonal is exact to
 rounding, so `max rel diff` there is neural-tangents' error.
 
-Every layer allocates N1 x N2 tensors; above glibc's 32 MiB mmap limit each
-allocation is fresh memory whose page faults cost more than the arithmetic.
+Each call allocates N1 x N2 tensors (the input Gram matrix, the outputs); above
+glibc's 32 MiB mmap limit each allocation is fresh memory whose page faults can
+cost more than the arithmetic (the extension advises its outputs as huge pages).
 `--reuse-freed-memory` reruns the benchmark with glibc told to keep freed
 memory for reuse (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, a process
 setting any user can make; XLA reuses its buffers itself).
