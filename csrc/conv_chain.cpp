@@ -778,24 +778,6 @@ void check_pairs(const char* name, const torch::Tensor& tensor, int64_t batch_di
 #endif
 }
 
-// A fresh CPU tensor of `shape` whose whole 2 MiB pages are advised to be
-// huge pages (Linux, transparent huge pages in `madvise` mode): an N x N
-// output is written once, and faulting it in 4 KiB pages costs more than the
-// chain's arithmetic on flat kernels. Advice only: elsewhere a plain tensor.
-torch::Tensor empty_output(at::IntArrayRef shape, const torch::TensorOptions& options) {
-  torch::Tensor tensor = torch::empty(shape, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  if (tensor.device().is_cpu() && tensor.nbytes() >= 2 * kHuge) {
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(tensor.data_ptr());
-    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t last = (begin + tensor.nbytes()) & ~(kHuge - 1);
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return tensor;
-}
-
 std::vector<int64_t> spatial_sizes(const torch::Tensor& tensor, int64_t batch_dims) {
   std::vector<int64_t> sizes;
   for (int64_t d = batch_dims; d < tensor.dim(); d += 2) sizes.push_back(tensor.size(d));
@@ -886,6 +868,23 @@ void run_chain(bool self, const torch::Tensor& nngp, const torch::Tensor& ntk,
 
 }  // namespace
 
+// Transparent huge pages in `madvise` mode (extension.h): an N x N output is
+// written once, and faulting it in 4 KiB pages costs more than the chain's
+// arithmetic on flat kernels.
+torch::Tensor empty_huge_pages(at::IntArrayRef shape, const torch::TensorOptions& options) {
+  torch::Tensor tensor = torch::empty(shape, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  if (tensor.device().is_cpu() && tensor.nbytes() >= 2 * kHuge) {
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(tensor.data_ptr());
+    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t last = (begin + tensor.nbytes()) & ~(kHuge - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return tensor;
+}
+
 std::vector<torch::Tensor> conv_chain_self(const torch::Tensor& cov_in,
                                            const std::vector<std::vector<double>>& encoded,
                                            bool with_covariance) {
@@ -899,7 +898,7 @@ std::vector<torch::Tensor> conv_chain_self(const torch::Tensor& cov_in,
   const bool variances_only = !with_covariance && cov.device().is_cpu() &&
                               variances_on_the_diagonal(steps, n_dims);
   torch::Tensor cov_out;
-  if (!variances_only) cov_out = empty_output(pair_shape({n}, steps.back().out, n_dims), cov.options());
+  if (!variances_only) cov_out = empty_huge_pages(pair_shape({n}, steps.back().out, n_dims), cov.options());
   std::vector<torch::Tensor> record;
   for (const Step& step : steps) {
     if (step.kind == kABRelu) {
@@ -949,9 +948,9 @@ std::vector<torch::Tensor> conv_chain_pairs(const torch::Tensor& nngp_in,
       tables->push_back(table.contiguous());
     }
   }
-  torch::Tensor nngp_out = empty_output(pair_shape({n1, n2}, steps.back().out, n_dims),
+  torch::Tensor nngp_out = empty_huge_pages(pair_shape({n1, n2}, steps.back().out, n_dims),
                                         nngp.options());
-  torch::Tensor ntk_out = ntk.defined() ? empty_output(nngp_out.sizes(), nngp_out.options())
+  torch::Tensor ntk_out = ntk.defined() ? empty_huge_pages(nngp_out.sizes(), nngp_out.options())
                                         : torch::Tensor();
   run_chain(false, nngp, ntk, nngp_out, ntk_out, variances1, variances2, no_record, steps, n_dims, n2);
   return {nngp_out, ntk_out};

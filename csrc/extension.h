@@ -27,4 +27,9 @@ std::vector<torch::Tensor> conv_chain_pairs(const torch::Tensor& nngp,
                                             const std::vector<torch::Tensor>& var2,
                                             const std::vector<std::vector<double>>& steps);
 
+// A fresh tensor whose whole 2 MiB pages are advised to be transparent huge
+// pages (CPU, Linux; elsewhere a plain torch::empty): for large outputs
+// written once, whose page faults cost more than the arithmetic.
+torch::Tensor empty_huge_pages(at::IntArrayRef shape, const torch::TensorOptions& options);
+
 }  // namespace torchntk

@@ -18,6 +18,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(nngp, ntk, var1, var2, steps) -> [nngp_out, ntk_out]", pybind11::arg("nngp"),
         pybind11::arg("ntk"), pybind11::arg("var1"), pybind11::arg("var2"),
         pybind11::arg("steps"));
+  m.def("empty_huge_pages",
+        [](std::vector<int64_t> shape, const torch::Tensor& like) {
+          return torchntk::empty_huge_pages(shape, like.options());
+        },
+        "(shape, like) -> an uninitialized tensor of like's dtype and device, advised as huge "
+        "pages", pybind11::arg("shape"), pybind11::arg("like"));
 #ifdef TORCHNTK_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

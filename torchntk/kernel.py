@@ -32,6 +32,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .ops.extension import empty_huge_pages
+
 Shape = tuple[int, ...]
 
 
@@ -301,6 +303,12 @@ def _gram(xa: torch.Tensor, xb: torch.Tensor, pairwise: bool, diagonal_spatial: 
     a = xa.reshape(xa.shape[0], xa.shape[1], -1)
     b = xb.reshape(xb.shape[0], xb.shape[1], -1)
     channels = xa.shape[1]
+    if diagonal_spatial and pairwise and a.shape[-1] == 1 and not (
+            torch.is_grad_enabled() and (xa.requires_grad or xb.requires_grad)):
+        # Flat inputs: the N1 x N2 product straight into huge pages (its page
+        # faults would cost a large fraction of the product itself).
+        product = torch.mm(a[..., 0], b[..., 0].T, out=empty_huge_pages((len(a), len(b)), a))
+        return product.div_(channels).reshape(len(a), len(b), *spatial)
     if diagonal_spatial:
         product = torch.einsum('nca,mca->nma' if pairwise else 'nca,nca->na', a, b)
         batch_shape = product.shape[:-1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+from typing import Sequence
 
 import torch
 
@@ -50,3 +51,13 @@ def takes(tensor: torch.Tensor) -> bool:
             or torch._C._are_functorch_transforms_active()):
         return False
     return tensor.device.type == 'cpu' or (tensor.device.type == 'cuda' and EXTENSION.with_cuda)
+
+
+def empty_huge_pages(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized tensor of `like`'s dtype and device whose whole 2 MiB
+    pages are advised as transparent huge pages (Linux, where the extension
+    takes `like`; else `torch.empty`): a large output written once faults in
+    512 times fewer pages."""
+    if takes(like):
+        return EXTENSION.empty_huge_pages(list(shape), like)
+    return like.new_empty(tuple(shape))
