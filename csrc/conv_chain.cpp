@@ -851,8 +851,9 @@ void run_chain(bool self, const torch::Tensor& nngp, const torch::Tensor& ntk,
     const int64_t out_entries = entries_of(steps.back().out, n_dims);
     // The pass over examples as pairs (PairChain::run_self) where it can;
     // there an undefined `nngp_out` asks for the variances alone.
-    const std::vector<Item<scalar_t>> fused = plan_pass<scalar_t>(steps, n_dims, true);
     const bool as_pairs = self && variances_on_the_diagonal(steps, n_dims);
+    const std::vector<Item<scalar_t>> fused =
+        as_pairs ? plan_pass<scalar_t>(steps, n_dims, true) : std::vector<Item<scalar_t>>();
     scalar_t* out_ptr = nngp_out.defined() ? nngp_out.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, nngp.numel() / in_entries, 1, [&](int64_t begin, int64_t end) {
       PairChain<scalar_t> chain(as_pairs ? fused : items, n_dims);

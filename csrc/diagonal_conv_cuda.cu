@@ -54,11 +54,9 @@ __global__ void diagonal_conv_transpose_kernel(const scalar_t* __restrict__ grad
                                                bool circular) {
   for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
        index += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = index % inner;
-    const int64_t col = (index / inner) % size;
-    const int64_t row = (index / inner / size) % size;
-    const int64_t b = index / inner / size / size;
-    const scalar_t* grad_b = grad + b * out_size * out_size * inner + r;
+    const PairEntry entry = pair_entry(index, size, inner);
+    const int64_t row = entry.row, col = entry.col;  // captured by the lambdas below
+    const scalar_t* grad_b = grad + entry.b * out_size * out_size * inner + entry.r;
     scalar_t sum = 0;
     for (int64_t i = 0; i < k; ++i) {
       for_each_cover(row, i, size, out_size, stride, pad_low, circular, [&](int64_t p) {

@@ -19,6 +19,16 @@ __device__ __forceinline__ int64_t source_index(int64_t pos, int64_t size, bool 
   return pos - floor_div_device(pos, size) * size;
 }
 
+// Entry `index` of a contiguous (B, side, side, R) tensor as (b, row, col, r).
+struct PairEntry {
+  int64_t b, row, col, r;
+};
+
+__device__ __forceinline__ PairEntry pair_entry(int64_t index, int64_t side, int64_t inner) {
+  const int64_t rest = index / inner;
+  return {rest / side / side, rest / side % side, rest % side, index % inner};
+}
+
 // Entry `index` of a window sum's (B, Xo, Xo, R) output from the (B, X, X, R)
 // input `cov`: diagonal_conv's (1/k) Σ_i cov_pad[b, s·p + i, s·q + i, r], or
 // with kBox the box sum Σ_{i,j} cov_pad[b, s·p + i, s·q + j, r] (pooling).
@@ -27,10 +37,7 @@ __device__ __forceinline__ scalar_t window_entry(const scalar_t* __restrict__ co
                                                  int64_t size, int64_t out_size, int64_t inner,
                                                  int64_t k, int64_t stride, int64_t pad_low,
                                                  bool circular) {
-  const int64_t r = index % inner;
-  const int64_t q = (index / inner) % out_size;
-  const int64_t p = (index / inner / out_size) % out_size;
-  const int64_t b = index / inner / out_size / out_size;
+  const auto [b, p, q, r] = pair_entry(index, out_size, inner);
   const scalar_t* cov_b = cov + b * size * size * inner + r;
   scalar_t sum = 0;
   for (int64_t i = 0; i < k; ++i) {
