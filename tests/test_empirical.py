@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import torchntk
-from torchntk import stax
+from torchntk import empirical, stax
 
 IMPLEMENTATIONS = ('jacobian_contraction', 'ntk_vector_products', 'structured_derivatives',
                    'auto')
@@ -389,6 +389,29 @@ def test_auto_falls_back_when_forward_mode_is_missing():
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     expected = torchntk.empirical_ntk_fn(model, implementation='jacobian_contraction')(x)
     torch.testing.assert_close(torchntk.empirical_ntk_fn(model)(x), expected, rtol=0, atol=ATOL)
+
+
+def test_auto_counts_forward_flops_once_per_shapes(monkeypatch):
+    counters = []
+
+    class CountingFlopCounterMode(empirical.FlopCounterMode):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            counters.append(self)
+
+    monkeypatch.setattr(empirical, 'FlopCounterMode', CountingFlopCounterMode)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    ntk_fn = torchntk.empirical_ntk_fn(model.double())
+    x = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    first = ntk_fn(x)
+    ntk_fn(x + 1, x)                  # the same shapes: the count is remembered
+    assert len(counters) == 1 and counters[0].get_total_flops() > 0
+    ntk_fn(x[:4])                     # new shapes: counted again
+    model.eval()                      # other training flags: counted again
+    ntk_fn(x)
+    assert len(counters) == 3
+    expected = torchntk.empirical_ntk_fn(model, implementation='jacobian_contraction')(x)
+    torch.testing.assert_close(first, expected, rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize('trace_axes, diagonal_axes, shape', [

@@ -61,6 +61,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from torch.utils import _pytree as pytree  # torch.func's own pytrees
 from torch.utils.flop_counter import FlopCounterMode
 
+from .ops.heap import reuse_heap
 from .stax.conv import Conv as StaxConv, pad_input
 from .stax.dropout import Dropout as StaxDropout
 from .stax.linear import Dense as StaxDense
@@ -173,7 +174,8 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
 
     FLOP estimate of `'auto'`, with `F` the forward FLOPs per example (per
     batch with `vmap_axes=None`; counted by `torch.utils.flop_counter` on the
-    first two examples of `x1`, or on `x1`), `O` the outputs per example,
+    first two examples of `x1`, or on `x1`, once per shapes of the inputs
+    and parameters), `O` the outputs per example,
     `|θ|` the trainable parameter count,
     `K` the size of the contraction result times the size of the traced axes,
     and `B = 1` with `vmap_axes`, `B = N` without:
@@ -196,6 +198,8 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
     if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
         raise ValueError(f"empirical_ntk_fn: chunk_bytes must be a positive int, got {chunk_bytes!r}")
 
+    flop_cache = {}   # forward FLOPs per _shape_signature, for 'auto'
+
     def ntk_fn(x1: PyTree, x2: PyTree | None = None, params: Params | None = None,
                **kwargs) -> PyTree:
         _check_inputs(x1, x2, 'empirical_ntk_fn')
@@ -203,19 +207,21 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
         if not params:
             raise ValueError("empirical_ntk_fn: the model has no trainable parameters "
                              "(all have requires_grad=False)")
-        problem = _Problem(model, params, x1, x2, kwargs, trace_axes, diagonal_axes, vmap_axes,
-                           chunk_bytes, count_flops=implementation == 'auto')
-        if implementation != 'auto':
-            return problem.unflatten(_COMPUTE[implementation](problem))
-        candidates = sorted(IMPLEMENTATIONS, key=problem.flops)
-        for choice in candidates:
-            logger.debug("empirical_ntk_fn: implementation %s", choice)
-            try:
-                return problem.unflatten(_COMPUTE[choice](problem))
-            except _Unsupported as error:
-                if choice == candidates[-1]:
-                    raise
-                logger.info("empirical_ntk_fn: %s", error)
+        with reuse_heap():
+            problem = _Problem(model, params, x1, x2, kwargs, trace_axes, diagonal_axes,
+                               vmap_axes, chunk_bytes, count_flops=implementation == 'auto',
+                               flop_cache=flop_cache)
+            if implementation != 'auto':
+                return problem.unflatten(_COMPUTE[implementation](problem))
+            candidates = sorted(IMPLEMENTATIONS, key=problem.flops)
+            for choice in candidates:
+                logger.debug("empirical_ntk_fn: implementation %s", choice)
+                try:
+                    return problem.unflatten(_COMPUTE[choice](problem))
+                except _Unsupported as error:
+                    if choice == candidates[-1]:
+                        raise
+                    logger.info("empirical_ntk_fn: %s", error)
 
     return ntk_fn
 
@@ -341,6 +347,22 @@ def _trainable(model: nn.Module) -> Params:
         raise ValueError(f"{type(model).__name__}: parameters are not initialized yet; call the "
                          "model once or model.init_parameters(input_shape) first")
     return params
+
+
+def _shape_signature(model: nn.Module, params: Params, x: PyTree,
+                     kwargs: dict[str, Any]) -> tuple:
+    """What the model's forward FLOPs depend on: the parameters', inputs' and
+    keyword tensors' shapes, dtypes and devices, other keyword values, and
+    which modules are in training mode."""
+    def key(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            return tuple(leaf.shape), leaf.dtype, leaf.device
+        return leaf if isinstance(leaf, (int, float, bool, str, type(None))) else id(leaf)
+
+    leaves, tree = pytree.tree_flatten((x, kwargs))
+    return (str(tree), tuple(map(key, leaves)),
+            tuple((name, key(p)) for name, p in params.items()),
+            tuple(m.training for m in model.modules()))
 
 
 def _check_inputs(x1: PyTree, x2: PyTree | None, caller: str) -> None:
@@ -581,10 +603,15 @@ class _Problem:
     def __init__(self, model: nn.Module, params: Params, x1: PyTree, x2: PyTree | None,
                  kwargs: dict[str, Any], trace_axes: Sequence[int],
                  diagonal_axes: Sequence[int], vmap_axes: VmapAxes, chunk_bytes: int,
-                 count_flops: bool = True):
+                 count_flops: bool = True, flop_cache: dict | None = None):
         self.model, self.params, self.chunk_bytes = model, params, chunk_bytes
         self.modules = dict(model.named_modules())
         kwargs1, kwargs2 = _split_kwargs(kwargs)
+        # The forward FLOPs depend on the shapes alone: counted once per shapes.
+        key = _shape_signature(model, params, x1, kwargs1) if count_flops and \
+            flop_cache is not None else None
+        known_flops = flop_cache.get(key) if key is not None else None
+        count_flops = count_flops and known_flops is None
         self.axes = None if vmap_axes is None else _VmapAxes(vmap_axes, x1, kwargs1)
         if self.axes is not None and not self.axes.maps_something:
             self.axes = None
@@ -605,6 +632,12 @@ class _Problem:
         if self.axes is None:
             out1, self.forward_flops, calls1 = _traced_forward(model, params, x1, kwargs1,
                                                                self.modules, count_flops)
+        if known_flops is not None:
+            self.forward_flops = known_flops
+        elif key is not None:
+            if len(flop_cache) >= 64:
+                flop_cache.clear()
+            flop_cache[key] = self.forward_flops
         leaves1, self.out_tree = _output_leaves(out1, 'empirical_ntk_fn')
         if self.axes is None:
             self.side1 = _Side(x1, kwargs1, [tuple(o.shape) for o in leaves1], calls1)
