@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from .empirical import _batch_mixing_modules
 from .kernel import Kernel
+from .ops.heap import reuse_heap
 from .stax.module import Layer
 from .stax.normalization import LayerNorm
 
@@ -196,7 +197,8 @@ def batch(kernel_fn: Callable | Layer, batch_size: int | str = 0,
 
     @functools.wraps(kernel_fn)
     def batched_kernel_fn(x1: Inputs, x2: Inputs | None = None, *args: Any, **kwargs: Any) -> Any:
-        return _run(settings, _Call(kernel_fn, args, kwargs), x1, x2)
+        with reuse_heap():  # across tiles: their temporaries reuse one another's memory
+            return _run(settings, _Call(kernel_fn, args, kwargs), x1, x2)
 
     return batched_kernel_fn
 

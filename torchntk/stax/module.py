@@ -14,12 +14,14 @@ positions are zeroed (`remask`); the few layers that average over positions
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..kernel import Kernel, Shape, canonical_get, get_fields, input_mask, kernel_from_inputs
+from ..ops.heap import reuse_heap
 from .requirements import Requirements, resolve_layout
 
 Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -167,6 +169,13 @@ class Layer(nn.Module):
             `nngp`, `ntk`: `(N1, N2)` for flat outputs, `(N1, N2, X, X', …)`
             for outputs with spatial axes.
         """
+        # torch.compile traces no ctypes calls (and needs no heap advice).
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else reuse_heap():
+            return self._kernel_fn(x1, x2, get, diagonal_batch, diagonal_spatial, mask_constant)
+
+    def _kernel_fn(self, x1: Tensors | Kernels, x2: Tensors | None,
+                   get: str | Sequence[str] | None, diagonal_batch: bool | None,
+                   diagonal_spatial: bool | None, mask_constant: float | None) -> Any:
         names = canonical_get(get)
         if isinstance(x1, Kernel) or _is_kernel_sequence(x1):
             if (x2 is not None or diagonal_batch is not None or diagonal_spatial is not None
