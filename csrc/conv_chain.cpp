@@ -34,6 +34,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <type_traits>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -59,10 +60,26 @@ struct Epilogue {
   T k1, c0;
 };
 
-// One row of entries sharing var1 (the innermost spatial pair varies var2).
-template <typename T, bool with_ntk, bool relu>
-TORCHNTK_INLINE void epilogue_row(T* __restrict__ nngp, T* __restrict__ ntk, int64_t n,
+// Calls body(std::integral_constant<int64_t, L>()) with L = n for the row
+// lengths of 8x8, 16x16 and 32x32 images, else L = 0: loops over a row of a
+// length known at compile time are unrolled, without the set-up and tail of
+// a loop of one or two vectors.
+template <typename Body>
+TORCHNTK_INLINE void with_row_length(int64_t n, const Body& body) {
+  switch (n) {
+    case 8: body(std::integral_constant<int64_t, 8>()); return;
+    case 16: body(std::integral_constant<int64_t, 16>()); return;
+    case 32: body(std::integral_constant<int64_t, 32>()); return;
+    default: body(std::integral_constant<int64_t, 0>());
+  }
+}
+
+// One row of entries sharing var1 (the innermost spatial pair varies var2);
+// kLength: n, if known at compile time.
+template <typename T, bool with_ntk, bool relu, int64_t kLength = 0>
+TORCHNTK_INLINE void epilogue_row(T* __restrict__ nngp, T* __restrict__ ntk, int64_t length,
                                   const Epilogue<T>& e, T var1, const T* __restrict__ var2) {
+  const int64_t n = kLength ? kLength : length;
 #pragma omp simd
   for (int64_t q = 0; q < n; ++q) {
     const T u = nngp[q];
@@ -81,13 +98,16 @@ TORCHNTK_INLINE void epilogue_row(T* __restrict__ nngp, T* __restrict__ ntk, int
 template <typename T>
 TORCHNTK_INLINE void epilogue_rows(T* nngp, T* ntk, int64_t rows, int64_t n, const Epilogue<T>& e,
                                    const T* var1, const T* var2) {
-  for (int64_t r = 0; r < rows; ++r) {
-    T* ntk_row = ntk ? ntk + r * n : nullptr;
-    if (e.relu && ntk) epilogue_row<T, true, true>(nngp + r * n, ntk_row, n, e, var1[r], var2);
-    else if (e.relu) epilogue_row<T, false, true>(nngp + r * n, ntk_row, n, e, var1[r], var2);
-    else if (ntk) epilogue_row<T, true, false>(nngp + r * n, ntk_row, n, e, T(0), var2);
-    else epilogue_row<T, false, false>(nngp + r * n, ntk_row, n, e, T(0), var2);
-  }
+  with_row_length(n, [&](auto length) TORCHNTK_LAMBDA_INLINE {
+    constexpr int64_t L = decltype(length)::value;
+    for (int64_t r = 0; r < rows; ++r) {
+      T* ntk_row = ntk ? ntk + r * n : nullptr;
+      if (e.relu && ntk) epilogue_row<T, true, true, L>(nngp + r * n, ntk_row, n, e, var1[r], var2);
+      else if (e.relu) epilogue_row<T, false, true, L>(nngp + r * n, ntk_row, n, e, var1[r], var2);
+      else if (ntk) epilogue_row<T, true, false, L>(nngp + r * n, ntk_row, n, e, T(0), var2);
+      else epilogue_row<T, false, false, L>(nngp + r * n, ntk_row, n, e, T(0), var2);
+    }
+  });
 }
 
 // A nonlinearity on its own, rows r of n entries with variances
@@ -265,10 +285,11 @@ TORCHNTK_INLINE int64_t window_taps(const Axis& axis, bool box, int64_t p, int64
 // out_a[c] = Σ_t from_a[t][c] for c < n, t < count (count >= 1), summed in
 // the order of t, and the same for the NTK's rows `*_b` in the same loop if
 // kTwo; up to three rows in one vector pass (3x3 convolutions).
-template <typename T, bool kTwo>
+template <typename T, bool kTwo, int64_t kLength = 0>
 TORCHNTK_INLINE void sum_rows(T* __restrict__ out_a, T* __restrict__ out_b,
                               const T* const* from_a, const T* const* from_b, int64_t count,
-                              int64_t n) {
+                              int64_t length) {
+  const int64_t n = kLength ? kLength : length;
   const int64_t second = count > 1 ? 1 : 0, third = count > 2 ? 2 : 0;
   const T *__restrict__ a0 = from_a[0], *__restrict__ a1 = from_a[second],
                         *__restrict__ a2 = from_a[third];
@@ -311,20 +332,22 @@ template <typename T, bool kTwo>
 TORCHNTK_INLINE void sum_taps(T* dst_a, T* dst_b, int64_t dst_stride, const T* src_a,
                               const T* src_b, const int64_t* taps, int64_t count, int64_t slab,
                               int64_t rows, int64_t columns, const T** from_a, const T** from_b) {
-  for (int64_t r = 0; r < rows; ++r) {
-    T* out_a = dst_a + r * dst_stride;
-    T* out_b = kTwo ? dst_b + r * dst_stride : nullptr;
-    if (count == 0) {
-      std::fill(out_a, out_a + columns, T(0));
-      if (kTwo) std::fill(out_b, out_b + columns, T(0));
-      continue;
+  with_row_length(columns, [&](auto length) TORCHNTK_LAMBDA_INLINE {
+    for (int64_t r = 0; r < rows; ++r) {
+      T* out_a = dst_a + r * dst_stride;
+      T* out_b = kTwo ? dst_b + r * dst_stride : nullptr;
+      if (count == 0) {
+        std::fill(out_a, out_a + columns, T(0));
+        if (kTwo) std::fill(out_b, out_b + columns, T(0));
+        continue;
+      }
+      for (int64_t t = 0; t < count; ++t) {
+        from_a[t] = src_a + taps[t] * slab + r * columns;
+        if (kTwo) from_b[t] = src_b + taps[t] * slab + r * columns;
+      }
+      sum_rows<T, kTwo, decltype(length)::value>(out_a, out_b, from_a, from_b, count, columns);
     }
-    for (int64_t t = 0; t < count; ++t) {
-      from_a[t] = src_a + taps[t] * slab + r * columns;
-      if (kTwo) from_b[t] = src_b + taps[t] * slab + r * columns;
-    }
-    sum_rows<T, kTwo>(out_a, out_b, from_a, from_b, count, columns);
-  }
+  });
 }
 
 // The padded matrix's positions outside the axis, under circular padding:
@@ -354,13 +377,16 @@ TORCHNTK_INLINE void matrix_sums(const T* matrix_a, const T* matrix_b, const Axi
   const T** from_a = scratch.from_a.data();
   const T** from_b = scratch.from_b.data();
   if (!box && s == 1) {  // contiguous diagonals: vector loads
-    for (int64_t y = 0; y < m; ++y) {
-      for (int64_t i = 0; i < k; ++i) {
-        from_a[i] = matrix_a + (y + i) * n + i;
-        if (kTwo) from_b[i] = matrix_b + (y + i) * n + i;
+    with_row_length(m, [&](auto length) TORCHNTK_LAMBDA_INLINE {
+      for (int64_t y = 0; y < m; ++y) {
+        for (int64_t i = 0; i < k; ++i) {
+          from_a[i] = matrix_a + (y + i) * n + i;
+          if (kTwo) from_b[i] = matrix_b + (y + i) * n + i;
+        }
+        sum_rows<T, kTwo, decltype(length)::value>(out_a + y * m, kTwo ? out_b + y * m : nullptr,
+                                                   from_a, from_b, k, m);
       }
-      sum_rows<T, kTwo>(out_a + y * m, kTwo ? out_b + y * m : nullptr, from_a, from_b, k, m);
-    }
+    });
     return;
   }
   T* row = scratch.row.data();
