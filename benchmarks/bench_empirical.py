@@ -7,7 +7,10 @@ Two networks, float32, `x2` an independent batch of the same size:
 
 Timed: our `empirical_ntk_fn` with each implementation (vmap_axes=0);
 PyTorch's documented NTK recipe ("Neural Tangent Kernels" tutorial:
-`vmap(jacrev(f))` per input, then `einsum` per parameter); and, with
+`vmap(jacrev(f))` per input, then `einsum` per parameter), timed first,
+before any torchntk call, with glibc's default allocation, and again inside
+`torchntk.ops.heap.reuse_heap` (large temporaries from reused heap memory,
+as torchntk's kernels run); and, with
 `--nt-python`, neural-tangents' jitted `empirical_ntk_fn` (vmap_axes=0) with each
 of its implementations on the same architecture, in a subprocess of that
 interpreter (stax, NHWC layout). Both `trace_axes=()` (the full
@@ -28,6 +31,7 @@ speed on AMD CPUs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -39,6 +43,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import torchntk
+from torchntk.ops.heap import reuse_heap
 
 from _common import median_ms, run_neural_tangents
 
@@ -145,19 +150,30 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     times = {}
+    problems = {}
     for case in args.cases:
         model, shape = CASES[case]()
-        x1, x2 = torch.randn(shape), torch.randn(shape)
+        problems[case] = model, torch.randn(shape), torch.randn(shape)
+    # The recipe first, with glibc's default allocation (torchntk's kernels
+    # change its thresholds, ops.heap), then as torchntk runs it.
+    for heap in ((False, True) if not args.no_recipe else ()):
+        for case, (model, x1, x2) in problems.items():
+            for trace_axes in ((), (-1,)):
+                recipe = torch_func_recipe(model, trace_axes)
+                context = reuse_heap if heap else contextlib.nullcontext
+
+                def run_recipe():
+                    with context():
+                        return recipe(x1, x2)
+                name = 'torch.func recipe' + (' (reuse_heap)' if heap else '')
+                times[case, trace_axes, name] = median_ms(run_recipe, args.repeats, args.warmup)
+    for case, (model, x1, x2) in problems.items():
         for trace_axes in ((), (-1,)):
             for implementation in args.implementations:
                 fn = torchntk.empirical_ntk_fn(model, trace_axes=trace_axes,
                                                implementation=implementation)
                 times[case, trace_axes, f'torchntk {implementation}'] = median_ms(
                     lambda: fn(x1, x2), args.repeats, args.warmup)
-            if not args.no_recipe:
-                recipe = torch_func_recipe(model, trace_axes)
-                times[case, trace_axes, 'torch.func recipe'] = median_ms(
-                    lambda: recipe(x1, x2), args.repeats, args.warmup)
             problem_choice = torchntk.empirical._Problem(
                 model, torchntk.empirical._trainable(model), x1, x2, {}, trace_axes, (), 0,
                 torchntk.empirical.DEFAULT_CHUNK_BYTES).cheapest()
@@ -198,7 +214,9 @@ def print_summary(times: dict) -> None:
             line += (f"; neural-tangents' best ({nt_best[16:]}) / ours = "
                      f"{theirs[nt_best] / ours[best]:.2f}")
         if 'torch.func recipe' in entries:
-            line += f"; recipe / ours = {entries['torch.func recipe'] / ours[best]:.2f}"
+            line += (f"; recipe / ours = {entries['torch.func recipe'] / ours[best]:.2f} "
+                     f"({entries['torch.func recipe (reuse_heap)'] / ours[best]:.2f} with "
+                     "reuse_heap)")
         print(line)
 
 
