@@ -819,13 +819,44 @@ std::vector<int64_t> pair_shape(std::vector<int64_t> batch, const int64_t* sizes
   return batch;
 }
 
+// dst[x'_1, x_1, …, x'_D, x_D] = src[x_1, x'_1, …, x_D, x'_D]: the covariance
+// of a pair (j, i) from that of (i, j), spatial sizes `sizes`.
+template <typename T>
+void transposed_pair(const T* src, T* dst, const int64_t* sizes, int n_dims) {
+  const int64_t s = sizes[0];
+  if (n_dims == 1) {
+    for (int64_t x = 0; x < s; ++x) {
+      for (int64_t y = 0; y < s; ++y) dst[y * s + x] = src[x * s + y];
+    }
+    return;
+  }
+  const int64_t block = entries_of(sizes + 1, n_dims - 1);
+  for (int64_t x = 0; x < s; ++x) {
+    for (int64_t y = 0; y < s; ++y) {
+      transposed_pair(src + (x * s + y) * block, dst + (y * s + x) * block, sizes + 1, n_dims - 1);
+    }
+  }
+}
+
+// Pair t of the upper triangle (i <= j) of an n x n batch, row by row.
+inline std::pair<int64_t, int64_t> upper_pair(int64_t t, int64_t n) {
+  // Row i starts at t_i = i·n − i(i − 1)/2; the root of t_i = t, then exact.
+  const double b = 2.0 * n + 1;
+  int64_t i = static_cast<int64_t>((b - std::sqrt(b * b - 8.0 * t)) / 2);
+  auto start = [n](int64_t row) { return row * n - row * (row - 1) / 2; };
+  while (i > 0 && start(i) > t) --i;
+  while (start(i + 1) <= t) ++i;
+  return {i, i + t - start(i)};
+}
+
 // The pass of `steps` over pairs (variances given) or over examples (`self`,
-// `record` given).
+// `record` given); `symmetric` pairs (one batch with itself): those with
+// i <= j, and (j, i) as their transposes.
 void run_chain(bool self, const torch::Tensor& nngp, const torch::Tensor& ntk,
                torch::Tensor& nngp_out, torch::Tensor& ntk_out,
                const std::vector<torch::Tensor>& variances1,
                const std::vector<torch::Tensor>& variances2, std::vector<torch::Tensor>& record,
-               const std::vector<Step>& steps, int n_dims, int64_t n2) {
+               const std::vector<Step>& steps, int n_dims, int64_t n2, bool symmetric) {
 #ifdef TORCHNTK_WITH_CUDA
   if (nngp.is_cuda()) {
     conv_chain_cuda(nngp, ntk, nngp_out, ntk_out, variances1, variances2, record, steps, n_dims, n2);
@@ -881,17 +912,28 @@ void run_chain(bool self, const torch::Tensor& nngp, const torch::Tensor& ntk,
     const std::vector<Item<scalar_t>> fused =
         as_pairs ? plan_pass<scalar_t>(steps, n_dims, true) : std::vector<Item<scalar_t>>();
     scalar_t* out_ptr = nngp_out.defined() ? nngp_out.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, nngp.numel() / in_entries, 1, [&](int64_t begin, int64_t end) {
+    const int64_t count = nngp.numel() / in_entries;
+    at::parallel_for(0, symmetric ? n2 * (n2 + 1) / 2 : count, 1, [&](int64_t begin, int64_t end) {
       PairChain<scalar_t> chain(as_pairs ? fused : items, n_dims);
-      for (int64_t p = begin; p < end; ++p) {
+      for (int64_t t = begin; t < end; ++t) {
         if (as_pairs) {
-          chain.run_self(items, nngp_ptr + p * in_entries,
-                         out_ptr ? out_ptr + p * out_entries : nullptr, p, variances);
+          chain.run_self(items, nngp_ptr + t * in_entries,
+                         out_ptr ? out_ptr + t * out_entries : nullptr, t, variances);
           continue;
         }
+        const auto [i, j] = symmetric ? upper_pair(t, n2) : std::pair(t / n2, t % n2);
+        const int64_t p = i * n2 + j;
         chain.run(nngp_ptr + p * in_entries, ntk_ptr ? ntk_ptr + p * in_entries : nullptr,
                   out_ptr + p * out_entries, ntk_ptr ? ntk_out_ptr + p * out_entries : nullptr,
-                  variances, p / n2, p % n2);
+                  variances, i, j);
+        if (!symmetric || i == j) continue;
+        const int64_t mirror = j * n2 + i;
+        transposed_pair(out_ptr + p * out_entries, out_ptr + mirror * out_entries,
+                        steps.back().out, n_dims);
+        if (ntk_ptr) {
+          transposed_pair(ntk_out_ptr + p * out_entries, ntk_out_ptr + mirror * out_entries,
+                          steps.back().out, n_dims);
+        }
       }
     });
   });
@@ -937,7 +979,7 @@ std::vector<torch::Tensor> conv_chain_self(const torch::Tensor& cov_in,
     }
   }
   torch::Tensor no_ntk;
-  run_chain(true, cov, no_ntk, cov_out, no_ntk, {}, {}, record, steps, n_dims, 1);
+  run_chain(true, cov, no_ntk, cov_out, no_ntk, {}, {}, record, steps, n_dims, 1, false);
   record.insert(record.begin(), cov_out);
   return record;
 }
@@ -946,8 +988,11 @@ std::vector<torch::Tensor> conv_chain_pairs(const torch::Tensor& nngp_in,
                                             const c10::optional<torch::Tensor>& ntk_in,
                                             const std::vector<torch::Tensor>& variances1_in,
                                             const std::vector<torch::Tensor>& variances2_in,
-                                            const std::vector<std::vector<double>>& encoded) {
+                                            const std::vector<std::vector<double>>& encoded,
+                                            bool symmetric) {
   check_pairs("conv_chain_pairs", nngp_in, 2);
+  TORCH_CHECK(!symmetric || nngp_in.size(0) == nngp_in.size(1),
+              "conv_chain_pairs: symmetric pairs need N1 == N2, got ", nngp_in.sizes());
   const torch::Tensor nngp = nngp_in.contiguous();
   torch::Tensor ntk;
   if (ntk_in.has_value()) {
@@ -983,7 +1028,8 @@ std::vector<torch::Tensor> conv_chain_pairs(const torch::Tensor& nngp_in,
                                         nngp.options());
   torch::Tensor ntk_out = ntk.defined() ? empty_huge_pages(nngp_out.sizes(), nngp_out.options())
                                         : torch::Tensor();
-  run_chain(false, nngp, ntk, nngp_out, ntk_out, variances1, variances2, no_record, steps, n_dims, n2);
+  run_chain(false, nngp, ntk, nngp_out, ntk_out, variances1, variances2, no_record, steps, n_dims, n2,
+            symmetric);
   return {nngp_out, ntk_out};
 }
 

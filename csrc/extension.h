@@ -17,7 +17,8 @@ torch::Tensor diagonal_conv_transpose(const torch::Tensor& grad, int64_t size, i
 // conv_chain.cpp: a run of Conv, Pool and ABRelu steps on each example's own
 // covariance (N, X, X', …), returning it (undefined where `with_covariance`
 // is false and the variances alone are cheaper) and the variance tables
-// (N, X·Y·…) at every nonlinearity's input; then on the pairs (N1, N2, X, X', …).
+// (N, X·Y·…) at every nonlinearity's input; then on the pairs (N1, N2, X, X', …),
+// `symmetric`: of one batch with itself, pair (j, i) the transpose of (i, j).
 std::vector<torch::Tensor> conv_chain_self(const torch::Tensor& cov,
                                            const std::vector<std::vector<double>>& steps,
                                            bool with_covariance);
@@ -25,7 +26,8 @@ std::vector<torch::Tensor> conv_chain_pairs(const torch::Tensor& nngp,
                                             const c10::optional<torch::Tensor>& ntk,
                                             const std::vector<torch::Tensor>& var1,
                                             const std::vector<torch::Tensor>& var2,
-                                            const std::vector<std::vector<double>>& steps);
+                                            const std::vector<std::vector<double>>& steps,
+                                            bool symmetric);
 
 // A fresh tensor whose whole 2 MiB pages are advised to be transparent huge
 // pages (CPU, Linux; elsewhere a plain torch::empty): for large outputs

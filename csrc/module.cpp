@@ -15,9 +15,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(cov, steps, with_covariance) -> [cov_out or None, variances at each nonlinearity]",
         pybind11::arg("cov"), pybind11::arg("steps"), pybind11::arg("with_covariance") = true);
   m.def("conv_chain_pairs", &torchntk::conv_chain_pairs,
-        "(nngp, ntk, var1, var2, steps) -> [nngp_out, ntk_out]", pybind11::arg("nngp"),
-        pybind11::arg("ntk"), pybind11::arg("var1"), pybind11::arg("var2"),
-        pybind11::arg("steps"));
+        "(nngp, ntk, var1, var2, steps, symmetric) -> [nngp_out, ntk_out]; symmetric: the "
+        "pairs of one batch with itself, (j, i) the transpose of (i, j)",
+        pybind11::arg("nngp"), pybind11::arg("ntk"), pybind11::arg("var1"), pybind11::arg("var2"),
+        pybind11::arg("steps"), pybind11::arg("symmetric") = false);
   m.def("empty_huge_pages",
         [](std::vector<int64_t> shape, const torch::Tensor& like) {
           return torchntk::empty_huge_pages(shape, like.options());

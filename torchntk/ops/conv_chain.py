@@ -68,10 +68,13 @@ def chain_self(cov: torch.Tensor, steps: Sequence[Step], with_covariance: bool =
 
 
 def chain_pairs(nngp: torch.Tensor, ntk: torch.Tensor | None, variances1: Sequence[torch.Tensor],
-                variances2: Sequence[torch.Tensor],
-                steps: Sequence[Step]) -> tuple[torch.Tensor, torch.Tensor | None]:
+                variances2: Sequence[torch.Tensor], steps: Sequence[Step],
+                symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The run on the pairs `(N1, N2, X, X', …)` of `nngp` and `ntk` (broadcast
-    to `nngp`'s shape, or `None`), with the variance tables of `chain_self`."""
+    to `nngp`'s shape, or `None`), with the variance tables of `chain_self`.
+    `symmetric`: the pairs of one batch with itself (x2 = None), where
+    `cov[j, i, x', x, …] = cov[i, j, x, x', …]`; on the CPU only the pairs
+    `i <= j` are computed, and the others are their transposes."""
     nngp_out, ntk_out = EXTENSION.conv_chain_pairs(nngp, ntk, list(variances1),
-                                                    list(variances2), list(steps))
+                                                    list(variances2), list(steps), symmetric)
     return nngp_out, (None if ntk is None else ntk_out)

@@ -70,7 +70,8 @@ class FusedRun:
         cov1, variances1 = conv_chain.chain_self(k.cov1, steps, with_covariance=k.cov2 is not None)
         cov2, variances2 = (None, variances1) if k.cov2 is None else \
             conv_chain.chain_self(k.cov2, steps)
-        nngp, ntk = conv_chain.chain_pairs(k.nngp, k.ntk, variances1, variances2, steps)
+        nngp, ntk = conv_chain.chain_pairs(k.nngp, k.ntk, variances1, variances2, steps,
+                                           symmetric=k.cov2 is None)
         if cov1 is None:
             cov1 = torch.diagonal(nngp, 0, 0, 1).movedim(-1, 0)
         shape1, shape2, is_gaussian = k.shape1, k.shape2, k.is_gaussian
