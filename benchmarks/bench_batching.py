@@ -33,9 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
 import torchntk as nt

@@ -19,11 +19,10 @@ sqrt(eps): 2e-8 in float64, 4e-4 in float32); torchntk's diagonal is exact to
 rounding, so `max rel diff` there is neural-tangents' error.
 
 Each call allocates N1 x N2 tensors (the input Gram matrix, the outputs); above
-glibc's 32 MiB mmap limit each allocation is fresh memory whose page faults can
-cost more than the arithmetic (the extension advises its outputs as huge pages).
-`--reuse-freed-memory` reruns the benchmark with glibc told to keep freed
-memory for reuse (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, a process
-setting any user can make; XLA reuses its buffers itself).
+glibc's 32 MiB mmap limit each allocation would be fresh memory whose page
+faults can cost more than the arithmetic: `kernel_fn` has glibc reuse freed
+memory while it runs (`torchntk.ops.heap.reuse_heap`), and the extension
+advises its outputs as huge pages.
 
     .venv/bin/python benchmarks/bench_fc.py --nt-python /path/to/nt-venv/bin/python
 """
@@ -31,7 +30,6 @@ setting any user can make; XLA reuses its buffers itself).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -54,7 +52,6 @@ GET = ('nngp', 'ntk')
 # Our kernels are compared with neural-tangents' on this top-left block.
 CHECK_BLOCK = 256
 DTYPES = {'float32': torch.float32, 'float64': torch.float64}
-MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(2**32), 'MALLOC_TRIM_THRESHOLD_': str(2**32)}
 
 NT_SCRIPT = textwrap.dedent('''
     import json, sys, time
@@ -115,11 +112,7 @@ def main() -> None:
     parser.add_argument('--warmup', type=int, default=1, help='untimed runs before timing')
     parser.add_argument('--nt-python', help='python of a venv with neural-tangents')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--reuse-freed-memory', action='store_true',
-                        help='run with glibc keeping freed memory for reuse (see above)')
     args = parser.parse_args()
-    if args.reuse_freed_memory and MALLOC_ENV.keys() - os.environ.keys():
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
 
     model = stax.serial(
         stax.Dense(WIDTH, W_std=W_STD, b_std=B_STD), stax.Relu(),
@@ -172,8 +165,7 @@ def main() -> None:
 
     print(f'kernel_fn of Dense({WIDTH})-Relu-Dense({WIDTH})-Relu-Dense(10), '
           f'{FEATURES} features, get={GET}; median of {args.repeats} runs, '
-          f'torch {torch.__version__}, {torch.get_num_threads()} threads'
-          + (', glibc keeps freed memory' if args.reuse_freed_memory else ''))
+          f'torch {torch.__version__}, {torch.get_num_threads()} threads')
     header = (f"{'N1 x N2':>11} {'x2':>5} {'dtype':>8} {'torchntk ms':>12} {'matmul ms':>10} "
               f"{'GFLOP/s':>8} {'x matmul':>9}")
     if nt_ms:

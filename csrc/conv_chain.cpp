@@ -33,6 +33,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <type_traits>
 
@@ -608,6 +609,29 @@ bool variances_on_the_diagonal(const std::vector<Step>& steps, int n_dims) {
 }
 
 // One thread's buffers for taking pairs of examples through a pass's items.
+// dst[x'_1, x_1, …, x'_D, x_D] = src[x_1, x'_1, …, x_D, x'_D]: the covariance
+// of a pair (j, i) from that of (i, j), spatial sizes `sizes`.
+template <typename T>
+void transposed_pair(const T* src, T* dst, const int64_t* sizes, int n_dims) {
+  if (n_dims == 0) {
+    *dst = *src;
+    return;
+  }
+  const int64_t s = sizes[0];
+  if (n_dims == 1) {
+    for (int64_t x = 0; x < s; ++x) {
+      for (int64_t y = 0; y < s; ++y) dst[y * s + x] = src[x * s + y];
+    }
+    return;
+  }
+  const int64_t block = entries_of(sizes + 1, n_dims - 1);
+  for (int64_t x = 0; x < s; ++x) {
+    for (int64_t y = 0; y < s; ++y) {
+      transposed_pair(src + (x * s + y) * block, dst + (y * s + x) * block, sizes + 1, n_dims - 1);
+    }
+  }
+}
+
 template <typename T>
 class PairChain {
  public:
@@ -650,8 +674,10 @@ class PairChain {
   // Runs the items on one pair: `nngp` (and `ntk` if not null) hold the
   // input entries; the results go to `nngp_out`, `ntk_out`. `first`,
   // `second` index the pair's examples in the variance tables.
+  // `mirrored`: the pair of an example with itself in a symmetric batch,
+  // whose covariances are symmetric (cov[x', x, …] = cov[x, x', …]).
   void run(const T* nngp, const T* ntk, T* nngp_out, T* ntk_out, const Variances<T>& variances,
-           int64_t first, int64_t second) {
+           int64_t first, int64_t second, bool mirrored = false) {
     const bool self = !variances.record.empty();
     const int64_t in_entries = entries_of(items_.front().step->in, n_dims_);
     const T *in_a = nngp, *in_b = ntk;
@@ -675,7 +701,7 @@ class PairChain {
       if (run_end > 0) {
         T* out_a = writes_output_[run_end - 1] ? nngp_out : a_[next].data();
         T* out_b = !ntk ? nullptr : writes_output_[run_end - 1] ? ntk_out : b_[next].data();
-        run_by_diagonals(t, run_end, in_a, in_b, out_a, out_b, tables);
+        run_by_diagonals(t, run_end, in_a, in_b, out_a, out_b, tables, mirrored);
         hold(out_a, out_b);
         t = run_end - 1;
         continue;
@@ -758,12 +784,14 @@ class PairChain {
   // Items [begin, end), all keeping the diagonals apart, one diagonal q − p
   // of the outermost pair at a time: its blocks (a few hundred KiB at most)
   // stay in cache through all the steps, between the (X, X') layouts of the
-  // input and the output.
+  // input and the output. `mirrored` (symmetric covariances): the diagonals
+  // q − p >= 0 alone, block (q, p) the transpose of block (p, q).
   template <typename Tables>
   void run_by_diagonals(size_t begin, size_t end, const T* in_a, const T* in_b, T* out_a,
-                        T* out_b, const Tables& tables) {
-    const int64_t blocks = items_[end - 1].step->out[0];
-    for (int64_t offset = 1 - blocks; offset < blocks; ++offset) {
+                        T* out_b, const Tables& tables, bool mirrored) {
+    const Step& last = *items_[end - 1].step;
+    const int64_t blocks = last.out[0];
+    for (int64_t offset = mirrored ? 0 : 1 - blocks; offset < blocks; ++offset) {
       const T *from_a = in_a, *from_b = in_b;
       for (size_t t = begin; t < end; ++t) {
         const bool last = t + 1 == end;
@@ -775,6 +803,17 @@ class PairChain {
         run_linear_step(items_[t], n_dims_, from_a, from_b, to_a, to_b, var1, var2, layout,
                         scratch_);
         from_a = to_a, from_b = to_b;
+      }
+    }
+    if (!mirrored) return;
+    const int64_t block = entries_of(last.out + 1, n_dims_ - 1);
+    for (T* out : {out_a, out_b}) {
+      if (!out) continue;
+      for (int64_t p = 0; p < blocks; ++p) {
+        for (int64_t q = p + 1; q < blocks; ++q) {
+          transposed_pair(out + (p * blocks + q) * block, out + (q * blocks + p) * block,
+                          last.out + 1, n_dims_ - 1);
+        }
       }
     }
   }
@@ -819,34 +858,19 @@ std::vector<int64_t> pair_shape(std::vector<int64_t> batch, const int64_t* sizes
   return batch;
 }
 
-// dst[x'_1, x_1, …, x'_D, x_D] = src[x_1, x'_1, …, x_D, x'_D]: the covariance
-// of a pair (j, i) from that of (i, j), spatial sizes `sizes`.
-template <typename T>
-void transposed_pair(const T* src, T* dst, const int64_t* sizes, int n_dims) {
-  const int64_t s = sizes[0];
-  if (n_dims == 1) {
-    for (int64_t x = 0; x < s; ++x) {
-      for (int64_t y = 0; y < s; ++y) dst[y * s + x] = src[x * s + y];
-    }
-    return;
-  }
-  const int64_t block = entries_of(sizes + 1, n_dims - 1);
-  for (int64_t x = 0; x < s; ++x) {
-    for (int64_t y = 0; y < s; ++y) {
-      transposed_pair(src + (x * s + y) * block, dst + (y * s + x) * block, sizes + 1, n_dims - 1);
-    }
-  }
-}
-
-// Pair t of the upper triangle (i <= j) of an n x n batch, row by row.
-inline std::pair<int64_t, int64_t> upper_pair(int64_t t, int64_t n) {
-  // Row i starts at t_i = i·n − i(i − 1)/2; the root of t_i = t, then exact.
-  const double b = 2.0 * n + 1;
+// Pair t of a symmetric n x n batch, the dearest first: the pairs i < j row
+// by row, then the examples with themselves (i, i), half their cost.
+inline std::pair<int64_t, int64_t> symmetric_pair(int64_t t, int64_t n) {
+  const int64_t distinct = n * (n - 1) / 2;
+  if (t >= distinct) return {t - distinct, t - distinct};
+  // Row i (i < n − 1) starts at s_i = i(n − 1) − i(i − 1)/2: the root of
+  // s_i = t, then exact.
+  const double b = 2.0 * n - 1;
   int64_t i = static_cast<int64_t>((b - std::sqrt(b * b - 8.0 * t)) / 2);
-  auto start = [n](int64_t row) { return row * n - row * (row - 1) / 2; };
+  auto start = [n](int64_t row) { return row * (n - 1) - row * (row - 1) / 2; };
   while (i > 0 && start(i) > t) --i;
   while (start(i + 1) <= t) ++i;
-  return {i, i + t - start(i)};
+  return {i, i + 1 + t - start(i)};
 }
 
 // The pass of `steps` over pairs (variances given) or over examples (`self`,
@@ -912,20 +936,22 @@ void run_chain(bool self, const torch::Tensor& nngp, const torch::Tensor& ntk,
     const std::vector<Item<scalar_t>> fused =
         as_pairs ? plan_pass<scalar_t>(steps, n_dims, true) : std::vector<Item<scalar_t>>();
     scalar_t* out_ptr = nngp_out.defined() ? nngp_out.data_ptr<scalar_t>() : nullptr;
-    const int64_t count = nngp.numel() / in_entries;
-    at::parallel_for(0, symmetric ? n2 * (n2 + 1) / 2 : count, 1, [&](int64_t begin, int64_t end) {
+    const int64_t count = symmetric ? n2 * (n2 + 1) / 2 : nngp.numel() / in_entries;
+    // Threads take the next pair as they finish one: pairs differ in cost.
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
       PairChain<scalar_t> chain(as_pairs ? fused : items, n_dims);
-      for (int64_t t = begin; t < end; ++t) {
+      for (int64_t t = next++; t < count; t = next++) {
         if (as_pairs) {
           chain.run_self(items, nngp_ptr + t * in_entries,
                          out_ptr ? out_ptr + t * out_entries : nullptr, t, variances);
           continue;
         }
-        const auto [i, j] = symmetric ? upper_pair(t, n2) : std::pair(t / n2, t % n2);
+        const auto [i, j] = symmetric ? symmetric_pair(t, n2) : std::pair(t / n2, t % n2);
         const int64_t p = i * n2 + j;
         chain.run(nngp_ptr + p * in_entries, ntk_ptr ? ntk_ptr + p * in_entries : nullptr,
                   out_ptr + p * out_entries, ntk_ptr ? ntk_out_ptr + p * out_entries : nullptr,
-                  variances, i, j);
+                  variances, i, j, symmetric && i == j);
         if (!symmetric || i == j) continue;
         const int64_t mirror = j * n2 + i;
         transposed_pair(out_ptr + p * out_entries, out_ptr + mirror * out_entries,

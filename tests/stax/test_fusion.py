@@ -144,13 +144,16 @@ def test_fused_chain_keeps_an_example_with_itself_exact():
 
 
 @needs_chain
+@pytest.mark.parametrize('padding', ['SAME', 'CIRCULAR'])
 @pytest.mark.parametrize('n_spatial', [1, 2, 3])
-def test_x2_none_computes_pairs_i_le_j_and_transposes_the_others(n_spatial):
-    """cov[j, i, x', x, …] = cov[i, j, x, x', …] exactly for i != j, and these
-    pairs agree with a run over all pairs (x2 a copy of x1; there the pairs
-    (i, i) are no longer an example with itself, whose NTK is sensitive to
-    rounding at var1·var2 − c² = 0)."""
-    layers = [conv(n_spatial), stax.Relu(), conv(n_spatial, padding='CIRCULAR'), stax.Relu()]
+def test_x2_none_computes_half_the_pairs_and_transposes_the_others(n_spatial, padding):
+    """cov[j, i, x', x, …] = cov[i, j, x, x', …] exactly for i != j, and for
+    i = j where x != x' if the run goes diagonal by diagonal (stride-1,
+    non-circular convolutions); these entries agree with a run over all pairs
+    (x2 a copy of x1; there the pairs (i, i) are no longer an example with
+    itself, whose NTK is sensitive to rounding at var1·var2 − c² = 0)."""
+    layers = [conv(n_spatial, padding=padding), stax.Relu(), conv(n_spatial, padding=padding),
+              stax.Relu()]
     x1 = gaussian(*SHAPES[n_spatial], seed=9)
     with mock.patch.object(conv_chain, 'chain_pairs', wraps=conv_chain.chain_pairs) as fused:
         k = stax.serial(*layers).kernel_fn(x1, None, diagonal_spatial=False)
@@ -158,9 +161,14 @@ def test_x2_none_computes_pairs_i_le_j_and_transposes_the_others(n_spatial):
     assert [call.kwargs['symmetric'] for call in fused.call_args_list] == [True, False]
     swap = [1, 0] + [2 + d + (1 if d % 2 == 0 else -1) for d in range(2 * n_spatial)]
     i, j = torch.triu_indices(len(x1), len(x1), offset=1)
+    apart = ~torch.eye(x1.shape[2], dtype=torch.bool)   # x != x'
     for field in ('nngp', 'ntk'):
         value, expected = getattr(k, field), getattr(every_pair, field)
         assert torch.equal(value.permute(swap)[i, j], value[i, j]), field
+        if padding == 'SAME':
+            same = torch.arange(len(x1))
+            assert torch.equal(value.permute(swap)[same, same][:, apart],
+                               value[same, same][:, apart]), field
         for a, b in ((i, j), (j, i)):
             assert relative_error(value[a, b], expected[a, b]) <= 1e-13, field
 
