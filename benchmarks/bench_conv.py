@@ -23,7 +23,10 @@ nngp and of ntk (N² S_out² in `flatten`, whose covariances are diagonal in
 space), each the sum of k entries along each of its 2 spatial dimensions, so
 2·2·k = 12 adds per entry (neural-tangents' dense k x k
 convolution does 2k² = 18 multiply-adds per entry and dimension pair);
-nonlinearities and pooling are not counted. It is priced at the machine's
+nonlinearities and pooling are not counted. With x2=None the kernel is
+symmetric (cov[j, i, x', x, …] = cov[i, j, x, x', …]), and only its distinct
+entries count, N²/2 of the N² pairs' worth (torchntk computes no more: the
+pairs i < j, and half of each pair (i, i)). It is priced at the machine's
 vector add throughput, measured here as torch's in-place add on vectors that
 fit in L2 cache, on all threads (with `--device cuda`: on the GPU, its peak
 memory being torch's peak allocation there).
@@ -283,7 +286,7 @@ def main() -> None:
                 result['ntk'] = np.load(out)
                 results[library] = result
                 progress.update()
-            adds = n**2 * conv_entries(model, size) * 12
+            adds = n**2 / 2 * conv_entries(model, size) * 12   # distinct entries (x2=None)
             floor_ms = 1e3 * adds / throughput[dtype] / n**2
             line = f"{model:>8} {f'3x{size}x{size}':>8} {dtype:>8} {n:>3} {floor_ms:>9.3g}"
             for library in libraries:
