@@ -4,7 +4,9 @@ Deep kernels are mostly `[Conv, Relu] × depth` on full spatial covariances
 (with `AvgPool`s between stages in Myrtle networks), or `[Dense, Relu] × depth`
 on flat ones. `FusedRun` hands such a run to the
 extension's fused chain (`torchntk.ops.conv_chain`), which keeps one pair of
-examples (or one row of flat pairs) in cache through all its layers, and falls back to the layers' own rules one at a time wherever
+examples (or one row of flat pairs) in cache through all its layers (with
+`x2=None`, on the CPU, only the pairs i <= j, whose transposes are the others),
+and falls back to the layers' own rules one at a time wherever
 the chain does not apply or does not pay: no extension (or a GPU one not
 built), large covariances on a GPU, diagonal layouts, masks, or gradients to be
 taken (the chain has no backward; autograd goes through the layer rules). Both
