@@ -391,27 +391,37 @@ def test_auto_falls_back_when_forward_mode_is_missing():
     torch.testing.assert_close(torchntk.empirical_ntk_fn(model)(x), expected, rtol=0, atol=ATOL)
 
 
-def test_auto_counts_forward_flops_once_per_shapes(monkeypatch):
-    counters = []
+def test_forward_passes_and_flop_counts_run_once_per_shapes(monkeypatch):
+    """The shape analysis (forward passes, FLOP count, per-example check) runs on
+    the first call with given shapes and training modes, not on every call."""
+    passes, counters = [], []
 
     class CountingFlopCounterMode(empirical.FlopCounterMode):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             counters.append(self)
 
+    traced_forward = empirical._traced_forward
     monkeypatch.setattr(empirical, 'FlopCounterMode', CountingFlopCounterMode)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    ntk_fn = torchntk.empirical_ntk_fn(model.double())
+    monkeypatch.setattr(empirical, '_traced_forward',
+                        lambda *args, **kwargs: passes.append(1) or traced_forward(*args, **kwargs))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3)).double()
+    ntk_fn = torchntk.empirical_ntk_fn(model)
     x = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     first = ntk_fn(x)
-    ntk_fn(x + 1, x)                  # the same shapes: the count is remembered
-    assert len(counters) == 1 and counters[0].get_total_flops() > 0
-    ntk_fn(x[:4])                     # new shapes: counted again
-    model.eval()                      # other training flags: counted again
+    analysis_passes = len(passes)
+    assert analysis_passes > 0 and len(counters) == 1 and counters[0].get_total_flops() > 0
+    again = ntk_fn(x + 1)                    # the same shapes: nothing rerun
+    assert len(passes) == analysis_passes and len(counters) == 1
+    ntk_fn(x[:4])                            # new shapes
+    ntk_fn(x, x[:2])                         # an x2
+    model.eval()                             # other training modes
     ntk_fn(x)
-    assert len(counters) == 3
-    expected = torchntk.empirical_ntk_fn(model, implementation='jacobian_contraction')(x)
-    torch.testing.assert_close(first, expected, rtol=0, atol=ATOL)
+    assert len(counters) == 4 and len(passes) > 3 * analysis_passes
+    for value, inputs in ((first, x), (again, x + 1)):
+        expected = torchntk.empirical_ntk_fn(model, implementation='jacobian_contraction')(inputs)
+        torch.testing.assert_close(value, expected, rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize('trace_axes, diagonal_axes, shape', [

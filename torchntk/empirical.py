@@ -141,7 +141,8 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
             (BatchNorm in training mode or without running statistics,
             dropout in training mode, a stax `LayerNorm` over axis 0) fall back
             to `vmap_axes=None` (logged at INFO level), which gives the exact
-            kernel of the batched forward. Any other model is checked: if its
+            kernel of the batched forward. Any other model is checked (on the
+            first call with given shapes of the inputs and parameters): if its
             per-example outputs differ from the batched forward, a `ValueError`
             asks for `vmap_axes=None`. The kernel's shape does not depend on
             `vmap_axes`.
@@ -174,8 +175,8 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
 
     FLOP estimate of `'auto'`, with `F` the forward FLOPs per example (per
     batch with `vmap_axes=None`; counted by `torch.utils.flop_counter` on the
-    first two examples of `x1`, or on `x1`, once per shapes of the inputs
-    and parameters), `O` the outputs per example,
+    first two examples of `x1`, or on `x1`, on the first call with given
+    shapes of the inputs and parameters), `O` the outputs per example,
     `|θ|` the trainable parameter count,
     `K` the size of the contraction result times the size of the traced axes,
     and `B = 1` with `vmap_axes`, `B = N` without:
@@ -198,7 +199,7 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
     if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
         raise ValueError(f"empirical_ntk_fn: chunk_bytes must be a positive int, got {chunk_bytes!r}")
 
-    flop_cache = {}   # forward FLOPs per _shape_signature, for 'auto'
+    analyses = {}   # what _Problem's forward passes find, per _shape_signature
 
     def ntk_fn(x1: PyTree, x2: PyTree | None = None, params: Params | None = None,
                **kwargs) -> PyTree:
@@ -210,7 +211,7 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
         with reuse_heap():
             problem = _Problem(model, params, x1, x2, kwargs, trace_axes, diagonal_axes,
                                vmap_axes, chunk_bytes, count_flops=implementation == 'auto',
-                               flop_cache=flop_cache)
+                               cache=analyses)
             if implementation != 'auto':
                 return problem.unflatten(_COMPUTE[implementation](problem))
             candidates = sorted(IMPLEMENTATIONS, key=problem.flops)
@@ -351,9 +352,10 @@ def _trainable(model: nn.Module) -> Params:
 
 def _shape_signature(model: nn.Module, params: Params, x: PyTree,
                      kwargs: dict[str, Any]) -> tuple:
-    """What the model's forward FLOPs depend on: the parameters', inputs' and
-    keyword tensors' shapes, dtypes and devices, other keyword values, and
-    which modules are in training mode."""
+    """What the model's forward passes find out (output shapes, module calls,
+    FLOPs) depends on: the parameters', inputs' and keyword tensors' shapes,
+    dtypes and devices, other keyword values, and which modules there are and
+    are in training mode."""
     def key(leaf: Any) -> Any:
         if isinstance(leaf, torch.Tensor):
             return tuple(leaf.shape), leaf.dtype, leaf.device
@@ -362,7 +364,7 @@ def _shape_signature(model: nn.Module, params: Params, x: PyTree,
     leaves, tree = pytree.tree_flatten((x, kwargs))
     return (str(tree), tuple(map(key, leaves)),
             tuple((name, key(p)) for name, p in params.items()),
-            tuple(m.training for m in model.modules()))
+            tuple((id(m), m.training) for m in model.modules()))
 
 
 def _check_inputs(x1: PyTree, x2: PyTree | None, caller: str) -> None:
@@ -597,21 +599,42 @@ class _Problem:
 
     A forward pass on `x1` (no gradients, buffers copied, RNG state restored,
     so the model and the random stream are left as they were) records the
-    output shapes, the forward FLOPs and every module's calls.
+    output shapes, the forward FLOPs and every module's calls; with a `cache`
+    (`empirical_ntk_fn` keeps one), once per shapes of the inputs and
+    parameters.
     """
 
     def __init__(self, model: nn.Module, params: Params, x1: PyTree, x2: PyTree | None,
                  kwargs: dict[str, Any], trace_axes: Sequence[int],
                  diagonal_axes: Sequence[int], vmap_axes: VmapAxes, chunk_bytes: int,
-                 count_flops: bool = True, flop_cache: dict | None = None):
+                 count_flops: bool = True, cache: dict | None = None):
         self.model, self.params, self.chunk_bytes = model, params, chunk_bytes
         self.modules = dict(model.named_modules())
         kwargs1, kwargs2 = _split_kwargs(kwargs)
-        # The forward FLOPs depend on the shapes alone: counted once per shapes.
-        key = _shape_signature(model, params, x1, kwargs1) if count_flops and \
-            flop_cache is not None else None
-        known_flops = flop_cache.get(key) if key is not None else None
-        count_flops = count_flops and known_flops is None
+        # What the forward passes find depends on the shapes (and on which
+        # modules train) alone: with a `cache`, they run once per shapes.
+        key = None if cache is None else _shape_signature(model, params, (x1, x2), kwargs)
+        if key is None or key not in cache:
+            found = self._analyze(x1, x2, kwargs1, kwargs2, vmap_axes, count_flops)
+            if key is not None:
+                if len(cache) >= 64:
+                    cache.clear()
+                cache[key] = found
+        else:
+            found = cache[key]
+        self.axes, self.out_tree, self.forward_flops, shapes, calls = found
+        self.side1 = _Side(x1, kwargs1, shapes[0], calls[0])
+        self.side2 = self.side1 if x2 is None else _Side(x2, kwargs2, shapes[1], calls[1])
+        self.specs = _output_contractions(self.side1.out_shapes, self.side2.out_shapes,
+                                          trace_axes, diagonal_axes)
+        self.rules = self._structured_rules()
+
+    def _analyze(self, x1: PyTree, x2: PyTree | None, kwargs1: dict[str, Any],
+                 kwargs2: dict[str, Any], vmap_axes: VmapAxes, count_flops: bool) -> tuple:
+        """`(axes, output tree, forward FLOPs, output shapes of each side, module
+        calls of each side)` from forward passes (the second side's `None` when
+        `x2` is); checks that per-example outputs equal the batched ones."""
+        model, params = self.model, self.params
         self.axes = None if vmap_axes is None else _VmapAxes(vmap_axes, x1, kwargs1)
         if self.axes is not None and not self.axes.maps_something:
             self.axes = None
@@ -623,43 +646,33 @@ class _Problem:
             with _cut_along_vmap_axes():
                 out1, flops, calls1 = _traced_forward(model, params, x, {**kwargs1, **mapped},
                                                       self.modules, count_flops)
-            self.forward_flops = flops * n1 / min(n1, 2)
+            forward_flops = flops * n1 / min(n1, 2)
             mixing = _batch_mixing_modules(self.modules, calls1)
             if mixing:
                 logger.info("empirical_ntk_fn: %s mix batch elements or draw random numbers; "
                             "differentiating whole batches (vmap_axes=None)", ', '.join(mixing))
                 self.axes = None
         if self.axes is None:
-            out1, self.forward_flops, calls1 = _traced_forward(model, params, x1, kwargs1,
-                                                               self.modules, count_flops)
-        if known_flops is not None:
-            self.forward_flops = known_flops
-        elif key is not None:
-            if len(flop_cache) >= 64:
-                flop_cache.clear()
-            flop_cache[key] = self.forward_flops
+            out1, forward_flops, calls1 = _traced_forward(model, params, x1, kwargs1,
+                                                          self.modules, count_flops)
         leaves1, self.out_tree = _output_leaves(out1, 'empirical_ntk_fn')
+        shapes, calls = [None, None], [None, None]
         if self.axes is None:
-            self.side1 = _Side(x1, kwargs1, [tuple(o.shape) for o in leaves1], calls1)
+            shapes[0], calls[0] = [tuple(o.shape) for o in leaves1], calls1
             if x2 is not None:
-                out2, _, calls2 = _traced_forward(model, params, x2, kwargs2, self.modules)
+                out2, _, calls[1] = _traced_forward(model, params, x2, kwargs2, self.modules)
                 leaves2 = _output_leaves(out2, 'empirical_ntk_fn', self.out_tree)[0]
-                self.side2 = _Side(x2, kwargs2, [tuple(o.shape) for o in leaves2], calls2)
+                shapes[1] = [tuple(o.shape) for o in leaves2]
         else:
             # Modules record their shapes in one example's call (what the Jacobians see).
             self.axes.set_outputs(out1)
-            examples, calls = self._example_forward(x1, kwargs1, min(n1, 2))
+            examples, calls[0] = self._example_forward(x1, kwargs1, min(n1, 2))
             self._check_per_example_outputs(leaves1, examples)
-            self.side1 = _Side(x1, kwargs1, self._batch_shapes(examples, n1), calls)
+            shapes[0] = self._batch_shapes(examples, n1)
             if x2 is not None:
-                examples, calls = self._example_forward(x2, kwargs2, 1)
-                shapes2 = self._batch_shapes(examples, self.axes.batch_size(x2, kwargs2))
-                self.side2 = _Side(x2, kwargs2, shapes2, calls)
-        if x2 is None:
-            self.side2 = self.side1
-        self.specs = _output_contractions(self.side1.out_shapes, self.side2.out_shapes,
-                                          trace_axes, diagonal_axes)
-        self.rules = self._structured_rules()
+                examples, calls[1] = self._example_forward(x2, kwargs2, 1)
+                shapes[1] = self._batch_shapes(examples, self.axes.batch_size(x2, kwargs2))
+        return self.axes, self.out_tree, forward_flops, shapes, calls
 
     def _batch_shapes(self, examples: list[torch.Tensor], n: int) -> list[tuple[int, ...]]:
         """Output shapes of `n` examples from outputs `(k, *example)` of `k` examples."""
