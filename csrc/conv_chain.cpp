@@ -608,7 +608,6 @@ bool variances_on_the_diagonal(const std::vector<Step>& steps, int n_dims) {
          });
 }
 
-// One thread's buffers for taking pairs of examples through a pass's items.
 // dst[x'_1, x_1, …, x'_D, x_D] = src[x_1, x'_1, …, x_D, x'_D]: the covariance
 // of a pair (j, i) from that of (i, j), spatial sizes `sizes`.
 template <typename T>
@@ -632,6 +631,7 @@ void transposed_pair(const T* src, T* dst, const int64_t* sizes, int n_dims) {
   }
 }
 
+// One thread's buffers for taking pairs of examples through a pass's items.
 template <typename T>
 class PairChain {
  public:
@@ -738,7 +738,7 @@ class PairChain {
     }
   }
 
- // The pass over one example's own covariance, when every linear step keeps
+  // The pass over one example's own covariance, when every linear step keeps
   // the diagonals apart (`keeps_diagonals`): the variances each nonlinearity
   // needs lie on the diagonal q − p = 0 of the outermost pair, which alone
   // goes through `unfused` (the same steps, nonlinearities on their own) to
@@ -935,7 +935,6 @@ void run_chain(bool self, const torch::Tensor& nngp, const torch::Tensor& ntk,
     const bool as_pairs = self && variances_on_the_diagonal(steps, n_dims);
     const std::vector<Item<scalar_t>> fused =
         as_pairs ? plan_pass<scalar_t>(steps, n_dims, true) : std::vector<Item<scalar_t>>();
-    scalar_t* out_ptr = nngp_out.defined() ? nngp_out.data_ptr<scalar_t>() : nullptr;
     const int64_t count = symmetric ? n2 * (n2 + 1) / 2 : nngp.numel() / in_entries;
     // Threads take the next pair as they finish one: pairs differ in cost.
     std::atomic<int64_t> next{0};
@@ -944,21 +943,21 @@ void run_chain(bool self, const torch::Tensor& nngp, const torch::Tensor& ntk,
       for (int64_t t = next++; t < count; t = next++) {
         if (as_pairs) {
           chain.run_self(items, nngp_ptr + t * in_entries,
-                         out_ptr ? out_ptr + t * out_entries : nullptr, t, variances);
+                         nngp_out_ptr ? nngp_out_ptr + t * out_entries : nullptr, t, variances);
           continue;
         }
         const auto [i, j] = symmetric ? symmetric_pair(t, n2) : std::pair(t / n2, t % n2);
         const int64_t p = i * n2 + j;
         chain.run(nngp_ptr + p * in_entries, ntk_ptr ? ntk_ptr + p * in_entries : nullptr,
-                  out_ptr + p * out_entries, ntk_ptr ? ntk_out_ptr + p * out_entries : nullptr,
-                  variances, i, j, symmetric && i == j);
+                  nngp_out_ptr + p * out_entries,
+                  ntk_ptr ? ntk_out_ptr + p * out_entries : nullptr, variances, i, j,
+                  symmetric && i == j);
         if (!symmetric || i == j) continue;
-        const int64_t mirror = j * n2 + i;
-        transposed_pair(out_ptr + p * out_entries, out_ptr + mirror * out_entries,
-                        steps.back().out, n_dims);
-        if (ntk_ptr) {
-          transposed_pair(ntk_out_ptr + p * out_entries, ntk_out_ptr + mirror * out_entries,
-                          steps.back().out, n_dims);
+        for (scalar_t* out : {nngp_out_ptr, ntk_out_ptr}) {
+          if (out) {
+            transposed_pair(out + p * out_entries, out + (j * n2 + i) * out_entries,
+                            steps.back().out, n_dims);
+          }
         }
       }
     });
