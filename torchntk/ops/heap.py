@@ -8,13 +8,16 @@ empirical NTK of a CNN does (about 700 MiB per call for the CNN of
 `benchmarks/bench_empirical.py`), spends much of its time in those page faults:
 0.4 s of 0.75 s there. Inside `reuse_heap()`, blocks up to 1 GiB come from the
 heap and freed memory stays in it, to be reused by the next temporaries.
-On leaving, free heap memory beyond 256 MiB goes back to the system.
+On leaving, the heap keeps up to 1 GiB of free memory (1/16 of the machine's
+where that is less) for the next call, whose temporaries are the same again;
+beyond that, free memory goes back to the system.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import platform
 import threading
 from typing import Iterator
@@ -22,7 +25,6 @@ from typing import Iterator
 # mallopt() parameters, from malloc.h.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _INSIDE_MMAP_THRESHOLD, _INSIDE_TRIM_THRESHOLD = 1 << 30, 2**31 - 1
-_KEPT_FREE_BYTES = 256 << 20
 # Where glibc's own adjustment of the thresholds ends (DEFAULT_MMAP_THRESHOLD_MAX
 # on 64-bit systems, and twice it): restored on leaving, since setting them once
 # turns that adjustment off.
@@ -50,9 +52,19 @@ def _glibc() -> ctypes.CDLL | None:
 _LIBC = _glibc()
 
 
+def _kept_free_bytes() -> int:
+    """Free heap memory kept on leaving: 1 GiB, or 1/16 of physical memory where less."""
+    return min(1 << 30, os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // 16)
+
+
+_KEPT_FREE_BYTES = _kept_free_bytes() if _LIBC is not None else 0
+
+
 def _free_heap_bytes() -> float:
     """Free bytes held by malloc's arenas (infinite where glibc cannot say)."""
     return _LIBC.mallinfo2().fordblks if hasattr(_LIBC, 'mallinfo2') else float('inf')
+
+
 _lock = threading.Lock()
 _depth = 0
 
@@ -62,8 +74,9 @@ def reuse_heap() -> Iterator[None]:
     """Inside: allocations up to 1 GiB from the heap, freed memory kept for
     reuse. On leaving the outermost one: the thresholds glibc's adjustment
     settles at (32 MiB for mmap, 64 MiB for trimming), and, if the heap holds
-    more than 256 MiB of free memory, all of it returned to the system
-    (`malloc_trim`). Nothing elsewhere than glibc; nested and concurrent uses
+    more free memory than `_KEPT_FREE_BYTES` (1 GiB, less on machines with
+    less than 16 GiB), all of it returned to the system (`malloc_trim`);
+    less stays, for the next call's temporaries. Nothing elsewhere than glibc; nested and concurrent uses
     share one setting."""
     global _depth
     if _LIBC is None:
