@@ -283,19 +283,21 @@ TORCHNTK_INLINE int64_t window_taps(const Axis& axis, bool box, int64_t p, int64
   return count;
 }
 
-// out_a[c] = Σ_t from_a[t][c] for c < n, t < count (count >= 1), summed in
-// the order of t, and the same for the NTK's rows `*_b` in the same loop if
-// kTwo; up to three rows in one vector pass (3x3 convolutions).
+// out_a[c] = Σ_t from_a[t][offset + c] for c < n, t < count (count >= 1),
+// summed in the order of t, and the same for the NTK's rows `*_b` in the same
+// loop if kTwo; up to three rows in one vector pass (3x3 convolutions). The
+// callers set the row pointers once and step `offset` through their rows.
 template <typename T, bool kTwo, int64_t kLength = 0>
 TORCHNTK_INLINE void sum_rows(T* __restrict__ out_a, T* __restrict__ out_b,
-                              const T* const* from_a, const T* const* from_b, int64_t count,
-                              int64_t length) {
+                              const T* const* from_a, const T* const* from_b, int64_t offset,
+                              int64_t count, int64_t length) {
   const int64_t n = kLength ? kLength : length;
   const int64_t second = count > 1 ? 1 : 0, third = count > 2 ? 2 : 0;
-  const T *__restrict__ a0 = from_a[0], *__restrict__ a1 = from_a[second],
-                        *__restrict__ a2 = from_a[third];
-  const T *__restrict__ b0 = kTwo ? from_b[0] : a0, *__restrict__ b1 = kTwo ? from_b[second] : a0,
-                        *__restrict__ b2 = kTwo ? from_b[third] : a0;
+  const T *__restrict__ a0 = from_a[0] + offset, *__restrict__ a1 = from_a[second] + offset,
+                        *__restrict__ a2 = from_a[third] + offset;
+  const T *__restrict__ b0 = kTwo ? from_b[0] + offset : a0,
+                        *__restrict__ b1 = kTwo ? from_b[second] + offset : a0,
+                        *__restrict__ b2 = kTwo ? from_b[third] + offset : a0;
   if (count == 1) {
 #pragma omp simd
     for (int64_t e = 0; e < n; ++e) {
@@ -318,7 +320,8 @@ TORCHNTK_INLINE void sum_rows(T* __restrict__ out_a, T* __restrict__ out_b,
     if (kTwo) out_b[e] = (b0[e] + b1[e]) + b2[e];
   }
   for (int64_t t = 3; t < count; ++t) {
-    const T *__restrict__ more_a = from_a[t], *__restrict__ more_b = kTwo ? from_b[t] : more_a;
+    const T *__restrict__ more_a = from_a[t] + offset,
+                        *__restrict__ more_b = kTwo ? from_b[t] + offset : more_a;
 #pragma omp simd
     for (int64_t e = 0; e < n; ++e) {
       out_a[e] += more_a[e];
@@ -333,6 +336,10 @@ template <typename T, bool kTwo>
 TORCHNTK_INLINE void sum_taps(T* dst_a, T* dst_b, int64_t dst_stride, const T* src_a,
                               const T* src_b, const int64_t* taps, int64_t count, int64_t slab,
                               int64_t rows, int64_t columns, const T** from_a, const T** from_b) {
+  for (int64_t t = 0; t < count; ++t) {
+    from_a[t] = src_a + taps[t] * slab;
+    if (kTwo) from_b[t] = src_b + taps[t] * slab;
+  }
   with_row_length(columns, [&](auto length) TORCHNTK_LAMBDA_INLINE {
     for (int64_t r = 0; r < rows; ++r) {
       T* out_a = dst_a + r * dst_stride;
@@ -342,11 +349,8 @@ TORCHNTK_INLINE void sum_taps(T* dst_a, T* dst_b, int64_t dst_stride, const T* s
         if (kTwo) std::fill(out_b, out_b + columns, T(0));
         continue;
       }
-      for (int64_t t = 0; t < count; ++t) {
-        from_a[t] = src_a + taps[t] * slab + r * columns;
-        if (kTwo) from_b[t] = src_b + taps[t] * slab + r * columns;
-      }
-      sum_rows<T, kTwo, decltype(length)::value>(out_a, out_b, from_a, from_b, count, columns);
+      sum_rows<T, kTwo, decltype(length)::value>(out_a, out_b, from_a, from_b, r * columns,
+                                                 count, columns);
     }
   });
 }
@@ -378,14 +382,14 @@ TORCHNTK_INLINE void matrix_sums(const T* matrix_a, const T* matrix_b, const Axi
   const T** from_a = scratch.from_a.data();
   const T** from_b = scratch.from_b.data();
   if (!box && s == 1) {  // contiguous diagonals: vector loads
+    for (int64_t i = 0; i < k; ++i) {
+      from_a[i] = matrix_a + i * n + i;
+      if (kTwo) from_b[i] = matrix_b + i * n + i;
+    }
     with_row_length(m, [&](auto length) TORCHNTK_LAMBDA_INLINE {
       for (int64_t y = 0; y < m; ++y) {
-        for (int64_t i = 0; i < k; ++i) {
-          from_a[i] = matrix_a + (y + i) * n + i;
-          if (kTwo) from_b[i] = matrix_b + (y + i) * n + i;
-        }
         sum_rows<T, kTwo, decltype(length)::value>(out_a + y * m, kTwo ? out_b + y * m : nullptr,
-                                                   from_a, from_b, k, m);
+                                                   from_a, from_b, y * n, k, m);
       }
     });
     return;
@@ -404,7 +408,7 @@ TORCHNTK_INLINE void matrix_sums(const T* matrix_a, const T* matrix_b, const Axi
         continue;
       }
       for (int64_t i = 0; i < k; ++i) from_a[i] = matrix + (s * y + i) * n;
-      sum_rows<T, false>(row, nullptr, from_a, nullptr, k, axis.span);
+      sum_rows<T, false>(row, nullptr, from_a, nullptr, 0, k, axis.span);
       for (int64_t q = 0; q < m; ++q) {
         T sum = row[s * q];
         for (int64_t j = 1; j < k; ++j) sum += row[s * q + j];
