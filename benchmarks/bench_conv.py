@@ -194,11 +194,16 @@ def run_worker(command: list[str], env: dict) -> dict:
 def add_throughput(dtype: str, device: str) -> float:
     """Adds per second of torch's in-place add on L2-resident vectors, all
     threads (on a GPU: 16 MiB vectors, inside its L2): the best of several
-    trials, so that a busy machine does not lower the floor."""
+    trials, so that a busy machine does not lower the floor. On the CPU each
+    thread adds two 512 KiB slices: with less, each add's fork and join of the
+    threads takes a visible share of its time (float32 read ~15 % slower at
+    256 KiB on the 2-core machine)."""
     import torch
     device = torch.device(device)
-    size = 2**24 // 8 if device.type == 'cuda' else torch.get_num_threads() * 65536
-    a = torch.ones(size, dtype=getattr(torch, dtype), device=device)
+    dtype = getattr(torch, dtype)
+    size = (2**24 if device.type == 'cuda' else torch.get_num_threads() * 2**19) \
+        // dtype.itemsize
+    a = torch.ones(size, dtype=dtype, device=device)
     b = torch.ones_like(a)
     reps = 200
     best = float('inf')
