@@ -419,7 +419,8 @@ TORCHNTK_INLINE void matrix_sums(const T* matrix_a, const T* matrix_b, const Axi
 }
 
 // One linear step of one pair, D spatial dimensions: `in_*` to `out_*`
-// (`*_b`: the NTK, or null), the fused nonlinearity with the variance tables
+// (`*_b`: the NTK, or null; `in_b` null and `out_b` not: an NTK input of
+// zeros), the fused nonlinearity with the variance tables
 // var1, var2 of the pair's examples at the step's output positions; the
 // outermost pair's outputs and blocks as `layout` says (D >= 2).
 template <typename T, int D>
@@ -441,6 +442,7 @@ TORCHNTK_INLINE void linear_step(const Item<T>& item, const T* in_a, const T* in
       matrix_sums<T, true>(matrix_a, matrix_b, last, item.box, block_a, block_b, scratch);
     } else {
       matrix_sums<T, false>(matrix_a, nullptr, last, item.box, block_a, nullptr, scratch);
+      if (block_b) std::fill(block_b, block_b + m * m, T(0));  // an NTK input of zeros
     }
     epilogue_rows(block_a, block_b, m, m, item.epilogue, block_var1, block_var2);
   };
@@ -676,7 +678,8 @@ class PairChain {
   }
 
   // Runs the items on one pair: `nngp` (and `ntk` if not null) hold the
-  // input entries; the results go to `nngp_out`, `ntk_out`. `first`,
+  // input entries; the results go to `nngp_out`, `ntk_out` (if not null;
+  // with `ntk` null the NTK starts from zeros). `first`,
   // `second` index the pair's examples in the variance tables.
   // `mirrored`: the pair of an example with itself in a symmetric batch,
   // whose covariances are symmetric (cov[x', x, …] = cov[x, x', …]).
@@ -704,7 +707,7 @@ class PairChain {
       const size_t run_end = self ? 0 : diagonal_run_end_[t];
       if (run_end > 0) {
         T* out_a = writes_output_[run_end - 1] ? nngp_out : a_[next].data();
-        T* out_b = !ntk ? nullptr : writes_output_[run_end - 1] ? ntk_out : b_[next].data();
+        T* out_b = !ntk_out ? nullptr : writes_output_[run_end - 1] ? ntk_out : b_[next].data();
         run_by_diagonals(t, run_end, in_a, in_b, out_a, out_b, tables, mirrored);
         hold(out_a, out_b);
         t = run_end - 1;
@@ -713,7 +716,7 @@ class PairChain {
       auto [var1, var2] = tables(t);
       if (item.linear) {
         T* out_a = writes_output_[t] ? nngp_out : a_[next].data();
-        T* out_b = !ntk ? nullptr : writes_output_[t] ? ntk_out : b_[next].data();
+        T* out_b = !ntk_out ? nullptr : writes_output_[t] ? ntk_out : b_[next].data();
         run_linear_step(item, n_dims_, in_a, in_b, out_a, out_b, var1, var2, OuterLayout{},
                         scratch_);
         hold(out_a, out_b);
@@ -722,7 +725,8 @@ class PairChain {
       if (!held_a) {  // a nonlinearity first: it runs on a copy of the input
         std::copy(nngp, nngp + in_entries, a_[next].data());
         if (ntk) std::copy(ntk, ntk + in_entries, b_[next].data());
-        hold(a_[next].data(), ntk ? b_[next].data() : nullptr);
+        else if (ntk_out) std::fill(b_[next].data(), b_[next].data() + in_entries, T(0));
+        hold(a_[next].data(), ntk_out ? b_[next].data() : nullptr);
       }
       const PairIndex& index = indices_[t];
       const int64_t positions = index.positions;
@@ -738,7 +742,7 @@ class PairChain {
     if (held_a != nngp_out) {
       const int64_t out_entries = entries_of(items_.back().step->out, n_dims_);
       std::copy(held_a, held_a + out_entries, nngp_out);
-      if (ntk) std::copy(held_b, held_b + out_entries, ntk_out);
+      if (ntk_out) std::copy(held_b, held_b + out_entries, ntk_out);
     }
   }
 
@@ -801,7 +805,7 @@ class PairChain {
         const bool last = t + 1 == end;
         const int side = (t - begin) % 2;
         T* to_a = last ? out_a : diagonal_a_[side].data();
-        T* to_b = !in_b ? nullptr : last ? out_b : diagonal_b_[side].data();
+        T* to_b = !out_b ? nullptr : last ? out_b : diagonal_b_[side].data();
         const OuterLayout layout{true, t != begin, !last, offset};
         auto [var1, var2] = tables(t);
         run_linear_step(items_[t], n_dims_, from_a, from_b, to_a, to_b, var1, var2, layout,
@@ -952,9 +956,10 @@ void run_chain(bool self, const torch::Tensor& nngp, const torch::Tensor& ntk,
         }
         const auto [i, j] = symmetric ? symmetric_pair(t, n2) : std::pair(t / n2, t % n2);
         const int64_t p = i * n2 + j;
-        chain.run(nngp_ptr + p * in_entries, ntk_ptr ? ntk_ptr + p * in_entries : nullptr,
+        chain.run(nngp_ptr + p * in_entries,
+                  ntk_ptr && ntk.dim() > 0 ? ntk_ptr + p * in_entries : nullptr,
                   nngp_out_ptr + p * out_entries,
-                  ntk_ptr ? ntk_out_ptr + p * out_entries : nullptr, variances, i, j,
+                  ntk_out_ptr ? ntk_out_ptr + p * out_entries : nullptr, variances, i, j,
                   symmetric && i == j);
         if (!symmetric || i == j) continue;
         for (scalar_t* out : {nngp_out_ptr, ntk_out_ptr}) {
@@ -1027,10 +1032,12 @@ std::vector<torch::Tensor> conv_chain_pairs(const torch::Tensor& nngp_in,
   if (ntk_in.has_value()) {
     TORCH_CHECK(ntk_in->scalar_type() == nngp.scalar_type() && ntk_in->device() == nngp.device(),
                 "conv_chain_pairs: ntk must have nngp's dtype and device");
-    // The inputs' NTK is a scalar zero: flat kernels on the CPU fill the
-    // output with it instead of materializing a broadcast copy.
-    const bool fill = nngp.dim() == 2 && nngp.device().is_cpu() && ntk_in->numel() == 1;
-    ntk = fill ? ntk_in->reshape({}) : ntk_in->expand_as(nngp).contiguous();
+    // The inputs' NTK is a scalar zero. On the CPU it is not materialized as
+    // a broadcast copy: flat kernels fill the output with a scalar NTK, and
+    // spatial ones start from zeros (a 0-dim `ntk`).
+    const bool scalar = nngp.device().is_cpu() && ntk_in->numel() == 1 &&
+                        (nngp.dim() == 2 || ntk_in->item<double>() == 0.);
+    ntk = scalar ? ntk_in->reshape({}) : ntk_in->expand_as(nngp).contiguous();
   }
   const std::vector<Step> steps = parse_steps(encoded, spatial_sizes(nngp, 2));
   TORCH_CHECK(!steps.empty(), "conv_chain_pairs: no steps");

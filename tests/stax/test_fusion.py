@@ -174,6 +174,30 @@ def test_x2_none_computes_half_the_pairs_and_transposes_the_others(n_spatial, pa
 
 
 @needs_chain
+@pytest.mark.parametrize('chain, n_spatial', [('same-relu', 1), ('same-relu', 2), ('same-relu', 3),
+                                              ('circular-valid-strided', 2), ('pools', 2)])
+def test_a_scalar_ntk_input_equals_its_broadcast_tensor(chain, n_spatial):
+    """The inputs' NTK, a scalar zero, is not materialized: the chain starts
+    from zero sums, bitwise what a tensor of zeros gives. A nonzero scalar is
+    broadcast as a tensor."""
+    layers = CHAINS[chain]() if n_spatial == 2 else [conv(n_spatial), stax.Relu(), conv(n_spatial)]
+    x1, x2 = gaussian(*SHAPES[n_spatial], seed=11), gaussian(*SHAPES[n_spatial], seed=12)
+    k = stax.Identity().kernel_fn(x1, x2, diagonal_spatial=False)
+    run = FusedRun(layers)
+    with mock.patch.object(conv_chain, 'chain_pairs', wraps=conv_chain.chain_pairs) as fused:
+        for scalar in (0., 0.7):
+            ntk = torch.full((), scalar, dtype=k.nngp.dtype)
+            from_scalar = run.propagate(k.replace(ntk=ntk))
+            from_tensor = run.propagate(k.replace(ntk=ntk.expand(k.nngp.shape).contiguous()))
+            assert torch.equal(from_scalar.nngp, from_tensor.nngp)
+            assert torch.equal(from_scalar.ntk, from_tensor.ntk), scalar
+    assert fused.call_count == 4
+    expected = layer_by_layer(layers, x1, x2).ntk
+    assert relative_error(run.propagate(k).ntk, expected) <= 1e-13
+    assert relative_error(from_scalar.ntk, expected) > 1e-3   # the scalar 0.7 counts
+
+
+@needs_chain
 def test_get_nngp_alone_runs_the_chain_without_ntk():
     layers = CHAINS['same-relu']()
     x1 = gaussian(3, 2, 6, 5, seed=6)
