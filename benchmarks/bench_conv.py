@@ -29,7 +29,9 @@ entries count, N²/2 of the N² pairs' worth (torchntk computes no more: the
 pairs i < j, and half of each pair (i, i)). It is priced at the machine's
 vector add throughput, measured here as torch's in-place add on vectors that
 fit in L2 cache, on all threads (with `--device cuda`: on the GPU, its peak
-memory being torch's peak allocation there).
+memory being torch's peak allocation there), at the start and again before
+each case: the highest so far prices the case, so that a busy moment does not
+lower the floor.
 
     .venv/bin/python benchmarks/bench_conv.py --nt-python /work/venvs/nt/bin/python
     python benchmarks/bench_conv.py --device cuda --n 16      # on a GPU
@@ -253,7 +255,8 @@ def main() -> None:
     libraries = list(args.backends) + (['nt'] if args.nt_python else [])
     print(f'kernel_fn, get=(nngp, ntk), x2=None, median of {args.repeats} runs after '
           f'{args.warmup} warm-up; torch {torch.__version__} on {device_name(args.device)}; '
-          + ', '.join(f'{d} add throughput {throughput[d] / 1e9:.1f} G/s' for d in args.dtypes))
+          + ', '.join(f'{d} add throughput {throughput[d] / 1e9:.1f} G/s' for d in args.dtypes)
+          + ' at the start (each floor: the highest up to its case)')
     header = f"{'model':>8} {'input':>8} {'dtype':>8} {'N':>3} {'floor ms':>9}"
     for library in libraries:
         header += f" {library + ' ms/entry':>19} {'peak MiB':>9}"
@@ -291,6 +294,7 @@ def main() -> None:
                 result['ntk'] = np.load(out)
                 results[library] = result
                 progress.update()
+            throughput[dtype] = max(throughput[dtype], add_throughput(dtype, args.device))
             adds = n**2 / 2 * conv_entries(model, size) * 12   # distinct entries (x2=None)
             floor_ms = 1e3 * adds / throughput[dtype] / n**2
             line = f"{model:>8} {f'3x{size}x{size}':>8} {dtype:>8} {n:>3} {floor_ms:>9.3g}"
