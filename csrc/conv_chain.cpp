@@ -420,9 +420,9 @@ TORCHNTK_INLINE void matrix_sums(const T* matrix_a, const T* matrix_b, const Axi
 
 // One linear step of one pair, D spatial dimensions: `in_*` to `out_*`
 // (`*_b`: the NTK, or null; `in_b` null and `out_b` not: an NTK input of
-// zeros), the fused nonlinearity with the variance tables
-// var1, var2 of the pair's examples at the step's output positions; the
-// outermost pair's outputs and blocks as `layout` says (D >= 2).
+// zeros), the fused nonlinearity with the variance tables var1, var2 of the
+// pair's examples at the step's output positions; the outermost pair's
+// outputs and blocks as `layout` says (D >= 2).
 template <typename T, int D>
 TORCHNTK_INLINE void linear_step(const Item<T>& item, const T* in_a, const T* in_b, T* out_a,
                                  T* out_b, const T* var1, const T* var2, const OuterLayout& layout,
@@ -679,8 +679,8 @@ class PairChain {
 
   // Runs the items on one pair: `nngp` (and `ntk` if not null) hold the
   // input entries; the results go to `nngp_out`, `ntk_out` (if not null;
-  // with `ntk` null the NTK starts from zeros). `first`,
-  // `second` index the pair's examples in the variance tables.
+  // with `ntk` null the NTK starts from zeros). `first`, `second` index the
+  // pair's examples in the variance tables.
   // `mirrored`: the pair of an example with itself in a symmetric batch,
   // whose covariances are symmetric (cov[x', x, …] = cov[x, x', …]).
   void run(const T* nngp, const T* ntk, T* nngp_out, T* ntk_out, const Variances<T>& variances,

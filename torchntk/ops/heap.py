@@ -76,8 +76,8 @@ def reuse_heap() -> Iterator[None]:
     settles at (32 MiB for mmap, 64 MiB for trimming), and, if the heap holds
     more free memory than `_KEPT_FREE_BYTES` (1 GiB, less on machines with
     less than 16 GiB), all of it returned to the system (`malloc_trim`);
-    less stays, for the next call's temporaries. Nothing elsewhere than glibc; nested and concurrent uses
-    share one setting."""
+    less stays, for the next call's temporaries. Nothing elsewhere than
+    glibc; nested and concurrent uses share one setting."""
     global _depth
     if _LIBC is None:
         yield
