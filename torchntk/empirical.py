@@ -350,7 +350,7 @@ def _trainable(model: nn.Module) -> Params:
     return params
 
 
-def _shape_signature(model: nn.Module, params: Params, x: PyTree,
+def _shape_signature(modules: dict[str, nn.Module], params: Params, x: PyTree,
                      kwargs: dict[str, Any]) -> tuple:
     """What the model's forward passes find out (output shapes, module calls,
     FLOPs) depends on: the parameters', inputs' and keyword tensors' shapes,
@@ -364,7 +364,7 @@ def _shape_signature(model: nn.Module, params: Params, x: PyTree,
     leaves, tree = pytree.tree_flatten((x, kwargs))
     return (str(tree), tuple(map(key, leaves)),
             tuple((name, key(p)) for name, p in params.items()),
-            tuple((id(m), m.training) for m in model.modules()))
+            tuple((id(m), m.training) for m in modules.values()))
 
 
 def _check_inputs(x1: PyTree, x2: PyTree | None, caller: str) -> None:
@@ -613,7 +613,7 @@ class _Problem:
         kwargs1, kwargs2 = _split_kwargs(kwargs)
         # What the forward passes find depends on the shapes (and on which
         # modules train) alone: with a `cache`, they run once per shapes.
-        key = None if cache is None else _shape_signature(model, params, (x1, x2), kwargs)
+        key = None if cache is None else _shape_signature(self.modules, params, (x1, x2), kwargs)
         if key is None or key not in cache:
             found = self._analyze(x1, x2, kwargs1, kwargs2, vmap_axes, count_flops)
             if key is not None:

@@ -22,6 +22,8 @@ import platform
 import threading
 from typing import Iterator
 
+import torch
+
 # mallopt() parameters, from malloc.h.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _INSIDE_MMAP_THRESHOLD, _INSIDE_TRIM_THRESHOLD = 1 << 30, 2**31 - 1
@@ -77,9 +79,11 @@ def reuse_heap() -> Iterator[None]:
     more free memory than `_KEPT_FREE_BYTES` (1 GiB, less on machines with
     less than 16 GiB), all of it returned to the system (`malloc_trim`);
     less stays, for the next call's temporaries. Nothing elsewhere than
-    glibc; nested and concurrent uses share one setting."""
+    glibc, or while torch.compile traces; nested and concurrent uses share one
+    setting."""
     global _depth
-    if _LIBC is None:
+    # torch.compile traces no ctypes calls (and its graphs need no heap advice).
+    if _LIBC is None or torch.compiler.is_compiling():
         yield
         return
     with _lock:

@@ -14,7 +14,6 @@ positions are zeroed (`remask`); the few layers that average over positions
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Sequence, Union
 
 import torch
@@ -169,8 +168,7 @@ class Layer(nn.Module):
             `nngp`, `ntk`: `(N1, N2)` for flat outputs, `(N1, N2, X, X', …)`
             for outputs with spatial axes.
         """
-        # torch.compile traces no ctypes calls (and needs no heap advice).
-        with contextlib.nullcontext() if torch.compiler.is_compiling() else reuse_heap():
+        with reuse_heap():
             return self._kernel_fn(x1, x2, get, diagonal_batch, diagonal_spatial, mask_constant)
 
     def _kernel_fn(self, x1: Tensors | Kernels, x2: Tensors | None,
