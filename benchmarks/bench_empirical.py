@@ -5,7 +5,10 @@ Two networks, float32, `x2` an independent batch of the same size:
 * mlp: Linear(784, 512)-ReLU-Linear(512, 512)-ReLU-Linear(512, 10), batch 64;
 * cnn: three Conv2d(·, 64, 3, padding=1)-ReLU on 3×16×16, flatten, Linear(·, 10), batch 32.
 
-Timed: our `empirical_ntk_fn` with each implementation (vmap_axes=0);
+Timed: our `empirical_ntk_fn` with each implementation (vmap_axes=0), under
+`torch.no_grad()` (no autograd graph through the kernel, as neither the
+recipe, which differentiates detached parameters, nor neural-tangents keeps
+one; it also lets float32 products run on oneDNN, `torchntk.ops.products`);
 PyTorch's documented NTK recipe ("Neural Tangent Kernels" tutorial:
 `vmap(jacrev(f))` per input, then `einsum` per parameter), timed first,
 before any torchntk call, with glibc's default allocation, and again inside
@@ -173,7 +176,7 @@ def main() -> None:
                 fn = torchntk.empirical_ntk_fn(model, trace_axes=trace_axes,
                                                implementation=implementation)
                 times[case, trace_axes, f'torchntk {implementation}'] = median_ms(
-                    lambda: fn(x1, x2), args.repeats, args.warmup)
+                    torch.no_grad()(lambda: fn(x1, x2)), args.repeats, args.warmup)
             problem_choice = torchntk.empirical._Problem(
                 model, torchntk.empirical._trainable(model), x1, x2, {}, trace_axes, (), 0,
                 torchntk.empirical.DEFAULT_CHUNK_BYTES).cheapest()

@@ -62,6 +62,7 @@ from torch.utils import _pytree as pytree  # torch.func's own pytrees
 from torch.utils.flop_counter import FlopCounterMode
 
 from .ops.heap import reuse_heap
+from .ops.products import einsum_pair
 from .stax.conv import Conv as StaxConv, pad_input
 from .stax.dropout import Dropout as StaxDropout
 from .stax.linear import Dense as StaxDense
@@ -116,6 +117,11 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
     `requires_grad=True` (frozen ones do not count). `kwargs` go to
     `model(x, **kwargs)`; a pair `(value1, value2)` gives one value for `x1`
     and one for `x2`, anything else is passed to both (neural-tangents' rule).
+
+    The kernel is differentiable in the parameters, the inputs and stax
+    hyperparameters that require gradients. Where no gradient is needed, call
+    it under `torch.no_grad()`: no autograd graph is kept, and float32
+    products on the CPU then run on oneDNN (`torchntk.ops.products`).
 
     Args:
         model: an `nn.Module` called as `model(x, **kwargs)`, `x` a tensor or
@@ -1381,7 +1387,7 @@ def _einsum(terms: Sequence[str], result: str, tensors: Sequence[torch.Tensor],
                  for i, c in enumerate(c for c in dict.fromkeys(spec) if c.isalpha())}
         key = (id(left), id(right), ''.join(names.get(c, c) for c in spec))
         if key not in done:
-            done[key] = torch.einsum(spec, left, right)
+            done[key] = einsum_pair(spec, left, right)
         return done[key], plan[2]
 
     out, letters = run(_contraction_order(terms, result, sizes, max_size)[1])
@@ -1437,7 +1443,7 @@ class _OutputContraction:
         """Contract `(*out1, *P)` with `(*out2, *P)` over `P` and the traced axes."""
         params = string.ascii_lowercase[26 - n_param_dims:]
         spec = f"{self.side1}{params},{self.side2}{params}->{self.result}"
-        return self.normalized(torch.einsum(spec, t1, t2), t1.shape)
+        return self.normalized(einsum_pair(spec, t1, t2), t1.shape)
 
     def multiply_adds(self, shape1: Sequence[int], shape2: Sequence[int]) -> int:
         """Entries of the result times entries of the traced axes."""
