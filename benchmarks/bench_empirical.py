@@ -23,9 +23,10 @@ neural-tangents' best and the recipe. The load average is printed before and
 after: timings taken beside other processes are only comparable within a run,
 and `--threads 1` (both libraries on one thread) is the steadier comparison
 on a busy machine, where PyTorch's threads wait on each other. The speed of
-PyTorch's float32 matrix product is printed too: the structured MLP kernel is
-mostly matrix products, and PyTorch's MKL runs them at about half of XLA's
-speed on AMD CPUs.
+PyTorch's float32 matrix product (`torch.mm`, MKL) is printed too: the
+structured MLP kernel is mostly matrix products, which MKL runs at 60–80% of
+XLA's speed on the AMD CPU we benchmark on (torchntk's contractions use
+oneDNN's instead, `torchntk.ops.products`).
 
     .venv/bin/python benchmarks/bench_empirical.py --nt-python /work/venvs/nt/bin/python
     .venv/bin/python benchmarks/bench_empirical.py --implementations structured_derivatives auto
