@@ -58,3 +58,15 @@ settings.register_profile("ci", derandomize=True, deadline=None, max_examples=20
 settings.register_profile("dev", deadline=None, max_examples=20, print_blob=True)
 settings.load_profile(os.environ.get(
     "HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI", "").lower() == "true" else "dev"))
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """A list that grows by one per product `torchntk.ops.products` sends to
+    oneDNN, with its size threshold lowered to 4096 multiply-adds."""
+    from torchntk.ops import products
+    calls = []
+    product = products._onednn_mm_t
+    monkeypatch.setattr(products, '_onednn_mm_t', lambda a, b: calls.append(1) or product(a, b))
+    monkeypatch.setattr(products, '_MIN_MULTIPLY_ADDS', 1 << 12)
+    return calls

@@ -839,15 +839,11 @@ def test_examples_of_different_shapes_on_the_two_sides():
 
 @pytest.mark.parametrize('implementation', ['jacobian_contraction', 'structured_derivatives'])
 @pytest.mark.parametrize('trace_axes', [(-1,), ()])
-def test_float32_kernel_without_gradients_matches_float64(monkeypatch, implementation,
+def test_float32_kernel_without_gradients_matches_float64(onednn_calls, implementation,
                                                           trace_axes):
     """Under `torch.no_grad()` float32 products go to oneDNN (ops.products):
     the kernel stays within float32 rounding of the float64 one."""
     from torchntk.ops import products
-    calls = []
-    product = products._onednn_mm_t
-    monkeypatch.setattr(products, '_onednn_mm_t', lambda a, b: calls.append(1) or product(a, b))
-    monkeypatch.setattr(products, '_MIN_MULTIPLY_ADDS', 1 << 12)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
                                 torch.nn.Flatten(), torch.nn.Linear(16 * 8 * 8, 10))
@@ -857,5 +853,5 @@ def test_float32_kernel_without_gradients_matches_float64(monkeypatch, implement
     assert ntk.grad_fn is None
     expected = torchntk.empirical_ntk_fn(model.double(), trace_axes,
                                          implementation=implementation)(x1.double(), x2.double())
-    assert calls or not products._onednn_available()
+    assert onednn_calls or not products._onednn_available()
     torch.testing.assert_close(ntk.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
