@@ -16,13 +16,18 @@ before any torchntk call, with glibc's default allocation, and again inside
 as torchntk's kernels run); and, with
 `--nt-python`, neural-tangents' jitted `empirical_ntk_fn` (vmap_axes=0) with each
 of its implementations on the same architecture, in a subprocess of that
-interpreter (stax, NHWC layout). Both `trace_axes=()` (the full
+interpreter that stays up (stax, NHWC layout). Both `trace_axes=()` (the full
 `(N1, N2, 10, 10)` kernel, the recipe's) and `trace_axes=(-1,)` are timed.
-Times are medians in milliseconds; the summary gives our `auto` against
-neural-tangents' best and the recipe. The load average is printed before and
-after: timings taken beside other processes are only comparable within a run,
-and `--threads 1` (both libraries on one thread) is the steadier comparison
-on a busy machine, where PyTorch's threads wait on each other. The speed of
+
+The two libraries take turns, `--rounds` times: the first round times every
+implementation, the later ones what the summary compares (our `auto` and
+neural-tangents' best), so that a slow spell of the machine falls on both.
+Times are medians in milliseconds over all rounds; the summary gives our
+`auto` against neural-tangents' best and the recipe (timed once). The load
+average is printed before and after: timings taken beside other processes
+are only comparable within a run, and `--threads 1` (both libraries on one
+thread) is the steadier comparison on a busy machine, where PyTorch's
+threads wait on each other. The speed of
 PyTorch's float32 matrix product (`torch.mm`, MKL) is printed too: the
 structured MLP kernel is mostly matrix products, which MKL runs at 60–80% of
 XLA's speed on the AMD CPU we benchmark on (torchntk's contractions use
@@ -35,7 +40,9 @@ oneDNN's instead, `torchntk.ops.products`).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -45,19 +52,18 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
+from tqdm import tqdm
 
 import torchntk
 from torchntk.ops.heap import reuse_heap
 
-from _common import median_ms, run_neural_tangents
+from _common import NeuralTangents, median_ms, timings_ms
 
 NT_IMPLEMENTATIONS = {'jacobian_contraction': 1, 'ntk_vector_products': 2,
                       'structured_derivatives': 3, 'auto': 0}
 
 NT_SCRIPT = textwrap.dedent('''
-    import json, sys, time
-    import numpy as np
-    spec = json.loads(sys.argv[1])
+    import json, time
     import jax
     import jax.numpy as jnp
     import neural_tangents as nt
@@ -71,25 +77,31 @@ NT_SCRIPT = textwrap.dedent('''
                              (stax.Conv(64, (3, 3), padding="SAME"), stax.Relu())],
                            stax.Flatten(), stax.Dense(10)), (32, 16, 16, 3)
 
-    for case in spec["cases"]:
-        (init_fn, apply_fn, _), shape = network(case)
-        key1, key2, key3 = jax.random.split(jax.random.PRNGKey(0), 3)
-        x1 = jax.random.normal(key1, shape, dtype=jnp.float32)
-        x2 = jax.random.normal(key2, shape, dtype=jnp.float32)
-        _, params = init_fn(key3, shape)
-        for trace_axes in ([], [-1]):
-            for name, implementation in spec["implementations"].items():
-                fn = jax.jit(nt.empirical_ntk_fn(apply_fn, trace_axes=tuple(trace_axes),
-                                                 vmap_axes=0, implementation=implementation))
-                for _ in range(spec["warmup"]):
-                    fn(x1, x2, params).block_until_ready()
-                times = []
-                for _ in range(spec["repeats"]):
-                    start = time.perf_counter()
-                    fn(x1, x2, params).block_until_ready()
-                    times.append(time.perf_counter() - start)
-                print(json.dumps({"case": case, "trace_axes": trace_axes, "name": name,
-                                  "times": times}), flush=True)
+    def kernel(case, trace_axes, implementation):
+        """A call of the jitted kernel, compiled once per process (`cache`)."""
+        key = (case, tuple(trace_axes), implementation)
+        if key not in cache:
+            (init_fn, apply_fn, _), shape = network(case)
+            key1, key2, key3 = jax.random.split(jax.random.PRNGKey(0), 3)
+            x1 = jax.random.normal(key1, shape, dtype=jnp.float32)
+            x2 = jax.random.normal(key2, shape, dtype=jnp.float32)
+            _, params = init_fn(key3, shape)
+            fn = jax.jit(nt.empirical_ntk_fn(apply_fn, trace_axes=tuple(trace_axes),
+                                             vmap_axes=0, implementation=implementation))
+            cache[key] = lambda: fn(x1, x2, params).block_until_ready()
+        return cache[key]
+
+    for case, trace_axes, name in spec["runs"]:
+        run = kernel(case, trace_axes, spec["implementations"][name])
+        for _ in range(spec["warmup"]):
+            run()
+        times = []
+        for _ in range(spec["repeats"]):
+            start = time.perf_counter()
+            run()
+            times.append(1e3 * (time.perf_counter() - start))
+        print(json.dumps({"case": case, "trace_axes": trace_axes, "name": name,
+                          "times": times}), flush=True)
 ''')
 
 
@@ -127,15 +139,6 @@ def torch_func_recipe(model: nn.Module, trace_axes: tuple[int, ...]) -> Callable
     return ntk
 
 
-def neural_tangents_ms(python: str, cases: list[str], implementations: list[str], repeats: int,
-                       warmup: int, single_thread: bool) -> dict:
-    spec = {'cases': cases, 'repeats': repeats, 'warmup': warmup,
-            'implementations': {name: NT_IMPLEMENTATIONS[name] for name in implementations}}
-    return {(r['case'], tuple(r['trace_axes']), f"neural-tangents {r['name']}"):
-            1e3 * statistics.median(r['times'])
-            for r in run_neural_tangents(python, NT_SCRIPT, spec, single_thread)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--nt-python', help='python of a neural-tangents environment')
@@ -145,15 +148,18 @@ def main() -> None:
                         help='implementations timed (ours and neural-tangents\')')
     parser.add_argument('--no-recipe', action='store_true', help="skip torch.func's recipe")
     parser.add_argument('--threads', type=int, help="PyTorch's threads (1: neural-tangents too)")
-    parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--repeats', type=int, default=5, help='timed calls per round')
+    parser.add_argument('--warmup', type=int, default=1, help='untimed calls before them')
+    parser.add_argument('--rounds', type=int, default=3,
+                        help='rounds alternating ours and neural-tangents (the first times '
+                             'everything, the others what the summary compares)')
     args = parser.parse_args()
 
     load_before = os.getloadavg()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    times = {}
+    samples = collections.defaultdict(list)
     problems = {}
     for case in args.cases:
         model, shape = CASES[case]()
@@ -170,29 +176,68 @@ def main() -> None:
                     with context():
                         return recipe(x1, x2)
                 name = 'torch.func recipe' + (' (reuse_heap)' if heap else '')
-                times[case, trace_axes, name] = median_ms(run_recipe, args.repeats, args.warmup)
+                samples[case, trace_axes, name] = timings_ms(run_recipe, args.repeats,
+                                                             args.warmup)
+    ours = {}
     for case, (model, x1, x2) in problems.items():
         for trace_axes in ((), (-1,)):
             for implementation in args.implementations:
                 fn = torchntk.empirical_ntk_fn(model, trace_axes=trace_axes,
                                                implementation=implementation)
-                times[case, trace_axes, f'torchntk {implementation}'] = median_ms(
-                    torch.no_grad()(lambda: fn(x1, x2)), args.repeats, args.warmup)
-            problem_choice = torchntk.empirical._Problem(
+                ours[case, trace_axes, f'torchntk {implementation}'] = \
+                    torch.no_grad()(functools.partial(fn, x1, x2))
+            choice = torchntk.empirical._Problem(
                 model, torchntk.empirical._trainable(model), x1, x2, {}, trace_axes, (), 0,
                 torchntk.empirical.DEFAULT_CHUNK_BYTES).cheapest()
-            times[case, trace_axes, f'(auto picks {problem_choice})'] = float('nan')
-    if args.nt_python:
-        times.update(neural_tangents_ms(args.nt_python, args.cases, args.implementations,
-                                        args.repeats, args.warmup, args.threads == 1))
+            samples[case, trace_axes, f'(auto picks {choice})'] = [float('nan')]
+    theirs = [(case, trace_axes, name) for case in args.cases for trace_axes in ((), (-1,))
+              for name in args.implementations] if args.nt_python else []
+    neural_tangents = (NeuralTangents(args.nt_python, NT_SCRIPT, args.threads == 1)
+                       if args.nt_python else contextlib.nullcontext())
+    with neural_tangents:
+        for round in tqdm(range(args.rounds), desc='rounds'):
+            compared = [name for group in groups(samples)
+                        for name in compared_names(medians(samples), *group) if name]
+            for key, run in ours.items():
+                if round == 0 or key in compared:
+                    samples[key] += timings_ms(run, args.repeats, args.warmup)
+            runs = [list(key) for key in theirs if round == 0 or
+                    (key[0], key[1], f'neural-tangents {key[2]}') in compared]
+            if runs:
+                spec = {'runs': runs, 'repeats': args.repeats, 'warmup': args.warmup,
+                        'implementations': NT_IMPLEMENTATIONS}
+                for r in neural_tangents.run(spec):
+                    samples[r['case'], tuple(r['trace_axes']),
+                            f"neural-tangents {r['name']}"] += r['times']
 
+    times = medians(samples)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, vmap_axes=0, "
-          f"median ms; load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; "
-          f"matrix product {matmul_gflops():.0f} GFLOP/s")
+          f"median ms over {args.rounds} rounds of {args.repeats} calls (one for the recipe and "
+          f"what the summary does not compare); load average {load_before[0]:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after; matrix product {matmul_gflops():.0f} GFLOP/s")
     print(f"{'case':5} {'trace_axes':10} {'implementation':45} {'ms':>10}")
     for (case, trace_axes, name), ms in sorted(times.items(), key=lambda kv: kv[0][:2]):
         print(f"{case:5} {str(tuple(trace_axes)):10} {name:45} {ms:10.1f}")
     print_summary(times)
+
+
+def medians(samples: dict) -> dict:
+    return {key: statistics.median(values) for key, values in samples.items()}
+
+
+def groups(times: dict) -> list[tuple]:
+    """The `(case, trace_axes)` pairs timed."""
+    return sorted({key[:2] for key in times})
+
+
+def compared_names(times: dict, case: str, trace_axes: tuple) -> tuple[str | None, str | None]:
+    """Our `auto` (else our best) and neural-tangents' best, of those timed."""
+    entries = {name: ms for (c, t, name), ms in times.items()
+               if (c, t) == (case, trace_axes) and ms == ms}
+    ours = {n: ms for n, ms in entries.items() if n.startswith('torchntk')}
+    theirs = {n: ms for n, ms in entries.items() if n.startswith('neural-tangents')}
+    best = 'torchntk auto' if 'torchntk auto' in ours else min(ours, key=ours.get, default=None)
+    return best, min(theirs, key=theirs.get, default=None)
 
 
 def matmul_gflops(n: int = 512) -> float:
@@ -203,24 +248,18 @@ def matmul_gflops(n: int = 512) -> float:
 
 def print_summary(times: dict) -> None:
     """Our `auto` (else our best) against neural-tangents' best and the recipe, per case."""
-    groups = sorted({key[:2] for key in times})
-    for case, trace_axes in groups:
-        entries = {name: ms for (c, t, name), ms in times.items()
-                   if (c, t) == (case, trace_axes) and ms == ms}
-        ours = {n: ms for n, ms in entries.items() if n.startswith('torchntk')}
-        theirs = {n: ms for n, ms in entries.items() if n.startswith('neural-tangents')}
-        if not ours:
+    for case, trace_axes in groups(times):
+        best, nt_best = compared_names(times, case, trace_axes)
+        if best is None:
             continue
-        best = 'torchntk auto' if 'torchntk auto' in ours else min(ours, key=ours.get)
-        line = f"{case:5} {str(tuple(trace_axes)):10} ours ({best[9:]}) {ours[best]:.1f} ms"
-        if theirs:
-            nt_best = min(theirs, key=theirs.get)
-            line += (f"; neural-tangents' best ({nt_best[16:]}) / ours = "
-                     f"{theirs[nt_best] / ours[best]:.2f}")
-        if 'torch.func recipe' in entries:
-            line += (f"; recipe / ours = {entries['torch.func recipe'] / ours[best]:.2f} "
-                     f"({entries['torch.func recipe (reuse_heap)'] / ours[best]:.2f} with "
-                     "reuse_heap)")
+        ms = {name: times.get((case, trace_axes, name)) for name in (
+            best, nt_best, 'torch.func recipe', 'torch.func recipe (reuse_heap)')}
+        line = f"{case:5} {str(tuple(trace_axes)):10} ours ({best[9:]}) {ms[best]:.1f} ms"
+        if nt_best:
+            line += f"; neural-tangents' best ({nt_best[16:]}) / ours = {ms[nt_best] / ms[best]:.2f}"
+        if ms['torch.func recipe'] is not None:
+            line += (f"; recipe / ours = {ms['torch.func recipe'] / ms[best]:.2f} "
+                     f"({ms['torch.func recipe (reuse_heap)'] / ms[best]:.2f} with reuse_heap)")
         print(line)
 
 

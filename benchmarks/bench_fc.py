@@ -54,9 +54,8 @@ CHECK_BLOCK = 256
 DTYPES = {'float32': torch.float32, 'float64': torch.float64}
 
 NT_SCRIPT = textwrap.dedent('''
-    import json, sys, time
+    import json, time
     import numpy as np
-    spec = json.loads(sys.argv[1])
     import jax
     if spec["dtype"] == "float64":
         jax.config.update("jax_enable_x64", True)

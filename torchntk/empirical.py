@@ -923,15 +923,23 @@ class _Problem:
     def chain_jacobians(self, side: _Side, rules: dict[str, _AffineRule]
                         ) -> tuple[list[Params], list[Params], Params]:
         """`jacobians` of the layers `rules` of a `chain`, without parameters:
-        one batched forward pass, then the output's cotangents (the identity
-        per example) taken back through the chain, layer by layer, as batches
-        `(N, *out, *y)`: by `W` (`nn.Linear`; the first, on the identity, is
-        `W` itself), a transposed convolution, or the activations' derivatives.
-        The same cotangents as `jacrev`'s, without its per-call overhead and
-        broadcast products."""
+        one batched forward pass through the chain's layers (keeping their
+        inputs and the activations' derivatives), then the output's cotangents
+        (the identity per example) taken back through the chain, layer by
+        layer, as batches `(N, *out, *y)`: by `W` (`nn.Linear`; the first, on
+        the identity, is `W` itself), a transposed convolution, or the
+        activations' derivatives. The same cotangents as `jacrev`'s, without
+        its per-call overhead and broadcast products."""
         names = [name for name, _, _ in self.chain]
-        out, inputs = _forward_with_probes(self.model, self.params, {}, self.modules, side.x, {},
-                                           record=names)
+        out, inputs, derivatives = side.x, {}, {}
+        for name, kind, layer in self.chain:
+            inputs[name] = out
+            if kind == 'affine':
+                out = layer.forward(out, self.params)
+            elif kind == 'elementwise':
+                out, derivatives[name] = _with_derivative(layer, out)
+            else:
+                out = layer(out)
         n, out_shape = out.shape[0], out.shape[1:]
         size = out_shape.numel()
         g = torch.eye(size, dtype=out.dtype, device=out.device).view(*out_shape, *out_shape)
@@ -954,8 +962,7 @@ class _Problem:
                     g = layer.input_cotangents(g.reshape(-1, *y_shape), weight, x.shape[1:])
                     g, owned = g.view(n, *out_shape, *x.shape[1:]), True
             elif kind == 'elementwise':
-                derivative = _elementwise_derivative(layer, x)
-                derivative = derivative.view(n, *(1,) * len(out_shape), *x.shape[1:])
+                derivative = derivatives[name].view(n, *(1,) * len(out_shape), *x.shape[1:])
                 if owned and not (torch.is_grad_enabled()
                                   and (g.requires_grad or derivative.requires_grad)):
                     g = g.mul_(derivative)
@@ -1038,24 +1045,22 @@ def _zeros(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_with_probes(model: nn.Module, params: Params, probes: Params,
-                         modules: dict[str, nn.Module], x: PyTree, kwargs: dict[str, Any],
-                         record: Collection[str] = ()) -> tuple[PyTree, Params]:
+                         modules: dict[str, nn.Module], x: PyTree, kwargs: dict[str, Any]
+                         ) -> tuple[PyTree, Params]:
     """`model(x, **kwargs)` with `probes[name]` added to the output of module `name`.
 
     The derivative w.r.t. a probe at zero is the cotangent of that module's
-    output. Returns the output and the inputs of the probed modules and of
-    the modules in `record`.
+    output. Returns the output and the probed modules' inputs.
     """
     inputs = {}
 
     def hook(name: str):
         def add_probe(module, args, output):
             inputs[name] = args[0]
-            return output + probes[name] if name in probes else output
+            return output + probes[name]
         return add_probe
 
-    handles = [modules[name].register_forward_hook(hook(name))
-               for name in {**probes, **dict.fromkeys(record)}]
+    handles = [modules[name].register_forward_hook(hook(name)) for name in probes]
     try:
         out = _apply(model, params, x, kwargs)
     finally:
@@ -1140,6 +1145,9 @@ class _AffineRule(abc.ABC):
     def weight(self, params: Params) -> torch.Tensor:
         return params.get(self.weight_name, self.module.weight)
 
+    def bias(self, params: Params) -> torch.Tensor | None:
+        return params.get(self.bias_name, self.module.bias)
+
     def outputs(self) -> int:
         """Outputs `J/G` per group."""
         return self.module.weight.shape[0] // self.groups
@@ -1210,11 +1218,17 @@ class _LinearRule(_AffineRule):
     def cotangents(self, g, n_lead):
         return g.reshape(*g.shape[:n_lead], -1, 1, g.shape[-1])
 
+    def forward(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        """The layer's output with `params`: `x Wᵀ + b`, one matrix product over
+        all rows (oneDNN's where `einsum_pair` sends it)."""
+        y = einsum_pair('ri,ji->rj', x.reshape(-1, x.shape[-1]), self.weight(params))
+        bias = self.bias(params)
+        return (y if bias is None else y + bias).view(*x.shape[:-1], -1)
+
     def input_cotangents(self, g: torch.Tensor, weight: torch.Tensor,
                          input_shape: Sequence[int]) -> torch.Tensor:
         """Cotangents `(B, *input_shape)` of the input from those `(B, *y)` of
-        the output: `g W`, one matrix product over all rows (oneDNN's where
-        `einsum_pair` sends it)."""
+        the output: `g W`, one matrix product over all rows."""
         rows = g.reshape(-1, g.shape[-1])
         return einsum_pair('rj,ji->ri', rows, weight).reshape(len(g), *input_shape)
 
@@ -1291,6 +1305,13 @@ class _ConvRule(_AffineRule):
         totals = [dilation * (k - 1) for k, dilation in zip(m.kernel_size, m.dilation)]
         return None if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
 
+    def forward(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        """The layer's output with `params`; for zero padding (`zero_padding`)."""
+        m = self.module
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.n_spatial - 1]
+        return conv(x, self.weight(params), self.bias(params), m.stride, m.padding, m.dilation,
+                     m.groups)
+
     def input_cotangents(self, g: torch.Tensor, weight: torch.Tensor,
                          input_shape: Sequence[int]) -> torch.Tensor:
         """Cotangents `(B, *input_shape)` of the input from those `(B, *y)` of
@@ -1349,14 +1370,15 @@ _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GE
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
-def _elementwise_derivative(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`σ'(x)` of an elementwise `layer`: the gradient of `Σ σ(x)` (itself
-    differentiable where a gradient flows through `x`)."""
+def _with_derivative(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`σ(x)` and `σ'(x)` of an elementwise `layer`, the latter as the gradient
+    of `Σ σ(x)` (itself differentiable where a gradient flows through `x`)."""
     create_graph = torch.is_grad_enabled() and x.requires_grad
     with torch.enable_grad():
         x = x if create_graph else x.detach().requires_grad_()
         y = layer(x)
-        return torch.autograd.grad(y, x, torch.ones_like(y), create_graph=create_graph)[0]
+        derivative = torch.autograd.grad(y, x, torch.ones_like(y), create_graph=create_graph)[0]
+    return (y if create_graph else y.detach()), derivative
 
 
 def _global_hooks() -> bool:
