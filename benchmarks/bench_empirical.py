@@ -196,8 +196,8 @@ def main() -> None:
                        if args.nt_python else contextlib.nullcontext())
     with neural_tangents:
         for round in tqdm(range(args.rounds), desc='rounds'):
-            compared = [name for group in groups(samples)
-                        for name in compared_names(medians(samples), *group) if name]
+            compared = {(*group, name) for group in groups(samples)
+                        for name in compared_names(medians(samples), *group) if name}
             for key, run in ours.items():
                 if round == 0 or key in compared:
                     samples[key] += timings_ms(run, args.repeats, args.warmup)

@@ -1219,16 +1219,14 @@ class _LinearRule(_AffineRule):
         return g.reshape(*g.shape[:n_lead], -1, 1, g.shape[-1])
 
     def forward(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        """The layer's output with `params`: `x Wᵀ + b`, one matrix product over
-        all rows (oneDNN's where `einsum_pair` sends it)."""
-        y = einsum_pair('ri,ji->rj', x.reshape(-1, x.shape[-1]), self.weight(params))
-        bias = self.bias(params)
-        return (y if bias is None else y + bias).view(*x.shape[:-1], -1)
+        """The layer's output with `params`."""
+        return F.linear(x, self.weight(params), self.bias(params))
 
     def input_cotangents(self, g: torch.Tensor, weight: torch.Tensor,
                          input_shape: Sequence[int]) -> torch.Tensor:
         """Cotangents `(B, *input_shape)` of the input from those `(B, *y)` of
-        the output: `g W`, one matrix product over all rows."""
+        the output: `g W`, one matrix product over all rows (oneDNN's where
+        `einsum_pair` sends it)."""
         rows = g.reshape(-1, g.shape[-1])
         return einsum_pair('rj,ji->ri', rows, weight).reshape(len(g), *input_shape)
 
