@@ -195,13 +195,13 @@ def main() -> None:
     neural_tangents = (NeuralTangents(args.nt_python, NT_SCRIPT, args.threads == 1)
                        if args.nt_python else contextlib.nullcontext())
     with neural_tangents:
-        for round in tqdm(range(args.rounds), desc='rounds'):
+        for turn in tqdm(range(args.rounds), desc='rounds'):
             compared = {(*group, name) for group in groups(samples)
                         for name in compared_names(medians(samples), *group) if name}
             for key, run in ours.items():
-                if round == 0 or key in compared:
+                if turn == 0 or key in compared:
                     samples[key] += timings_ms(run, args.repeats, args.warmup)
-            runs = [list(key) for key in theirs if round == 0 or
+            runs = [list(key) for key in theirs if turn == 0 or
                     (key[0], key[1], f'neural-tangents {key[2]}') in compared]
             if runs:
                 spec = {'runs': runs, 'repeats': args.repeats, 'warmup': args.warmup,

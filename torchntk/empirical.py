@@ -170,9 +170,15 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
               grouped convolutions); the four factors are contracted in the
               cheapest order (the Gram matrices first, or the weight Jacobian
               :math:`\sum_r g[r]\, a[r]ᵀ` first). The cotangents come from
-              one reverse pass per output through the activations only. Other
-              parameters (norms, attention, modules called more than once,
-              weights shared between modules) use the Jacobian contraction.
+              one reverse pass per output through the activations only: in a
+              chain of layers (nested `nn.Sequential` of `nn.Linear`,
+              zero-padded `nn.Conv`, elementwise activations, `nn.Flatten`),
+              one batched pass of ours back through the layers, else
+              `vmap(jacrev)`. An `nn.Linear` head, whose cotangents are the
+              identity, contributes the Gram matrix of its inputs times
+              :math:`δ(o, o')`. Other parameters (norms, attention, modules
+              called more than once, weights shared between modules) use the
+              Jacobian contraction.
             * `'auto'`: the cheapest by the FLOP estimate below.
 
         chunk_bytes: memory bound of the Jacobians of one parameter chunk
@@ -810,14 +816,15 @@ class _Problem:
         r"""Einsum terms, result and operands of the contribution of an `nn.Linear`
         head (`is_output_identity`) to output `leaf`:
 
-        .. math:: \sum_{y, x} a_1[r, y, x]\, a_2[s, y, x]\, δ(r, r')\, δ(s, s')\, δ(o, o')
+        .. math:: Θ[(r, o), (s, o')] = (a_1[r] · a_2[s])\, δ(o, o')
 
-        with the rows `r` of `a1 ([N1], R, 1, I)` (one call's output positions,
-        less the batch axis of a call on one example) given the letters of the
-        output axes they are, and `δ(o, o')` the identity between the feature
-        axes of the two outputs (a size-`O` vector of ones where they share a
-        letter, traced or diagonal). No cotangent enters: `O²` times fewer
-        multiply-adds than the general rule.
+        at output positions `r` and `s` and features `o` and `o'`: the rows of
+        `a1 ([N1], R, 1, I)` (one call's positions, less the batch axis of a
+        call on one example) take the letters of the output axes they are, and
+        `δ(o, o')` is the identity between the two outputs' feature axes (a
+        size-`O` vector of ones where they share a letter, traced or diagonal).
+        No cotangent enters: `O²` times fewer multiply-adds than the general
+        rule.
         """
         spec, axis = self.specs[leaf], self.batch_axis(leaf)
         per_call = [i for i in range(spec.ndim) if i != axis]
