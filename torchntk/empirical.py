@@ -950,7 +950,7 @@ class _Problem:
         n, out_shape = out.shape[0], out.shape[1:]
         size = out_shape.numel()
         g = torch.eye(size, dtype=out.dtype, device=out.device).view(*out_shape, *out_shape)
-        g, identity = g.expand(n, *g.shape), True
+        g = g.expand(n, *g.shape)
         owned = False   # whether g is a tensor of ours nothing else refers to
         first = min(names.index(name) for name in rules)
         cotangents = {}
@@ -962,7 +962,7 @@ class _Problem:
                 if name == names[first]:
                     break
                 weight = layer.weight(self.params)
-                if identity and isinstance(layer, _LinearRule) and len(out_shape) == 1:
+                if name == names[-1] and isinstance(layer, _LinearRule) and len(out_shape) == 1:
                     g, owned = weight.expand(n, *weight.shape), False
                 else:
                     y_shape = g.shape[1 + len(out_shape):]
@@ -977,7 +977,6 @@ class _Problem:
                     g, owned = g * derivative, True
             else:
                 g = g.reshape(n, *out_shape, *x.shape[1:])
-            identity = False
         return [{}], [cotangents], {name: inputs[name].unsqueeze(1) for name in rules}
 
     def both_jacobians(self, wrt: Params, rules: dict[str, _AffineRule]) -> tuple[tuple, tuple]:
@@ -1278,19 +1277,22 @@ class _ConvRule(_AffineRule):
     def column_ndim(self) -> int:
         return 1 + self.n_spatial
 
+    def padding_pairs(self) -> list[tuple[int, int]]:
+        """`(before, after)` padding per spatial axis."""
+        m = self.module
+        if m.padding == 'valid':
+            return [(0, 0)] * self.n_spatial
+        if m.padding == 'same':
+            totals = [dilation * (k - 1) for k, dilation in zip(m.kernel_size, m.dilation)]
+            return [(total // 2, total - total // 2) for total in totals]
+        return [(p, p) for p in m.padding]
+
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """`(B, C, *S)` inputs padded as the layer pads them."""
         m = self.module
-        if m.padding == 'valid':
+        flat = [p for pair in reversed(self.padding_pairs()) for p in pair]  # last axis first
+        if not any(flat):
             return x
-        pads = []
-        for d, (k, dilation) in enumerate(zip(m.kernel_size, m.dilation)):
-            if m.padding == 'same':
-                total = dilation * (k - 1)
-                pads.append((total // 2, total - total // 2))
-            else:
-                pads.append((m.padding[d], m.padding[d]))
-        flat = [p for pair in reversed(pads) for p in pair]  # F.pad lists the last axis first
         mode = 'constant' if m.padding_mode == 'zeros' else m.padding_mode
         return F.pad(x, flat, mode=mode)
 
@@ -1300,15 +1302,10 @@ class _ConvRule(_AffineRule):
 
     def zero_padding(self) -> tuple[int, ...] | None:
         """The layer's padding per spatial axis if it pads both sides with as many zeros."""
-        m = self.module
-        if m.padding_mode != 'zeros':
+        pairs = self.padding_pairs()
+        if self.module.padding_mode != 'zeros' or any(a != b for a, b in pairs):
             return None
-        if m.padding == 'valid':
-            return (0,) * self.n_spatial
-        if m.padding != 'same':
-            return tuple(m.padding)
-        totals = [dilation * (k - 1) for k, dilation in zip(m.kernel_size, m.dilation)]
-        return None if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
+        return tuple(a for a, _ in pairs)
 
     def forward(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         """The layer's output with `params`; for zero padding (`zero_padding`)."""
