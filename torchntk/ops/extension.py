@@ -2,13 +2,15 @@
 
 `TORCHNTK_BACKEND=torch|extension` forces the torch fallback or the
 extension at import (the default, `auto`, uses the extension where it was
-built).
+built). An extension that was built but does not load (e.g. built against
+another torch) is reported by a warning, and `auto` falls back to torch.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from types import ModuleType
 from typing import Sequence
 
@@ -27,9 +29,18 @@ def _load() -> ModuleType | None:
     try:
         return importlib.import_module('torchntk._C')
     except ImportError as error:
+        # Never built (TORCHNTK_BUILD_EXTENSION=0 at install) is a choice, not a fault.
+        not_built = isinstance(error, ModuleNotFoundError) and error.name == 'torchntk._C'
+        problem = ("is not built" if not_built else f"failed to load ({error})")
         if choice == 'extension':
-            raise ImportError("TORCHNTK_BACKEND=extension but the compiled extension torchntk._C "
-                              "is not built (pip install --no-build-isolation -e .)") from error
+            raise ImportError(f"TORCHNTK_BACKEND=extension but the compiled extension torchntk._C "
+                              f"{problem}; rebuild it for this torch (pip install "
+                              "--no-build-isolation -e .)") from error
+        if not not_built:
+            warnings.warn(f"torchntk: the compiled extension torchntk._C {problem}; using the "
+                          "slower pure-torch backend. Rebuild it for this torch (pip install "
+                          "--no-build-isolation -e .), or set TORCHNTK_BACKEND=torch to use "
+                          "torch without this warning.", RuntimeWarning, stacklevel=2)
         return None
 
 
