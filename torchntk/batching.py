@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import inspect
@@ -37,7 +38,9 @@ import logging
 import math
 import os
 import pathlib
+import shutil
 import socket
+import stat
 import tempfile
 import types
 import weakref
@@ -158,12 +161,21 @@ def batch(kernel_fn: Callable | Layer, batch_size: int | str = 0,
             second run on a directory in use raises a `RuntimeError` (an
             advisory `fcntl` lock, released by the system when a run dies).
             The tiles stay after the run; delete the directory to free the space.
+            Links are never followed there: a symbolic or hard link, or
+            anything but a regular file, under the name of a file of the
+            checkpoint raises a `ValueError`, as does a damaged `meta.json`;
+            a disk that fills up raises an `OSError` saying so, and the
+            tiles saved until then are kept.
         memmap_dir: a directory where every tensor of the result is created as
-            a `.npy` file (`numpy.lib.format.open_memmap`, readable with
-            `numpy.load(path, mmap_mode='r')`), named by its field (`nngp.npy`,
-            `ntk.npy`, `kernel.npy` for a plain tensor, `0.nngp.npy`, … for
-            several outputs); the returned tensors are views of those files, so
-            a kernel larger than RAM is paged to disk.
+            a `.npy` file (readable with `numpy.load(path, mmap_mode='r')`),
+            named by its field (`nngp.npy`, `ntk.npy`, `kernel.npy` for a plain
+            tensor, `0.nngp.npy`, … for several outputs); the returned tensors
+            are views of those files, so a kernel larger than RAM is paged to
+            disk. Every call makes new files: a file (or link) of that name is
+            unlinked first, never written to, so an earlier result keeps its
+            own file for as long as it is in use. The space of the files is
+            checked and reserved before any tile is computed (an `OSError`
+            with the numbers where the disk cannot hold them).
         max_memory: bytes the computation may use on `device` (the tile, and
             the result when it is kept there); default: what is free on the
             device (CPU: `MemAvailable`). A computation whose estimate exceeds
@@ -607,8 +619,7 @@ class _Tiles:
         if self.memmap_dir is None:
             return torch.empty(shape, dtype=dtype, device=self.out_device)
         self.memmap_dir.mkdir(parents=True, exist_ok=True)
-        array = np.lib.format.open_memmap(self.memmap_dir / f'{leaf.name}.npy', mode='w+',
-                                          dtype=_numpy_dtype(dtype), shape=shape)
+        array = _new_npy(self.memmap_dir / f'{leaf.name}.npy', _numpy_dtype(dtype), shape)
         self.memmaps.append(array)
         return torch.from_numpy(array)
 
@@ -655,6 +666,48 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
         return torch.empty((), dtype=dtype).numpy().dtype
     except TypeError as error:
         raise TypeError(f"batch: memmap_dir cannot hold {dtype} (no numpy dtype)") from error
+
+
+def _new_npy(path: pathlib.Path, dtype: np.dtype, shape: Shape) -> np.memmap:
+    """A new `.npy` file of `shape` at `path`, its space reserved, mapped.
+
+    What was at `path` is unlinked, never opened: an earlier result that maps
+    that file keeps it (rewriting it in place would change that result, and
+    reading it would crash with SIGBUS where the new file is shorter), and a
+    link there is not followed. The space is reserved (`posix_fallocate`)
+    because a sparse file on a full disk fails only when a tile is written
+    into the mapping, and then with SIGBUS.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NO_FOLLOW, 0o666)
+    with os.fdopen(fd, 'w+b') as f:
+        np.lib.format.write_array_header_1_0(f, {'descr': np.lib.format.dtype_to_descr(dtype),
+                                                 'fortran_order': False, 'shape': shape})
+        offset = f.tell()
+        size = offset + dtype.itemsize * math.prod(shape)
+        try:
+            if hasattr(os, 'posix_fallocate'):
+                os.posix_fallocate(fd, 0, size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # where it cannot reserve
+                path.unlink()
+                raise OSError(error.errno, f"batch: memmap_dir {path.parent}: cannot reserve "
+                              f"{_gib(size)} for {path.name} ({error.strerror}); free some "
+                              "space or pass a directory on another disk") from error
+        return np.memmap(f, dtype=dtype, mode='r+', offset=offset, shape=shape)
+
+
+def _check_disk_space(directory: pathlib.Path, needed: int) -> None:
+    """Refuse a result of `needed` bytes that the disk of `directory` cannot hold."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise OSError(errno.ENOSPC, f"batch: memmap_dir {directory} needs {_gib(needed)} for the "
+                      f"result, and {_gib(free)} are free on its disk; free some space or pass a "
+                      "directory on another disk")
 
 
 # --------------------------------------------------------------------------- memory
@@ -839,7 +892,8 @@ def _gib(n: int) -> str:
 
 def _choose_batch_size(settings: _Settings, plan: _Plan, x1: Inputs, x2: Inputs | None,
                        device: torch.device, out_device: torch.device) -> int:
-    """The tile size, after checking that the computation fits in memory.
+    """The tile size, after checking that the computation fits in memory
+    (and the result on the disk of `memmap_dir`).
     `'auto'` resumes a checkpoint with the tile size it was made with."""
     requested = settings.batch_size
     if requested == 'auto' and settings.checkpoint is not None:
@@ -847,6 +901,8 @@ def _choose_batch_size(settings: _Settings, plan: _Plan, x1: Inputs, x2: Inputs 
     estimator = _Estimator(plan.call, plan, _MetaInputs.like(x1),
                            None if x2 is None else _MetaInputs.like(x2))
     output_bytes = estimator.output_bytes()
+    if settings.memmap_dir is not None:
+        _check_disk_space(settings.memmap_dir, output_bytes)
     output_here = settings.memmap_dir is None and out_device == device
     available = _available_bytes(device)
     where = f"{device} ({'max_memory' if settings.max_memory else 'free memory'})"
@@ -1052,7 +1108,9 @@ class _Checkpoint:
     of; each `<tile>.pt` holds the key, the tile's name, its values and their
     sha256. Files are written to a temporary name, synced, and renamed, so a
     file under a tile's name is always whole; a run killed mid-write leaves
-    only a temporary file, removed by the next run.
+    only a temporary file, removed by the next run. Every file is opened
+    without following links (`_open_own`), so nothing outside the directory
+    is read or written.
     """
 
     def __init__(self, directory: pathlib.Path, key: str, description: dict[str, str],
@@ -1064,23 +1122,43 @@ class _Checkpoint:
     @staticmethod
     def recorded_batch_size(directory: pathlib.Path) -> int | None:
         """The tile size of the checkpoint in `directory`, if there is one."""
-        meta_path = directory / 'meta.json'
-        return json.loads(meta_path.read_text()).get('batch_size') if meta_path.exists() else None
+        meta = _Checkpoint.read_meta(directory)
+        return None if meta is None else meta['batch_size']
+
+    @staticmethod
+    def read_meta(directory: pathlib.Path) -> dict | None:
+        """The `meta.json` of `directory` (`None` if absent), or a `ValueError`
+        saying what is wrong with it."""
+        try:
+            fd = _open_own(directory / 'meta.json', os.O_RDONLY, 'checkpoint folder')
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, 'rb') as f:
+            text = f.read()
+        try:
+            meta = json.loads(text)
+        except ValueError as error:  # UnicodeDecodeError too
+            problem = f'not JSON: {error}'
+        else:
+            problem = _meta_problem(meta)
+        if problem:
+            raise ValueError(f"batch: checkpoint folder {directory}: meta.json is damaged "
+                             f"({problem}); delete the folder to start over")
+        return meta
 
     def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = _Lock(self.directory / 'lock')
-        meta_path = self.directory / 'meta.json'
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            if meta.get('key') != self.key:  # the lock goes in close()
-                old = meta.get('description', {})
+        meta = self.read_meta(self.directory)
+        if meta is not None:
+            if meta['key'] != self.key:  # the lock goes in close()
+                old = meta['description']
                 changed = [k for k in self.description if old.get(k) != self.description[k]]
                 raise ValueError(f"batch: checkpoint {self.directory} belongs to another "
                                  f"computation (different {', '.join(changed) or 'format'}); "
                                  "pass another directory or delete this one")
         else:
-            _write_atomically(meta_path, lambda f: f.write(json.dumps(
+            self._write(self.directory / 'meta.json', lambda f: f.write(json.dumps(
                 {'format': _CHECKPOINT_FORMAT, 'key': self.key, 'batch_size': self.batch_size,
                  'description': self.description}, indent=1).encode()))
         for stale in self.directory.glob('.tmp-*'):
@@ -1097,10 +1175,13 @@ class _Checkpoint:
     def load(self, task: _Task) -> list | None:
         """The values of a finished tile, or `None` if absent or damaged (then removed)."""
         path = self.path(task)
-        if not path.exists():
+        try:
+            fd = _open_own(path, os.O_RDONLY, 'checkpoint folder')
+        except FileNotFoundError:
             return None
         try:
-            payload = torch.load(path, map_location='cpu', weights_only=True)
+            with os.fdopen(fd, 'rb') as f:
+                payload = torch.load(f, map_location='cpu', weights_only=True)
             if payload['key'] == self.key and payload['task'] == task.name and \
                     payload['digest'] == _digest(payload['values']):
                 return payload['values']
@@ -1114,7 +1195,75 @@ class _Checkpoint:
     def save(self, task: _Task, values: list) -> None:
         values = [v.detach().cpu() if isinstance(v, torch.Tensor) else None for v in values]
         payload = {'key': self.key, 'task': task.name, 'values': values, 'digest': _digest(values)}
-        _write_atomically(self.path(task), lambda f: torch.save(payload, f))
+        self._write(self.path(task), lambda f: torch.save(payload, f))
+
+    def _write(self, path: pathlib.Path, write: Callable[[Any], None]) -> None:
+        """`_write_atomically`, with an error that says what to do where it fails
+        for the file system (a full disk shows in `torch.save` as a `RuntimeError`
+        whose context holds the `OSError`)."""
+        try:
+            _write_atomically(path, write)
+        except Exception as error:
+            cause = error
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            full = cause.errno in (errno.ENOSPC, errno.EDQUOT)
+            problem = (f"the disk is full while writing {path.name} "
+                       f"({_gib(shutil.disk_usage(self.directory).free)} free)" if full else
+                       f"writing {path.name} failed ({type(cause).__name__}: {cause})")
+            raise OSError(cause.errno, f"batch: checkpoint folder {self.directory}: {problem}; "
+                          f"{'free some space' if full else 'fix it'} or pass another folder (a "
+                          "run started again with the same arguments resumes from the tiles "
+                          "saved so far)") from error
+
+
+_META_FIELDS = {'format': 'an int', 'key': 'a string', 'batch_size': 'an int >= 1',
+                'description': 'an object of strings'}
+
+
+def _meta_problem(meta: Any) -> str | None:
+    """What is wrong with the contents of a checkpoint's `meta.json`, if anything."""
+    if not isinstance(meta, dict):
+        return f'a JSON {type(meta).__name__}, not an object'
+    missing = [field for field in _META_FIELDS if field not in meta]
+    if missing:
+        return f"no {', '.join(missing)}"
+    valid = {'format': isinstance(meta['format'], int), 'key': isinstance(meta['key'], str),
+             'batch_size': type(meta['batch_size']) is int and meta['batch_size'] >= 1,
+             'description': isinstance(meta['description'], dict) and
+             all(isinstance(v, str) for v in meta['description'].values())}
+    wrong = [f'{field} is {meta[field]!r}, expected {_META_FIELDS[field]}'
+             for field, ok in valid.items() if not ok]
+    if not wrong and meta['format'] != _CHECKPOINT_FORMAT:
+        wrong = [f"format {meta['format']}, this torchntk reads format {_CHECKPOINT_FORMAT}"]
+    return '; '.join(wrong) or None
+
+
+_NO_FOLLOW = getattr(os, 'O_NOFOLLOW', 0)
+
+
+def _open_own(path: pathlib.Path, flags: int, folder: str) -> int:
+    """`os.open(path, flags)` where `path` must be a regular file with no other
+    name: a symbolic link, a hard link or anything else planted there raises a
+    `ValueError` instead of being followed (`FileNotFoundError` if absent)."""
+    # O_NONBLOCK: opening a FIFO planted there returns at once, to be refused below.
+    try:
+        fd = os.open(path, flags | _NO_FOLLOW | getattr(os, 'O_NONBLOCK', 0), 0o666)
+    except OSError as error:
+        if error.errno not in (errno.ELOOP, errno.EISDIR):
+            raise
+        problem = 'is a symbolic link' if error.errno == errno.ELOOP else 'is not a regular file'
+    else:
+        info = os.fstat(fd)
+        problem = ('is not a regular file' if not stat.S_ISREG(info.st_mode) else
+                   f'has {info.st_nlink} hard links' if info.st_nlink > 1 else None)
+        if problem is None:
+            return fd
+        os.close(fd)
+    raise ValueError(f"batch: {folder} {path.parent}: {path.name} {problem}; batch uses only "
+                     "files it made there and follows no link: remove it")
 
 
 def _digest(values: list) -> str:
@@ -1151,7 +1300,7 @@ class _Lock:
     """An exclusive advisory lock on a file (`fcntl.flock`), or a refusal."""
 
     def __init__(self, path: pathlib.Path) -> None:
-        self.file = open(path, 'a+')
+        self.file = os.fdopen(_open_own(path, os.O_RDWR | os.O_CREAT, 'checkpoint folder'), 'r+')
         if fcntl is None:
             logger.warning("batch: no fcntl here; concurrent runs on %s are not detected", path.parent)
             return
