@@ -192,7 +192,7 @@ def _spread(var: torch.Tensor, side: int, diagonal_spatial: bool) -> torch.Tenso
 _FIELDS = tuple(f.name for f in dataclasses.fields(Kernel))
 
 
-def get_fields(kernel: Kernel, get: str | Sequence[str] | None) -> Any:
+def get_fields(kernel: Kernel, get: str | Sequence[str] | None, caller: str = 'get_fields') -> Any:
     """Select fields of `kernel` with neural-tangents' `get` semantics.
 
     `None` returns the whole record, a string one field, and a tuple of strings
@@ -200,28 +200,35 @@ def get_fields(kernel: Kernel, get: str | Sequence[str] | None) -> Any:
     """
     if get is None:
         return kernel
-    names = canonical_get(get)
+    names = canonical_get(get, caller)
     if isinstance(get, str):
         return getattr(kernel, names[0])
     return _namedtuple(names)(*(getattr(kernel, name) for name in names))
 
 
-def canonical_get(get: str | Sequence[str] | None) -> tuple[str, ...] | None:
-    """Validate `get` and return its lower-cased names (`None` for the record)."""
+def canonical_get(get: str | Sequence[str] | None,
+                  caller: str = 'get_fields') -> tuple[str, ...] | None:
+    """Validate `get` and return its lower-cased names (`None` for the record);
+    errors name `caller` and the argument."""
     if get is None:
         return None
+    if not isinstance(get, (str, list, tuple)):
+        raise TypeError(f"{caller}: get must be None, a kernel field name or a tuple of names, "
+                        f"got {get!r} ({type(get).__name__})")
     names = (get,) if isinstance(get, str) else tuple(get)
     if not names:
-        raise ValueError("get: expected a field name or a non-empty tuple of names, got ()")
+        raise ValueError(f"{caller}: get must be a field name or a non-empty tuple of names, got ()")
     lowered = []
     for name in names:
         if not isinstance(name, str):
-            raise TypeError(f"get: expected field names as strings, got {name!r}")
+            raise TypeError(f"{caller}: get must hold field names as strings, got {name!r} in "
+                            f"{get!r}")
         if name.lower() not in _FIELDS:
-            raise ValueError(f"get: unknown kernel field {name!r}; expected one of {_FIELDS}")
+            raise ValueError(f"{caller}: get: unknown kernel field {name!r}; expected one of "
+                             f"{_FIELDS}")
         lowered.append(name.lower())
     if len(set(lowered)) != len(lowered):
-        raise ValueError(f"get: duplicate field names in {names!r}")
+        raise ValueError(f"{caller}: get has duplicate field names in {names!r}")
     return tuple(lowered)
 
 

@@ -14,6 +14,7 @@ positions are zeroed (`remask`); the few layers that average over positions
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence, Union
 
 import torch
@@ -27,6 +28,9 @@ Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
 Kernels = Union[Kernel, Sequence[Kernel]]
 Shapes = Union[Shape, Sequence[Shape]]
 Masks = Union[torch.Tensor, None, Sequence[Union[torch.Tensor, None]]]
+
+# Whether a layer's forward is running in this thread (its sublayers' calls are not outermost).
+_FORWARD = threading.local()
 
 
 class Layer(nn.Module):
@@ -114,6 +118,24 @@ class Layer(nn.Module):
             return k.masked(mask1, mask2, self._name())
         return k.replace(mask1=mask1, mask2=mask2)
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """`forward`; an outermost call (not one inside another layer's forward)
+        first checks its input `x` as `kernel_fn` does: a tensor (or a list of
+        them) with finite values (NaN or inf raise a `ValueError`: some layers,
+        such as `Sign`, would turn them into finite outputs). Not while
+        torch.compile traces or torch.func transforms (the empirical kernels)
+        run, where a check on values cannot be made."""
+        if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or getattr(_FORWARD, 'running', False)):
+            return super().__call__(*args, **kwargs)
+        if args:
+            _check_forward_input(args[0], self._name())
+        _FORWARD.running = True
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            _FORWARD.running = False
+
     def forward_with_mask(self, x: Tensors, mask: Masks) -> tuple[Any, Masks]:
         """The finite network on inputs with a mask (`True`: masked), returning
         the outputs and their mask. Outputs at masked positions are zeroed after
@@ -174,7 +196,8 @@ class Layer(nn.Module):
     def _kernel_fn(self, x1: Tensors | Kernels, x2: Tensors | None,
                    get: str | Sequence[str] | None, diagonal_batch: bool | None,
                    diagonal_spatial: bool | None, mask_constant: float | None) -> Any:
-        names = canonical_get(get)
+        names = canonical_get(get, f"{self._name()}.kernel_fn")
+        empty1 = empty2 = False   # whether x1, x2 are batches of no examples
         if isinstance(x1, Kernel) or _is_kernel_sequence(x1):
             if (x2 is not None or diagonal_batch is not None or diagonal_spatial is not None
                     or mask_constant is not None):
@@ -187,10 +210,14 @@ class Layer(nn.Module):
             diagonal_batch, diagonal_spatial = resolve_layout(
                 self.requirements, diagonal_batch, diagonal_spatial, self._name())
             compute_ntk = names is None or 'ntk' in names
+            x1, empty1 = _stand_in_for_empty_batch(x1, mask_constant)
+            x2, empty2 = _stand_in_for_empty_batch(x2, mask_constant)
             k = _inputs_to_kernels(x1, x2, self._name(), diagonal_batch=diagonal_batch,
                                    diagonal_spatial=diagonal_spatial, compute_ntk=compute_ntk,
                                    mask_constant=mask_constant)
         k = self.propagate(k)
+        if empty1 or empty2:
+            k = _emptied(k, empty1, empty1 if x2 is None else empty2)
         if isinstance(k, Kernel):
             return get_fields(k, get)
         return type(k)(get_fields(kernel, get) for kernel in k)
@@ -206,13 +233,65 @@ def _is_kernel_sequence(x: Any) -> bool:
 def _inputs_to_kernels(x1: Tensors, x2: Tensors | None, layer_name: str, **layout: Any) -> Kernels:
     if isinstance(x1, torch.Tensor):
         if x2 is not None and not isinstance(x2, torch.Tensor):
-            raise TypeError(f"{layer_name}: x1 is a tensor but x2 is {type(x2).__name__}")
+            raise TypeError(f"{layer_name}: x2 must be a torch.Tensor like x1 (or None), got "
+                            f"{_type_name(x2)}")
         return kernel_from_inputs(*_checked_inputs(x1, x2, layer_name, layout['mask_constant']),
                                   **layout)
+    if not isinstance(x1, (list, tuple)):
+        raise TypeError(f"{layer_name}: x1 must be a torch.Tensor (or a list or tuple of them for "
+                        f"a network with several inputs), got {_type_name(x1)}")
+    if x2 is not None and not isinstance(x2, (list, tuple)):
+        raise TypeError(f"{layer_name}: x2 must be a list or tuple of tensors like x1 (or None), "
+                        f"got {_type_name(x2)}")
     x2s = [None] * len(x1) if x2 is None else list(x2)
     if len(x2s) != len(x1):
         raise ValueError(f"{layer_name}: x1 has {len(x1)} inputs but x2 has {len(x2s)}")
     return type(x1)(_inputs_to_kernels(a, b, layer_name, **layout) for a, b in zip(x1, x2s))
+
+
+def _type_name(value: Any) -> str:
+    """`numpy.ndarray` for a numpy array, `list` for a list: what a user passed."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == 'builtins' else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _stand_in_for_empty_batch(x: Tensors | None, mask_constant: float | None) -> tuple[Any, bool]:
+    """`x`, or for a batch of no examples (every input of `(0, C, *S)`) one
+    example of unmasked ones in its place, and whether it was empty. Layers
+    need not handle empty batches: `_emptied` cuts the stand-in's kernel to
+    no examples, with the shapes, dtype and device of the empty batch's."""
+    tensors = [x] if isinstance(x, torch.Tensor) else x if isinstance(x, (list, tuple)) else []
+    if not tensors or not all(isinstance(t, torch.Tensor) and t.ndim >= 2 and len(t) == 0
+                              for t in tensors):
+        return x, False
+    fill = 2. if mask_constant == 1. else 1.
+    stand_ins = [t.new_full((1, *t.shape[1:]), fill) for t in tensors]
+    return (stand_ins[0] if isinstance(x, torch.Tensor) else type(x)(stand_ins)), True
+
+
+def _emptied(k: Kernels, empty1: bool, empty2: bool) -> Kernels:
+    """The kernel of `_stand_in_for_empty_batch`'s examples cut to no examples
+    on the sides that were empty: `(0, N2, …)`, `(N1, 0, …)` or `(0, 0, …)`."""
+    if not isinstance(k, Kernel):
+        return type(k)(_emptied(kernel, empty1, empty2) for kernel in k)
+    side1, side2 = slice(0 if empty1 else None), slice(0 if empty2 else None)
+
+    def pairs(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or t.ndim < 2 else t[side1, side2]   # a scalar NTK broadcasts
+
+    def own(t: torch.Tensor | None, side: slice) -> torch.Tensor | None:
+        return None if t is None else t[side] if k.diagonal_batch else t[side, side]
+
+    def shape(s: Shape, empty: bool) -> Shape:
+        return (0, *s[1:]) if empty else s
+
+    return k.replace(nngp=pairs(k.nngp), ntk=pairs(k.ntk), cov1=own(k.cov1, side1),
+                     cov2=own(k.cov2, side2), shape1=shape(k.shape1, empty1),
+                     shape2=shape(k.shape2, empty2),
+                     # One side empty: batches of different sizes, never the same inputs.
+                     x1_is_x2=k.x1_is_x2 if empty1 == empty2 else torch.zeros_like(k.x1_is_x2),
+                     mask1=None if k.mask1 is None else k.mask1[side1],
+                     mask2=None if k.mask2 is None else k.mask2[side2])
 
 
 def _all_finite(x: torch.Tensor, mask_constant: float | None) -> bool:
@@ -225,6 +304,18 @@ def _all_finite(x: torch.Tensor, mask_constant: float | None) -> bool:
     return bool((torch.isfinite(x) | input_mask(x, mask_constant)).all())
 
 
+def _check_forward_input(x: Any, layer_name: str) -> None:
+    """What `Layer.__call__` checks of the input of an outermost call."""
+    tensors = [x] if isinstance(x, torch.Tensor) else x if isinstance(x, (list, tuple)) else None
+    if tensors is None or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise TypeError(f"{layer_name}: x must be a torch.Tensor (or a list or tuple of them for a "
+                        f"network with several inputs), got {_type_name(x)}")
+    for t in tensors:
+        if t.is_floating_point() and t.device.type != 'meta' and not _all_finite(t, None):
+            raise ValueError(f"{layer_name}: x contains non-finite values (NaN or inf); for "
+                             "padding, use forward_masked with a mask_constant")
+
+
 def _checked_inputs(x1: torch.Tensor, x2: torch.Tensor | None, layer_name: str,
                     mask_constant: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate inputs at the public boundary; integer inputs become floating.
@@ -232,6 +323,11 @@ def _checked_inputs(x1: torch.Tensor, x2: torch.Tensor | None, layer_name: str,
     for name, x in (('x1', x1), ('x2', x2)):
         if x is None:
             continue
+        if x.is_complex():
+            raise TypeError(f"{layer_name}: {name} must be real (floating or integer), got {x.dtype}")
+        if x.device.type == 'meta':
+            raise ValueError(f"{layer_name}: {name} is on the meta device, which holds no values; "
+                             "kernels need the inputs' values (a CPU or GPU tensor)")
         if x.ndim < 2:
             raise ValueError(f"{layer_name}: {name} must have shape (N, C, *spatial), got {tuple(x.shape)}")
         if not torch.compiler.is_compiling() and not _all_finite(x, mask_constant):

@@ -246,7 +246,7 @@ class Flatten(Layer):
         return (input_shape[0], math.prod(input_shape[1:]))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x.reshape(x.shape[0], -1)
+        return x.flatten(1)   # reshape(N, -1) is ambiguous for N = 0
 
     def mask_rule(self, mask: Tensor, input_shape: Shape) -> Tensor:
         return mask.expand(input_shape).reshape(input_shape[0], -1)
