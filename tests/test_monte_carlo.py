@@ -4,6 +4,8 @@ For one hidden layer the expected empirical NNGP and NTK equal the analytic
 kernels at any width, so the error of the average falls as 1/√n_samples.
 """
 
+import functools
+import math
 import statistics
 
 import pytest
@@ -11,6 +13,8 @@ import torch
 
 import torchntk
 from torchntk import stax
+
+from tests.test_batching import assert_same
 
 
 def one_hidden_layer():
@@ -58,11 +62,12 @@ def test_same_generator_state_gives_same_estimate(x):
     torch.testing.assert_close(estimate(), estimate(), rtol=0, atol=0)
 
 
-def test_one_sample_is_the_empirical_kernel_of_that_init(x):
+def test_one_sample_is_the_empirical_kernel_of_the_network_of_its_seed(x):
     model = one_hidden_layer()
     estimate = torchntk.monte_carlo_kernel_fn(model, 1, generator=torch.Generator().manual_seed(5),
                                               progress=False)(x)
-    model.init_parameters(x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+    seed = int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(5)))
+    model.init_parameters(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
     torch.testing.assert_close(estimate.ntk, torchntk.empirical_ntk_fn(model)(x), rtol=0, atol=1e-12)
     torch.testing.assert_close(estimate.nngp, torchntk.empirical_nngp_fn(model)(x), rtol=0, atol=0)
 
@@ -78,6 +83,93 @@ def test_plain_module_is_reinitialized_by_reset_parameters(x):
         assert torch.equal(p, q)
 
 
-def test_invalid_n_samples_raises_value_error():
-    with pytest.raises(ValueError, match='n_samples'):
-        torchntk.monte_carlo_kernel_fn(one_hidden_layer(), 0)
+
+
+# ----------------------------------------------------------------------------- fixed networks
+
+def test_every_call_averages_over_the_networks_fixed_when_it_was_made(x):
+    kernel_fn = torchntk.monte_carlo_kernel_fn(one_hidden_layer(), 2,
+                                               generator=torch.Generator().manual_seed(6),
+                                               progress=False)
+    whole = kernel_fn(x, None, 'ntk')
+    assert_same(kernel_fn(x, None, 'ntk'), whole)
+    assert_same(kernel_fn(x[:2], x[2:], 'ntk'), whole[:2, 2:])   # entries of one estimate
+
+
+def plain_module():
+    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize('with_x2', [False, True])
+@pytest.mark.parametrize('make_model', [one_hidden_layer, plain_module])
+def test_batched_estimate_equals_the_untiled_one(with_x2, make_model):
+    x1 = torch.randn(5, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    x2 = torch.randn(4, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64) \
+        if with_x2 else None
+    kernel_fn = torchntk.monte_carlo_kernel_fn(make_model(), 3,
+                                               generator=torch.Generator().manual_seed(9),
+                                               progress=False)
+    untiled = kernel_fn(x1, x2)
+    for batch_size in (1, 2, 3):
+        assert_same(torchntk.batch(kernel_fn, batch_size, progress=False)(x1, x2), untiled)
+
+
+def test_batch_refuses_a_kernel_fn_that_yields_several_estimates():
+    kernel_fn = torchntk.monte_carlo_kernel_fn(one_hidden_layer(), [1, 2], progress=False)
+    with pytest.raises(ValueError, match=r'batch: kernel_fn monte_carlo_kernel_fn.* tileable=False'):
+        torchntk.batch(kernel_fn, 2, progress=False)
+
+
+def test_batch_refuses_a_kernel_fn_declared_not_tileable_also_through_partial():
+    def resampled(x1, x2=None, get=None):   # new networks on every call
+        return torchntk.empirical_nngp_fn(one_hidden_layer())(x1, x2)
+    resampled.tileable = False
+    for kernel_fn in (resampled, functools.partial(resampled, get='nngp')):
+        with pytest.raises(ValueError, match=r'batch: kernel_fn .*resampled declares tileable=False'):
+            torchntk.batch(kernel_fn, 2, progress=False)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize('kwargs, error, message', [
+    (dict(n_samples=0), ValueError, 'n_samples'),
+    (dict(n_samples=-3), ValueError, 'n_samples'),
+    (dict(n_samples=[]), ValueError, 'n_samples'),
+    (dict(n_samples=2.0), TypeError, 'n_samples'),
+    (dict(n_samples='3'), TypeError, 'n_samples'),
+    (dict(n_samples=True), TypeError, 'n_samples'),
+    (dict(n_samples=[1, 2.5]), TypeError, 'n_samples'),
+    (dict(generator=7), TypeError, 'generator'),
+    (dict(model=42), TypeError, 'model'),
+    (dict(implementation='fastest'), ValueError, 'implementation'),
+    (dict(vmap_axes='first'), ValueError, 'vmap_axes'),
+], ids=str)
+def test_bad_arguments_are_refused_naming_the_argument(kwargs, error, message):
+    arguments = dict(model=one_hidden_layer(), n_samples=1, progress=False) | kwargs
+    with pytest.raises(error, match=rf'^monte_carlo_kernel_fn: .*{message}'):
+        torchntk.monte_carlo_kernel_fn(**arguments)
+
+
+@pytest.mark.parametrize('name', ['x1', 'x2'])
+@pytest.mark.parametrize('value', [math.nan, math.inf])
+def test_non_finite_inputs_are_refused(x, name, value):
+    bad = x.clone()
+    bad[1, 2] = value
+    inputs = dict(x1=x, x2=x) | {name: bad}
+    kernel_fn = torchntk.monte_carlo_kernel_fn(one_hidden_layer(), 1, progress=False)
+    with pytest.raises(ValueError, match=f'^monte_carlo_kernel_fn: {name} contains non-finite'):
+        kernel_fn(**inputs)
+
+
+@pytest.mark.parametrize('name', ['x1', 'x2'])
+def test_an_empty_batch_is_refused(x, name):
+    inputs = dict(x1=x, x2=x) | {name: x[:0]}
+    kernel_fn = torchntk.monte_carlo_kernel_fn(one_hidden_layer(), 1, progress=False)
+    with pytest.raises(ValueError, match=f'^monte_carlo_kernel_fn: {name} is empty'):
+        kernel_fn(**inputs)
+
+
+def test_a_bad_get_is_refused_when_called_even_for_a_generator_of_estimates(x):
+    kernel_fn = torchntk.monte_carlo_kernel_fn(one_hidden_layer(), [1, 2], progress=False)
+    with pytest.raises(ValueError, match="^monte_carlo_kernel_fn: get must be"):
+        kernel_fn(x, get='kernel')

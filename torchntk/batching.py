@@ -128,9 +128,14 @@ def batch(kernel_fn: Callable | Layer, batch_size: int | str = 0,
     differentiated through it (tiles are computed under `torch.no_grad`).
 
     Tiling is exact only for a deterministic kernel whose entry `[i, j]`
-    depends on `x1[i]` and `x2[j]` alone (a Monte Carlo estimate that draws new
-    networks on every call would give each tile other networks), and with
-    `x2=None` the tiles below the diagonal are the transposed ones above. The
+    depends on `x1[i]` and `x2[j]` alone, and with `x2=None` the tiles below
+    the diagonal are the transposed ones above. A kernel function for which
+    this fails (one that draws new random networks on every call, or returns
+    something other than one kernel) says so by an attribute
+    `tileable = False`, and is refused with a `ValueError` naming it
+    (`monte_carlo_kernel_fn` fixes its networks when it is made, so its tiles
+    are entries of one estimate; with a list of `n_samples` it yields several
+    estimates and declares `tileable = False`). The
     modules `kernel_fn` reaches (a stax model's `kernel_fn` is a bound method
     of the model; closures, `functools.partial` arguments and the globals a
     function names are followed too) are checked before every computation:
@@ -191,6 +196,10 @@ def batch(kernel_fn: Callable | Layer, batch_size: int | str = 0,
     gathered to rank 0, which alone writes the checkpoint and returns the
     kernel (other ranks return `None`). Each process computes on its own
     `device` (e.g. `f'cuda:{local_rank}'`). See the README for `torchrun`.
+    An error on one rank (in its tile, or in the checks before) reaches
+    every rank at the next exchange, once each has finished its current
+    tile: that rank raises it, the others a `RuntimeError` with its rank and
+    message, so that none waits for the failed one.
 
     Returns:
         `batched(x1, x2=None, *args, **kwargs)`.
@@ -200,6 +209,7 @@ def batch(kernel_fn: Callable | Layer, batch_size: int | str = 0,
     if not callable(kernel_fn):
         raise TypeError(f"batch: kernel_fn must be callable or a stax layer, got "
                         f"{type(kernel_fn).__name__}")
+    _check_tileable(kernel_fn)
     settings = _Settings(batch_size=_checked_batch_size(batch_size, 'batch'),
                          device=None if device is None else torch.device(device),
                          store_on_device=bool(store_on_device), progress=bool(progress),
@@ -297,6 +307,19 @@ class _Call:
         bound = inspect.signature(self.plain).bind(xa, xb, *self.args, **self.kwargs)
         bound.arguments.update(overrides)
         return fn(*bound.args, **bound.kwargs)
+
+
+def _check_tileable(kernel_fn: Callable) -> None:
+    """Refuse a kernel function that declares `tileable = False` (looked for
+    on it, on the function `torch.compile` wrapped, and on `functools.partial`'s)."""
+    fn = kernel_fn
+    while fn is not None:
+        if getattr(fn, 'tileable', True) is False:
+            name = getattr(fn, '__qualname__', type(fn).__name__)
+            raise ValueError(f"batch: kernel_fn {name} declares tileable=False: its tiles would "
+                             "not assemble into the kernel of one call; call it untiled")
+        fn = fn.func if isinstance(fn, functools.partial) else \
+            getattr(fn, '_torchdynamo_orig_callable', None)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -1368,10 +1391,28 @@ class _Group:
         return gathered
 
     def agree(self, error: BaseException | None) -> None:
-        """Raise on every rank if any rank failed (so that none waits forever)."""
-        errors = [e for e in self.all_gather(error) if e is not None]
-        if errors:
-            raise errors[0]
+        """Raise on every rank if any rank failed, so that none waits forever in a
+        collective the failed one never reaches: the failed rank raises its
+        own error, the others a `RuntimeError` with its rank and message
+        (a message pickles where an exception object may not)."""
+        report = None if error is None else f"{type(error).__name__}: {error}"
+        reports = self.all_gather(report)
+        if error is not None:
+            raise error
+        failed = [(rank, text) for rank, text in enumerate(reports) if text is not None]
+        if failed:
+            rank, text = failed[0]
+            raise RuntimeError(f"batch: rank {rank} of {self.size} failed: {text}")
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """`fn()` on this rank; if it raises on any rank, every rank raises (`agree`)."""
+        error, result = None, None
+        try:
+            result = fn()
+        except Exception as e:  # raised on every rank, below
+            error = e
+        self.agree(error)
+        return result
 
 
 # --------------------------------------------------------------------------- the run
@@ -1385,8 +1426,9 @@ def _run(settings: _Settings, call: _Call, x1: Inputs, x2: Inputs | None) -> Any
         out_device = torch.device('cpu')
     group = _Group()
     with torch.no_grad():
-        plan = _Plan.build(call, _rows(x1, 0, 1, device),
-                           None if x2 is None else _rows(x2, 0, 1, device), n1, n2)
+        plan = group.run(lambda: _Plan.build(call, _rows(x1, 0, 1, device),
+                                             None if x2 is None else _rows(x2, 0, 1, device),
+                                             n1, n2))
         error, batch_size = None, None
         if group.rank == 0:  # which holds the result
             try:
@@ -1398,13 +1440,14 @@ def _run(settings: _Settings, call: _Call, x1: Inputs, x2: Inputs | None) -> Any
         tasks = _tasks(plan, batch_size)
         checkpoint = None
         if settings.checkpoint is not None or group.size > 1:
-            description = _description(call, x1, x2, batch_size)
+            description = group.run(lambda: _description(call, x1, x2, batch_size))
             if len({json.dumps(d, sort_keys=True) for d in group.all_gather(description)}) > 1:
                 raise ValueError("batch: the processes of the torch.distributed group were given "
                                  "different inputs, models or arguments")
-            if settings.checkpoint is not None and group.rank == 0:
+            if settings.checkpoint is not None:  # rank 0's; every rank learns if it is refused
                 key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
-                checkpoint = _Checkpoint(settings.checkpoint, key, description, batch_size)
+                checkpoint = group.run(lambda: None if group.rank else _Checkpoint(
+                    settings.checkpoint, key, description, batch_size))
         tiles = _Tiles(plan, x1, x2, batch_size, device, out_device, settings.memmap_dir)
         try:
             pending = _resume(tiles, tasks, checkpoint, group)
@@ -1449,15 +1492,25 @@ def _compute(tiles: _Tiles, tasks: list[_Task], pending: list[_Task],
     rounds = math.ceil(len(pending) / group.size)
     with tqdm(total=len(tasks), initial=len(tasks) - len(pending), unit='tile', desc='batch',
               disable=not progress or group.rank != 0) as bar:
-        for r in range(rounds):
-            task = mine[r] if r < len(mine) else None
-            values = None if task is None else tiles.compute(task)
-            if group.size > 1 and values is not None:
-                values = [v.cpu() if isinstance(v, torch.Tensor) else v for v in values]
-            for done, done_values in group.gather((task, values)) or ():
+        def computed(task: _Task | None) -> list | None:
+            if task is None:
+                return None
+            values = tiles.compute(task)
+            return values if group.size == 1 else \
+                [v.cpu() if isinstance(v, torch.Tensor) else v for v in values]
+
+        def place(gathered: list | None) -> None:
+            for done, done_values in gathered or ():
                 if done is None:
                     continue
                 tiles.place(done, done_values)
                 if checkpoint is not None:
                     checkpoint.save(done, done_values)
                 bar.update()
+
+        # Every rank takes part in every exchange, and one that fails (in its
+        # tile, or rank 0 in placing or saving) says so at the next one.
+        for r in range(rounds):
+            task = mine[r] if r < len(mine) else None
+            values = group.run(functools.partial(computed, task))
+            group.run(functools.partial(place, group.gather((task, values))))

@@ -16,11 +16,14 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 from tqdm import tqdm
 
-from .empirical import (_canonical_get, _rng_devices, _select, empirical_nngp_fn,
+from .empirical import (_canonical_get, _check_inputs, _rng_devices, _select, empirical_nngp_fn,
                         empirical_ntk_fn)
-from .stax.module import Layer
+from .stax.module import Layer, _all_finite
+
+_NAME = 'monte_carlo_kernel_fn'
 
 
 def monte_carlo_kernel_fn(model: nn.Module, n_samples: int | Sequence[int] = 1,
@@ -30,44 +33,57 @@ def monte_carlo_kernel_fn(model: nn.Module, n_samples: int | Sequence[int] = 1,
                           progress: bool = True) -> Callable:
     """`kernel_fn(x1, x2=None, get=None)`: empirical kernels averaged over `n_samples` inits.
 
-    Each sample re-initializes a copy of `model` (the model itself is left
-    unchanged): a `stax` model by
-    `init_parameters(x1.shape, generator=generator, dtype=x1.dtype, device=x1.device)`;
-    any other `nn.Module` by calling `reset_parameters()` of every submodule
-    that has one, under a forked global RNG seeded from `generator` (so the
-    global random stream is not consumed and one generator state gives one
-    sequence of networks). Only parameters with `requires_grad=True` count in the NTK.
+    The networks are fixed when `kernel_fn` is made (as neural-tangents fixes
+    them by its PRNG key): network `s` is drawn from seed `s` of
+    `torch.randint(2**62, (max(n_samples),), generator=generator)`, so every
+    call, and every tile of `torchntk.batch(kernel_fn, ...)`, averages over the
+    same networks, and pairs of examples computed in different calls are
+    entries of one estimate. Each network re-initializes a copy of `model`
+    (the model itself is left unchanged): a `stax` model by
+    `init_parameters(x1.shape, generator=torch.Generator().manual_seed(seed), dtype=x1.dtype,
+    device=x1.device)`; any other `nn.Module` by calling `reset_parameters()`
+    of every submodule that has one, under a forked global RNG seeded with
+    `seed` (the global random stream is not consumed). Only parameters with
+    `requires_grad=True` count in the NTK.
 
     Args:
         model: a `stax` layer or an `nn.Module` taking one tensor.
         n_samples: number of random networks; a list or tuple makes
             `kernel_fn` return a generator yielding the estimate after each
-            count in increasing order (all from one sequence of networks).
-        generator: source of the random initializations (global RNG if `None`).
+            count in increasing order (all from one sequence of networks;
+            such a `kernel_fn` declares `tileable = False` for `batch`).
+        generator: source of the seeds (the global RNG if `None`), drawn
+            once, here.
         trace_axes, diagonal_axes, vmap_axes, implementation: as in
             `empirical_ntk_fn`; shapes as in `torchntk.empirical`.
         progress: show a tqdm progress bar over samples.
 
     `get` is `'nngp'`, `'ntk'`, a tuple of them, or `None` for
-    `EmpiricalKernel(nngp, ntk)`.
+    `EmpiricalKernel(nngp, ntk)`. Inputs must be finite and non-empty.
     """
-    counts = [n_samples] if isinstance(n_samples, int) else list(n_samples)
-    if not counts or any(not isinstance(n, int) or n <= 0 for n in counts):
-        raise ValueError(f"monte_carlo_kernel_fn: n_samples must be a positive int or a "
-                         f"sequence of them, got {n_samples!r}")
-    counts = sorted(set(counts))
+    counts = _checked_counts(n_samples)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{_NAME}: model must be an nn.Module (a stax layer or a torch module), "
+                        f"got {type(model).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{_NAME}: generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
+    try:  # the arguments empirical_ntk_fn checks when it is made
+        empirical_ntk_fn(model, trace_axes, diagonal_axes, vmap_axes, implementation)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{_NAME}: {error}") from None
+    seeds = torch.randint(2**62, (counts[-1],), generator=generator,
+                          device=None if generator is None else generator.device).cpu()
 
-    def estimates(x1: torch.Tensor, x2: torch.Tensor | None,
+    def estimates(x1: torch.Tensor, x2: torch.Tensor | None, names: tuple[str, ...],
                   get: str | Sequence[str] | None) -> Iterator:
-        names = _canonical_get(get, 'monte_carlo_kernel_fn')
         sample = copy.deepcopy(model)
         fns = {'nngp': empirical_nngp_fn(sample, trace_axes, diagonal_axes),
                'ntk': empirical_ntk_fn(sample, trace_axes, diagonal_axes, vmap_axes,
                                        implementation)}
         sums = dict.fromkeys(names)
-        for i in tqdm(range(1, counts[-1] + 1), disable=not progress,
-                      desc='monte_carlo_kernel_fn'):
-            _reinitialize(sample, x1, generator)
+        for i in tqdm(range(1, counts[-1] + 1), disable=not progress, desc=_NAME):
+            _reinitialize(sample, x1, int(seeds[i - 1]))
             for name in names:
                 value = fns[name](x1, x2).detach()
                 sums[name] = value if sums[name] is None else sums[name] + value
@@ -76,24 +92,55 @@ def monte_carlo_kernel_fn(model: nn.Module, n_samples: int | Sequence[int] = 1,
 
     def kernel_fn(x1: torch.Tensor, x2: torch.Tensor | None = None,
                   get: str | Sequence[str] | None = None):
+        _check_finite_examples(x1, x2)
+        names = _canonical_get(get, _NAME)  # here: a generator would check it only when iterated
         if isinstance(n_samples, int):
-            return next(estimates(x1, x2, get))
-        return estimates(x1, x2, get)
+            return next(estimates(x1, x2, names, get))
+        return estimates(x1, x2, names, get)
 
+    kernel_fn.tileable = isinstance(n_samples, int)  # a generator of estimates has no tiles
     return kernel_fn
 
 
-def _reinitialize(model: nn.Module, x: torch.Tensor, generator: torch.Generator | None) -> None:
+def _checked_counts(n_samples: object) -> list[int]:
+    """The sample counts of `n_samples`, increasing, without repeats."""
+    counts = [n_samples] if not isinstance(n_samples, (list, tuple)) else list(n_samples)
+    if any(isinstance(n, bool) or not isinstance(n, int) for n in counts):
+        raise TypeError(f"{_NAME}: n_samples must be an int or a list or tuple of ints, got "
+                        f"{n_samples!r}")
+    if not counts or min(counts) <= 0:
+        raise ValueError(f"{_NAME}: n_samples must be a positive int or a non-empty list of "
+                         f"them, got {n_samples!r}")
+    return sorted(set(counts))
+
+
+def _check_finite_examples(x1: object, x2: object) -> None:
+    """Inputs as empirical kernels take them, with examples, and finite."""
+    _check_inputs(x1, x2, _NAME)
+    for name, x in (('x1', x1), ('x2', x2)):
+        for leaf in [] if x is None else pytree.tree_leaves(x):
+            if leaf.numel() == 0:
+                raise ValueError(f"{_NAME}: {name} is empty (shape {tuple(leaf.shape)}); a "
+                                 "kernel needs at least one example")
+            if not _all_finite(leaf, None):
+                raise ValueError(f"{_NAME}: {name} contains non-finite values (NaN or inf)")
+
+
+def _reinitialize(model: nn.Module, x: torch.Tensor, seed: int) -> None:
+    """Draw the network of `seed` into `model`, for inputs like `x`."""
     if isinstance(model, Layer):
-        model.init_parameters(tuple(x.shape), generator=generator, dtype=x.dtype, device=x.device)
+        if not x.is_floating_point():
+            raise TypeError(f"{_NAME}: the inputs of a stax model must be floating point, got "
+                            f"{x.dtype}")
+        model.init_parameters(tuple(x.shape), generator=torch.Generator().manual_seed(seed),
+                              dtype=x.dtype, device=x.device)
         return
-    seed = int(torch.randint(2**62, (), generator=generator))
     with torch.random.fork_rng(_rng_devices(x)):
         torch.manual_seed(seed)
         resettable = [m for m in model.modules() if callable(getattr(m, 'reset_parameters', None))]
         if not resettable:
-            raise ValueError(f"monte_carlo_kernel_fn: {type(model).__name__} has no submodule "
-                             "with reset_parameters(); it cannot be re-initialized")
+            raise ValueError(f"{_NAME}: {type(model).__name__} has no submodule with "
+                             "reset_parameters(); it cannot be re-initialized")
         for module in resettable:
             module.reset_parameters()
     model.to(device=x.device, dtype=x.dtype)
