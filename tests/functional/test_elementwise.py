@@ -208,18 +208,26 @@ def test_rbf_nngp_is_rbf_kernel_of_the_inputs():
     torch.testing.assert_close(nngp, torch.exp(-0.7 * torch.cdist(x1, x2)**2 / 5))
 
 
-def test_cos_is_sin_shifted_by_half_pi():
-    points = random_covariances(seed=4)
-    for actual, expected in zip(stax.Cos(0.8, 1.1, -0.4).kernel_map(*points, True),
-                                stax.Sin(0.8, 1.1, -0.4 + math.pi / 2).kernel_map(*points, True)):
-        torch.testing.assert_close(actual, expected)
+def test_cos_kernel_is_its_product_to_sum_closed_form():
+    # cos(x)cos(y) = (cos(x − y) + cos(x + y))/2 and E[cos(w)] = cos(E w)·exp(−Var w/2).
+    a, b, c = 0.8, 1.1, -0.4
+    cov12, var1, var2 = random_covariances(seed=4)
+    apart = torch.exp(-b**2 * (var1 + var2 - 2 * cov12) / 2)
+    together = math.cos(2 * c) * torch.exp(-b**2 * (var1 + var2 + 2 * cov12) / 2)
+    nngp, d_nngp = stax.Cos(a, b, c).kernel_map(cov12, var1, var2, True)
+    torch.testing.assert_close(nngp, a**2 / 2 * (apart + together), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(d_nngp, (a * b)**2 / 2 * (apart - together), rtol=1e-13, atol=1e-15)
 
 
-def test_monomial_is_the_one_term_polynomial():
-    points = random_covariances(seed=5)
-    for actual, expected in zip(stax.Monomial(4).kernel_map(*points, True),
-                                stax.Polynomial([0, 0, 0, 0, 1]).kernel_map(*points, True)):
-        torch.testing.assert_close(actual, expected)
+def test_monomial_kernel_is_the_isserlis_moment():
+    # Isserlis (Wick): E[u⁴v⁴] = 9·var1²var2² + 72·var1·var2·cov12² + 24·cov12⁴ and
+    # E[u³v³] = 9·var1·var2·cov12 + 6·cov12³, so E[φ'φ'] = 16·E[u³v³].
+    cov12, var1, var2 = random_covariances(seed=5)
+    nngp, d_nngp = stax.Monomial(4).kernel_map(cov12, var1, var2, True)
+    torch.testing.assert_close(nngp, 9 * var1**2 * var2**2 + 72 * var1 * var2 * cov12**2
+                               + 24 * cov12**4, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(d_nngp, 16 * (9 * var1 * var2 * cov12 + 6 * cov12**3),
+                               rtol=1e-13, atol=1e-15)
 
 
 def test_gelu_approximate_changes_forward_only():

@@ -49,9 +49,32 @@ def assert_kernels_close(actual, expected, rtol=1e-13, atol=1e-13):
 
 # --- exact identities -------------------------------------------------------------------------
 
-def test_abrelu_zero_one_is_relu(x1, x2):
-    assert_kernels_close(with_dense(stax.ABRelu(0., 1.)).kernel_fn(x1, x2),
-                         with_dense(stax.Relu()).kernel_fn(x1, x2), rtol=0, atol=0)
+def arc_cosine_kernels(pre, a, b):
+    """Kernels of `φ(u) = a·min(u, 0) + b·max(u, 0)` after the Gaussian layer
+    `pre`, written out from Cho & Saul (2009): with `θ` the angle between the
+    pre-activations and `s = sqrt(var1·var2 − cov12²)`, `φ = b·relu(u) −
+    a·relu(−u)`, `E[relu(u)relu(v)] = (s + (π − θ)·cov12)/2π`, `E[relu(u)relu(−v)]
+    = (s − θ·cov12)/2π`, and `P(u > 0, v > 0) = (π − θ)/2π`."""
+    var1, var2 = pre.cov1[:, None], pre.cov2[None, :]
+    s = torch.sqrt(torch.clamp(var1 * var2 - pre.nngp**2, min=0))
+    theta = torch.atan2(s, pre.nngp)
+    nngp = ((a**2 + b**2) * (s + (torch.pi - theta) * pre.nngp)
+            - 2 * a * b * (s - theta * pre.nngp)) / (2 * torch.pi)
+    d_nngp = ((a**2 + b**2) * (torch.pi - theta) + 2 * a * b * theta) / (2 * torch.pi)
+    return nngp, d_nngp * pre.ntk, (a**2 + b**2) * pre.cov1 / 2, (a**2 + b**2) * pre.cov2 / 2
+
+
+@pytest.mark.parametrize('phi, a, b', [
+    (stax.Relu(), 0., 1.), (stax.LeakyRelu(0.1), 0.1, 1.), (stax.LeakyRelu(-0.3), -0.3, 1.),
+    (stax.Abs(), -1., 1.), (stax.ABRelu(-0.4, 1.3), -0.4, 1.3), (stax.ABRelu(0.7, 0.2), 0.7, 0.2)],
+    ids=['Relu', 'LeakyRelu(0.1)', 'LeakyRelu(-0.3)', 'Abs', 'ABRelu(-0.4, 1.3)', 'ABRelu(0.7, 0.2)'])
+def test_relu_family_kernels_are_the_arc_cosine_closed_form(x1, x2, phi, a, b):
+    dense = stax.Dense(8, W_std=1.3, b_std=0.2)
+    kernel = stax.serial(dense, phi).kernel_fn(x1, x2)
+    expected = arc_cosine_kernels(dense.kernel_fn(x1, x2), a, b)
+    for name, value in zip(('nngp', 'ntk', 'cov1', 'cov2'), expected):
+        torch.testing.assert_close(getattr(kernel, name), value, rtol=1e-12, atol=1e-14,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize('a', [-1.3, 0.5, 2.])
@@ -71,17 +94,6 @@ def test_abrelu_a_a_network_equals_network_with_scaled_weights(x1, x2):
     scaled = stax.serial(stax.Dense(8, W_std=1.3, b_std=0.2), stax.Dense(1, W_std=1.5 * 0.7,
                                                                          b_std=0.4))
     assert_kernels_close(linear.kernel_fn(x1, x2), scaled.kernel_fn(x1, x2))
-
-
-@pytest.mark.parametrize('alpha', [0., 0.1, 0.5, -0.3])
-def test_leaky_relu_is_abrelu_alpha_one(x1, x2, alpha):
-    assert_kernels_close(with_dense(stax.LeakyRelu(alpha)).kernel_fn(x1, x2),
-                         with_dense(stax.ABRelu(alpha, 1.)).kernel_fn(x1, x2), rtol=0, atol=0)
-
-
-def test_abs_is_abrelu_minus_one_one(x1, x2):
-    assert_kernels_close(with_dense(stax.Abs()).kernel_fn(x1, x2),
-                         with_dense(stax.ABRelu(-1., 1.)).kernel_fn(x1, x2), rtol=0, atol=0)
 
 
 def test_abs_kernels_are_four_relu_kernels_minus_linear(x1, x2):
@@ -122,10 +134,24 @@ def test_abrelu_stabilization_keeps_huge_kernels_finite(x1, x2):
     assert kernel.nngp.min() > 1e250
 
 
-def test_sigmoid_like_is_erf_with_its_constants(x1, x2):
-    assert_kernels_close(with_dense(stax.Sigmoid_like()).kernel_fn(x1, x2),
-                         with_dense(stax.Erf(0.5, 1 / 2.4020563531719796, 0.5)).kernel_fn(x1, x2),
-                         rtol=0, atol=0)
+def test_sigmoid_like_kernels_are_williams_arcsine_formula(x1, x2):
+    # φ(u) = a·erf(b·u) + c (a = c = 1/2, b = 1/2.4020563531719796), Williams (1997):
+    # E[φφ] = a²·(2/π)·asin(2b²·cov12 / sqrt((1 + 2b²var1)(1 + 2b²var2))) + c², and
+    # E[φ'φ'] = a²·(4b²/π) / sqrt((1 + 2b²var1)(1 + 2b²var2) − 4b⁴cov12²).
+    a, b, c = 0.5, 1 / 2.4020563531719796, 0.5
+    dense = stax.Dense(8, W_std=1.3, b_std=0.2)
+    kernel = stax.serial(dense, stax.Sigmoid_like()).kernel_fn(x1, x2)
+    pre = dense.kernel_fn(x1, x2)
+    product = (1 + 2 * b**2 * pre.cov1[:, None]) * (1 + 2 * b**2 * pre.cov2[None, :])
+    nngp = a**2 * 2 / torch.pi * torch.asin(2 * b**2 * pre.nngp / torch.sqrt(product)) + c**2
+    d_nngp = a**2 * 4 * b**2 / torch.pi / torch.sqrt(product - 4 * b**4 * pre.nngp**2)
+    torch.testing.assert_close(kernel.nngp, nngp, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(kernel.ntk, d_nngp * pre.ntk, rtol=1e-12, atol=1e-14)
+
+
+def test_sigmoid_like_forward_is_within_a_hundredth_of_the_logistic_sigmoid():
+    x = torch.linspace(-20, 20, 4001, dtype=torch.float64)
+    assert (stax.Sigmoid_like()(x) - torch.sigmoid(x)).abs().max() < 0.01
 
 
 def test_rectified_monomial_of_degree_one_is_relu(x1, x2):
