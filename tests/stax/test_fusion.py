@@ -1,6 +1,7 @@
 """Runs of Conv, pooling and ReLU-like layers through the extension's fused
 chain (stax/fusion.py, csrc/conv_chain.cpp) give the layers' own kernels."""
 
+import collections
 from unittest import mock
 
 import pytest
@@ -14,6 +15,18 @@ from tests.strategies import gaussian, relative_error
 
 needs_chain = pytest.mark.skipif(not conv_chain.available(torch.zeros(1, dtype=torch.float64)),
                                  reason='the fused chain needs the compiled extension')
+
+
+@pytest.fixture
+def chain_calls(monkeypatch):
+    """Counts of the calls to the fused chain's `chain_self` and `chain_pairs`
+    (by name): a test that names the fused path asserts that it ran."""
+    calls = collections.Counter()
+    for name in ('chain_self', 'chain_pairs'):
+        function = getattr(conv_chain, name)
+        monkeypatch.setattr(conv_chain, name, lambda *args, _f=function, _n=name, **kwargs:
+                            calls.update([_n]) or _f(*args, **kwargs))
+    return calls
 
 
 def conv(n_spatial=2, **kwargs):
@@ -102,7 +115,7 @@ def test_fused_flat_chain_equals_the_layers_one_at_a_time(chain, x2_given, get):
 @needs_chain
 @pytest.mark.parametrize('pools', [True, False], ids=['pools', 'convolutions'])
 @pytest.mark.parametrize('n_spatial', [1, 3])
-def test_fused_chain_in_one_and_three_dimensions(n_spatial, pools):
+def test_fused_chain_in_one_and_three_dimensions(n_spatial, pools, chain_calls):
     """Without pools, the chain goes one diagonal of the first spatial pair at
     a time (csrc/conv_chain.cpp, run_by_diagonals and run_self)."""
     layers = [conv(n_spatial), stax.Relu(), conv(n_spatial, padding='VALID'), stax.Relu(),
@@ -113,29 +126,31 @@ def test_fused_chain_in_one_and_three_dimensions(n_spatial, pools):
                    stax.Relu(), stax.SumPool(window[::-1], padding='CIRCULAR')]
     x1 = gaussian(*SHAPES[n_spatial], seed=2)
     actual = stax.serial(*layers).kernel_fn(x1, None, diagonal_spatial=False)
+    assert chain_calls == {'chain_self': 1, 'chain_pairs': 1}
     assert_same_kernels(actual, layer_by_layer(layers, x1, None), 1e-13)
     if not pools:
         assert torch.equal(torch.diagonal(actual.nngp, 0, 0, 1).movedim(-1, 0), actual.cov1)
 
 
 @needs_chain
-def test_fused_chain_in_float32_is_as_close_as_the_layers():
+def test_fused_chain_in_float32_is_as_close_as_the_layers(chain_calls):
     layers = CHAINS['same-relu']()
     x1, x2 = gaussian(3, 2, 6, 5, seed=3), gaussian(2, 2, 6, 5, seed=4)
     expected = layer_by_layer(layers, x1, x2)
     actual = stax.serial(*layers).kernel_fn(x1.float(), x2.float(), diagonal_spatial=False)
-    assert actual.ntk.dtype == torch.float32
+    assert chain_calls['chain_pairs'] == 1 and actual.ntk.dtype == torch.float32
     assert_same_kernels(actual, expected, 1e-6)
 
 
 @needs_chain
-def test_fused_chain_keeps_an_example_with_itself_exact():
+def test_fused_chain_keeps_an_example_with_itself_exact(chain_calls):
     """With x2=None the pairs (i, i) go through the same arithmetic as cov1:
     bitwise equal, and the NTK there agrees with the layers' exact diagonal (a fused
     multiply-add in var1·var2 − c² would put it 1e-9 off)."""
     layers = CHAINS['same-relu']()
     x1 = gaussian(3, 2, 6, 5, seed=5)
     k = stax.serial(*layers).kernel_fn(x1, None, diagonal_spatial=False)
+    assert chain_calls == {'chain_self': 1, 'chain_pairs': 1}
     same_example = torch.diagonal(k.nngp, 0, 0, 1).movedim(-1, 0)
     assert torch.equal(same_example, k.cov1)
     expected = layer_by_layer(layers, x1, None)
@@ -201,10 +216,13 @@ def test_a_scalar_ntk_input_equals_its_broadcast_tensor(chain, n_spatial):
 def test_get_nngp_alone_runs_the_chain_without_ntk():
     layers = CHAINS['same-relu']()
     x1 = gaussian(3, 2, 6, 5, seed=6)
-    nngp = stax.serial(*layers).kernel_fn(x1, None, get='nngp', diagonal_spatial=False)
+    with mock.patch.object(conv_chain, 'chain_pairs', wraps=conv_chain.chain_pairs) as fused:
+        nngp = stax.serial(*layers).kernel_fn(x1, None, get='nngp', diagonal_spatial=False)
+    assert fused.call_count == 1 and fused.call_args.args[1] is None   # no NTK in the chain
     torch.testing.assert_close(nngp, layer_by_layer(layers, x1, None).nngp, rtol=1e-13, atol=0)
 
 
+@needs_chain
 @pytest.mark.parametrize('grad_of', ['inputs', 'W_std'])
 def test_gradients_go_through_the_layers_and_match_the_fused_values(grad_of):
     W_std = torch.tensor(1.3, dtype=torch.float64, requires_grad=grad_of == 'W_std')
@@ -213,11 +231,14 @@ def test_gradients_go_through_the_layers_and_match_the_fused_values(grad_of):
     with mock.patch.object(conv_chain, 'chain_pairs', wraps=conv_chain.chain_pairs) as fused:
         ntk = stax.serial(*layers).kernel_fn(x1, None, get='ntk', diagonal_spatial=False)
     assert fused.call_count == 0 and ntk.requires_grad
-    with torch.no_grad():
+    with torch.no_grad(), mock.patch.object(conv_chain, 'chain_pairs',
+                                            wraps=conv_chain.chain_pairs) as fused:
         ntk_fused = stax.serial(*layers).kernel_fn(x1, None, get='ntk', diagonal_spatial=False)
+    assert fused.call_count == 1
     torch.testing.assert_close(ntk.detach(), ntk_fused, rtol=1e-13, atol=0)
 
 
+@needs_chain
 def test_masked_kernels_go_through_the_layers():
     layers = CHAINS['same-relu']()
     x1 = gaussian(2, 2, 6, 5, seed=8)
