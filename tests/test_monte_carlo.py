@@ -85,6 +85,34 @@ def test_plain_module_is_reinitialized_by_reset_parameters(x):
 
 
 
+def test_a_stax_model_with_several_inputs_is_drawn_for_their_shapes():
+    model = stax.serial(stax.parallel(stax.Dense(8), stax.Dense(8)), stax.FanInSum(), stax.Relu(),
+                        stax.Dense(1))
+    xs = [torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)]
+    estimate = torchntk.monte_carlo_kernel_fn(model, 1, generator=torch.Generator().manual_seed(4),
+                                              progress=False)(xs, get='ntk')
+    seed = int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(4)))
+    model.init_parameters([(3, 4), (3, 5)], generator=torch.Generator().manual_seed(seed),
+                          dtype=torch.float64)
+    torch.testing.assert_close(estimate, torchntk.empirical_ntk_fn(model)(xs), rtol=0, atol=1e-12)
+
+
+def test_token_ids_are_fed_to_a_model_that_keeps_its_floating_dtype():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    tokens = torch.randint(10, (3, 2), generator=torch.Generator().manual_seed(1))
+    estimate = torchntk.monte_carlo_kernel_fn(model, 1, generator=torch.Generator().manual_seed(2),
+                                              progress=False)(tokens, get='nngp')
+    seed = int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(2)))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for module in model.modules():   # the documented draw: reset_parameters() in module order
+            if hasattr(module, 'reset_parameters'):
+                module.reset_parameters()
+    out = model(tokens)
+    assert estimate.dtype == torch.float32
+    torch.testing.assert_close(estimate, out @ out.T / 2)
+
+
 # ----------------------------------------------------------------------------- fixed networks
 
 def test_every_call_averages_over_the_networks_fixed_when_it_was_made(x):

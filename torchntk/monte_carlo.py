@@ -41,13 +41,16 @@ def monte_carlo_kernel_fn(model: nn.Module, n_samples: int | Sequence[int] = 1,
     entries of one estimate. Each network re-initializes a copy of `model`
     (the model itself is left unchanged): a `stax` model by
     `init_parameters(x1.shape, generator=torch.Generator().manual_seed(seed), dtype=x1.dtype,
-    device=x1.device)`; any other `nn.Module` by calling `reset_parameters()`
-    of every submodule that has one, under a forked global RNG seeded with
-    `seed` (the global random stream is not consumed). Only parameters with
-    `requires_grad=True` count in the NTK.
+    device=x1.device)` (the list of shapes for a list of inputs); any other
+    `nn.Module` by calling `reset_parameters()` of every submodule that has
+    one, under a forked global RNG seeded with `seed` (the global random
+    stream is not consumed), then moving it to the device of the inputs and
+    the dtype of the floating ones (integer inputs, e.g. token ids, leave its
+    dtype). Only parameters with `requires_grad=True` count in the NTK.
 
     Args:
-        model: a `stax` layer or an `nn.Module` taking one tensor.
+        model: a `stax` layer or an `nn.Module` taking `x1` (a tensor or a
+            pytree of them).
         n_samples: number of random networks; a list or tuple makes
             `kernel_fn` return a generator yielding the estimate after each
             count in increasing order (all from one sequence of networks;
@@ -126,14 +129,20 @@ def _check_finite_examples(x1: object, x2: object) -> None:
                 raise ValueError(f"{_NAME}: {name} contains non-finite values (NaN or inf)")
 
 
-def _reinitialize(model: nn.Module, x: torch.Tensor, seed: int) -> None:
-    """Draw the network of `seed` into `model`, for inputs like `x`."""
+def _reinitialize(model: nn.Module, x: torch.Tensor | list, seed: int) -> None:
+    """Draw the network of `seed` into `model`, for inputs like `x` (a tensor,
+    or a pytree of them: the parameters take the first one's device and the
+    first floating one's dtype; integer inputs such as token ids set none)."""
+    leaves = pytree.tree_leaves(x)
+    dtype = next((t.dtype for t in leaves if t.is_floating_point()), None)
+    device = leaves[0].device
     if isinstance(model, Layer):
-        if not x.is_floating_point():
+        if dtype is None:
             raise TypeError(f"{_NAME}: the inputs of a stax model must be floating point, got "
-                            f"{x.dtype}")
-        model.init_parameters(tuple(x.shape), generator=torch.Generator().manual_seed(seed),
-                              dtype=x.dtype, device=x.device)
+                            f"{[t.dtype for t in leaves]}")
+        shapes = tuple(x.shape) if isinstance(x, torch.Tensor) else [tuple(t.shape) for t in x]
+        model.init_parameters(shapes, generator=torch.Generator().manual_seed(seed), dtype=dtype,
+                              device=device)
         return
     with torch.random.fork_rng(_rng_devices(x)):
         torch.manual_seed(seed)
@@ -143,4 +152,4 @@ def _reinitialize(model: nn.Module, x: torch.Tensor, seed: int) -> None:
                              "reset_parameters(); it cannot be re-initialized")
         for module in resettable:
             module.reset_parameters()
-    model.to(device=x.device, dtype=x.dtype)
+    model.to(device=device, dtype=dtype)
