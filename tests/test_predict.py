@@ -258,10 +258,54 @@ def test_ode_state_resumes_momentum_integration(data):
                                    rtol=1e-6, atol=1e-8)
 
 
+def exact_mse_flow_train(k_train: torch.Tensor, y: torch.Tensor, fx_train: torch.Tensor,
+                         time: float, damping: float | None = None) -> torch.Tensor:
+    """Training outputs of `f' = -K (f - y)/n` (or, with `damping = d`, of
+    `f'' = -K (f - y)/n + d f'` from rest) at absolute time `time`, by one
+    matrix exponential of the linear system in `(f - y, f')`."""
+    n, N = y.numel(), len(y)
+    if damping is None:
+        system = -k_train / n
+        state = fx_train - y
+    else:
+        eye, zero = torch.eye(N, dtype=DTYPE), torch.zeros(N, N, dtype=DTYPE)
+        system = torch.cat([torch.cat([zero, eye], 1), torch.cat([-k_train / n, damping * eye], 1)])
+        state = torch.cat([fx_train - y, torch.zeros_like(y)])
+    return y + (torch.linalg.matrix_exp(system * time) @ state)[:N]
+
+
+@pytest.mark.parametrize('momentum', [None, 0.5])
+def test_ode_predicts_the_training_set_alone(data, momentum):
+    """The documented default call, `predict_fn(t, fx_train_0)` and `predict_fn(t)`."""
+    k_train, y, fx_train_0 = data['k_train_train'].ntk, data['y_train'], data['fx_train_0']
+    learning_rate = 0.5 * predict.max_learning_rate(k_train, y.numel())
+    predict_fn = predict.gradient_descent(mse, k_train, y, learning_rate, momentum,
+                                          progress=False)
+    t = torch.tensor([3., 30., 300.], dtype=DTYPE)
+    time_scale = learning_rate if momentum is None else math.sqrt(learning_rate)
+    damping = None if momentum is None else (momentum - 1) / math.sqrt(learning_rate)
+    for start, got in ((fx_train_0, predict_fn(t, fx_train_0)),
+                       (torch.zeros_like(y), predict_fn(t))):
+        expected = torch.stack([exact_mse_flow_train(k_train, y, start, time_scale * s, damping)
+                                for s in t.tolist()])
+        assert got.shape == (len(t), N_TRAIN, N_OUT)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+        assert (got[-1] - start).abs().max() > 0.1   # it did train
+
+
 def test_ode_refuses_infinite_time(data):
     predict_fn = predict.gradient_descent(mse, data['k_train_train'].ntk, data['y_train'])
     with pytest.raises(ValueError, match='gradient_descent: t=None'):
         predict_fn(None)
+
+
+@pytest.mark.parametrize('t', [math.inf, torch.tensor([1., math.inf], dtype=DTYPE)])
+def test_ode_refuses_t_inf_instead_of_integrating_forever(data, t):
+    predict_fn = predict.gradient_descent(mse, data['k_train_train'].ntk, data['y_train'],
+                                          progress=False)
+    with pytest.raises(ValueError, match=r'gradient_descent: times t must be >= 0 and finite, '
+                                         r'got inf.*gradient_descent_mse'):
+        predict_fn(t, data['fx_train_0'], data['fx_test_0'], data['k_test_train'].ntk)
 
 
 # ---------------------------------------------------------------------------

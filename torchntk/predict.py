@@ -280,7 +280,8 @@ def gradient_descent(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     Returns:
         `predict_fn(t, fx_train_or_state_0=0., fx_test_0=None, k_test_train=None)`
         like `gradient_descent_mse`'s, for finite `t` (any order, any shape;
-        `t=None` is refused: the ODE cannot be integrated to infinity).
+        `t=None` and `inf` are refused: the flow of a general loss need not
+        converge, e.g. cross-entropy on separable data).
         Passing an `ODEState` as `fx_train_or_state_0` (with `fx_test_0=None`)
         returns `ODEState`s, with the momentum variables.
     """
@@ -302,6 +303,10 @@ def gradient_descent(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     time_scale = learning_rate if momentum is None else math.sqrt(learning_rate)
     damping = None if momentum is None else (momentum - 1.) / math.sqrt(learning_rate)
     k_train = _matrix(k_train_train)
+    # Why there is no t = ∞ here: the flow of a general loss need not settle.
+    no_limit = ("the flow of a general loss need not reach a limit (on separable data "
+                "cross-entropy's outputs grow without bound); pass finite times, or for the "
+                "MSE use gradient_descent_mse, whose t=None and t=float('inf') are its limit")
 
     def grad_loss(fx: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
@@ -328,8 +333,7 @@ def gradient_descent(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     def predict_fn(t: Times = None, fx_train_or_state_0: Targets | ODEState = 0.,
                    fx_test_0: Targets = None, k_test_train: torch.Tensor | None = None) -> Any:
         if t is None:
-            raise ValueError(f"{name}: t=None (infinite time) cannot be integrated; pass finite "
-                             "times, or use gradient_descent_mse for the MSE")
+            raise ValueError(f"{name}: t=None (infinite time) cannot be integrated: {no_limit}")
         as_state = isinstance(fx_train_or_state_0, ODEState)
         if as_state:
             if fx_test_0 is not None:
@@ -343,11 +347,11 @@ def gradient_descent(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         if state_0.fx_train is None and state_0.fx_test is None:
             raise ValueError(f"{name}: fx_train_0 and fx_test_0 are both None; nothing to predict")
         with_test = state_0.fx_test is not None
-        k_test, test_kept = None, ()
+        k_test, test_kept, test_shape = None, (), ()
         if with_test:
             k_test_train = _test_train_kernel(k_test_train, k_train_train, axes, name)
             k_test, test_kept = _matrix(k_test_train), tuple(k_test_train.shape[::2])
-        test_shape = axes.outputs_shape(test_kept)
+            test_shape = axes.outputs_shape(test_kept)
         fx = [_broadcast(0. if state_0.fx_train is None else state_0.fx_train, y_train,
                          y_train.shape, 'fx_train_0', name)]
         if with_test:
@@ -360,7 +364,7 @@ def gradient_descent(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 qx.append(_broadcast(0. if state_0.qx_test is None else state_0.qx_test, y_train,
                                      test_shape, 'qx_test', name))
 
-        times, t_shape = _times(t, time_scale, k_train_train, name)
+        times, t_shape = _times(t, time_scale, k_train_train, name, no_limit)
         trajectory = _integrate(derivative(k_test, test_kept), (*fx, *qx), times[:, 0],
                                 dict(method=method, rtol=rtol, atol=atol), progress)
         trajectory = [x.reshape(*t_shape, *x.shape[1:]) for x in trajectory]
@@ -900,13 +904,24 @@ def _broadcast(value: Any, like: torch.Tensor, shape: Sequence[int], arg: str,
     return value
 
 
-def _times(t: Times, scale: float, like: torch.Tensor, fn: str) -> tuple[torch.Tensor, tuple]:
-    """`t · scale` as a column `(T, 1)` in `like`'s dtype and device, and `t`'s shape."""
+def _times(t: Times, scale: float, like: torch.Tensor, fn: str,
+           no_limit: str | None = None) -> tuple[torch.Tensor, tuple]:
+    """`t · scale` as a column `(T, 1)` in `like`'s dtype and device, and `t`'s shape.
+
+    `no_limit`: why `t = inf` is refused (`None`: it is allowed).
+    """
     if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)):
         raise TypeError(f"{fn}: t must be None, a number or a tensor, got {type(t).__name__}")
+    if isinstance(t, torch.Tensor) and (t.is_complex() or t.dtype == torch.bool):
+        raise TypeError(f"{fn}: t must be a real tensor, got {t.dtype}")
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
-    if bool(torch.isnan(t).any()) or bool((t < 0).any()):
-        raise ValueError(f"{fn}: times t must be >= 0 (inf allowed), got min(t) = {t.min()}")
+    expected = "times t must be >= 0" + (" (inf allowed)" if no_limit is None else " and finite")
+    if bool(torch.isnan(t).any()):
+        raise ValueError(f"{fn}: {expected}, got NaN")
+    if bool((t < 0).any()):
+        raise ValueError(f"{fn}: {expected}, got min(t) = {float(t.min())}")
+    if no_limit is not None and bool(torch.isinf(t).any()):
+        raise ValueError(f"{fn}: {expected}, got inf: {no_limit}")
     return (t * scale).reshape(-1, 1), tuple(t.shape)
 
 
