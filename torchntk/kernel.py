@@ -217,7 +217,8 @@ def canonical_get(get: str | Sequence[str] | None,
                         f"got {get!r} ({type(get).__name__})")
     names = (get,) if isinstance(get, str) else tuple(get)
     if not names:
-        raise ValueError(f"{caller}: get must be a field name or a non-empty tuple of names, got ()")
+        raise ValueError(f"{caller}: get must be a field name or a non-empty tuple of names, "
+                         "got ()")
     lowered = []
     for name in names:
         if not isinstance(name, str):

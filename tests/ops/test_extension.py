@@ -41,7 +41,8 @@ def test_an_extension_that_fails_to_load_warns_with_the_reason(monkeypatch):
     monkeypatch.delenv('TORCHNTK_BACKEND', raising=False)
     monkeypatch.setattr(extension.importlib, 'import_module', failing_import(
         ImportError("_C.so: undefined symbol: _ZN3c1017RegisterOperators")))
-    with pytest.warns(RuntimeWarning, match=r"failed to load \(.*undefined symbol.*TORCHNTK_BACKEND=torch"):
+    with pytest.warns(RuntimeWarning,
+                      match=r"failed to load \(.*undefined symbol.*TORCHNTK_BACKEND=torch"):
         assert extension._load() is None
 
 

@@ -252,7 +252,9 @@ def _inputs_to_kernels(x1: Tensors, x2: Tensors | None, layer_name: str, **layou
 def _type_name(value: Any) -> str:
     """`numpy.ndarray` for a numpy array, `list` for a list: what a user passed."""
     kind = type(value)
-    return kind.__name__ if kind.__module__ == 'builtins' else f"{kind.__module__}.{kind.__qualname__}"
+    if kind.__module__ == 'builtins':
+        return kind.__name__
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _stand_in_for_empty_batch(x: Tensors | None, mask_constant: float | None) -> tuple[Any, bool]:
@@ -324,7 +326,8 @@ def _checked_inputs(x1: torch.Tensor, x2: torch.Tensor | None, layer_name: str,
         if x is None:
             continue
         if x.is_complex():
-            raise TypeError(f"{layer_name}: {name} must be real (floating or integer), got {x.dtype}")
+            raise TypeError(f"{layer_name}: {name} must be real (floating or integer), got "
+                            f"{x.dtype}")
         if x.device.type == 'meta':
             raise ValueError(f"{layer_name}: {name} is on the meta device, which holds no values; "
                              "kernels need the inputs' values (a CPU or GPU tensor)")
