@@ -1429,14 +1429,9 @@ def _run(settings: _Settings, call: _Call, x1: Inputs, x2: Inputs | None) -> Any
         plan = group.run(lambda: _Plan.build(call, _rows(x1, 0, 1, device),
                                              None if x2 is None else _rows(x2, 0, 1, device),
                                              n1, n2))
-        error, batch_size = None, None
-        if group.rank == 0:  # which holds the result
-            try:
-                batch_size = _choose_batch_size(settings, plan, x1, x2, device, out_device)
-            except Exception as e:  # raised on every rank, below
-                error = e
-        group.agree(error)
-        batch_size = group.broadcast(batch_size)
+        batch_size = group.broadcast(group.run(  # chosen by rank 0, which holds the result
+            lambda: None if group.rank else _choose_batch_size(settings, plan, x1, x2, device,
+                                                               out_device)))
         tasks = _tasks(plan, batch_size)
         checkpoint = None
         if settings.checkpoint is not None or group.size > 1:
