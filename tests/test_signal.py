@@ -2,6 +2,7 @@
 
 import math
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -95,6 +96,61 @@ def test_erf_network_matches_gauss_hermite_reference(W_var, b_var):
         assert getattr(res, name).item() == pytest.approx(value, rel=1e-9, abs=1e-9), name
     assert res.depth_scale.item() == pytest.approx(-1 / math.log(expected['chi_c']), rel=1e-8)
     assert res.depth_scale_q.item() == pytest.approx(-1 / math.log(expected['chi_q']), rel=1e-8)
+
+
+# --- q* to full precision: mpmath at 50 digits, for the binary W_var, b_var given ---
+
+def _mp_erf_variance(v):
+    """E[erf(u)²] for u ~ N(0, v)."""
+    return 2 / mpmath.pi * mpmath.asin(2 * v / (1 + 2 * v))
+
+
+def _mp_post_activation_fixed_point(variance, W_var, b_var):
+    """The q > 0 with `q = variance(W_var·q + b_var)` (the map of `serial(Dense, φ)`,
+    |φ| < 1), by bisection of log q between a point where the map rises above q
+    (`V(0) > 0`, or 1e-6 without bias) and 1: 200 halvings, every digit of float64."""
+    with mpmath.workdps(50):
+        W, b = mpmath.mpf(W_var), mpmath.mpf(b_var)
+        rises = lambda q: variance(W * q + b) > q
+        low, high = (variance(b) if b else mpmath.mpf('1e-6')), mpmath.mpf(1)
+        assert rises(low) and not rises(high)
+        for _ in range(200):
+            middle = mpmath.sqrt(low * high)
+            low, high = (middle, high) if rises(middle) else (low, middle)
+        return float(low)
+
+
+@pytest.mark.parametrize('W_var, b_var', [
+    (0.78, 1e-6),     # near the critical σ_w² = π/4; q* ≈ 1.78e-4
+    (0.5, 1e-14),     # tiny variances: q* ≈ 3.5e-14, not the 0 of a bias-free network
+    (0.5, 1e-100),
+])
+def test_erf_fixed_point_is_exact_for_small_variances(W_var, b_var):
+    res = fixed_points(stax.serial(stax.Dense(1), stax.Erf()), W_var, b_var)
+    expected = _mp_post_activation_fixed_point(_mp_erf_variance, W_var, b_var)
+    assert res.status.item() == Status.FINITE
+    assert res.q_star.item() == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize('W_var, b_var', [(3., 10.), (0.5, 1e5), (100., 0.), (1e4, 1e3)])
+def test_erf_fixed_point_is_exact_for_large_variances(W_var, b_var):
+    res = fixed_points(stax.serial(stax.Dense(1), stax.Erf()), W_var, b_var)
+    expected = _mp_post_activation_fixed_point(_mp_erf_variance, W_var, b_var)
+    assert res.q_star.item() == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize('layer, slope', [(stax.Relu(), 1 / 2), (stax.LeakyRelu(0.1), 1.01 / 2),
+                                          (stax.ABRelu(-0.5, 2.), 4.25 / 2)])
+@pytest.mark.parametrize('W_fraction, b_var', [(0.5, 1e-14), (0.5, 1e-100), (0.9995, 1.),
+                                               (0.3, 1e8)])
+def test_relu_family_fixed_point_is_the_closed_form(layer, slope, W_fraction, b_var):
+    """`serial(Dense, φ)` with `φ = a·min(u, 0) + b·max(u, 0)` maps
+    `q ↦ s·(σ_w² q + σ_b²)`, `s = (a² + b²)/2`, so `q* = s σ_b² / (1 − s σ_w²)`
+    below `σ_w² = 1/s`."""
+    W_var = W_fraction / slope
+    res = fixed_points(stax.serial(stax.Dense(1), layer), W_var, b_var)
+    assert res.status.item() == Status.FINITE
+    assert res.q_star.item() == pytest.approx(slope * b_var / (1 - slope * W_var), rel=1e-12, abs=0)
 
 
 @pytest.mark.parametrize('activation, layer, tolerance', [
@@ -347,13 +403,16 @@ def test_plain_residual_block_diverges_and_layer_norm_restores_a_fixed_point():
     res = fixed_points(normalized, W_var, b_var)
     assert (res.status == Status.FINITE).all()
     torch.testing.assert_close(res.q_star, torch.ones_like(res.q_star), rtol=1e-12, atol=0)
-    # The reported fixed point is one of the block's own kernel rule.
+    # The reported fixed point is one of the block's own kernel rule, applied
+    # to Gaussian inputs of that covariance (the state of the mean-field map).
     for i, W in enumerate(W_var):
         block = residual(stax.LayerNorm())
         for layer in block.modules():
             if isinstance(layer, stax.Dense):
                 layer.W_std, layer.b_std = math.sqrt(W), math.sqrt(b_var[0])
-        kernel = block.kernel_fn(_pair(1., res.c_star[i, 0].item()), get='nngp')
+        inputs = kernel_from_inputs(_pair(1., res.c_star[i, 0].item()), None,
+                                    diagonal_batch=True, diagonal_spatial=True, compute_ntk=False)
+        kernel = block.propagate(inputs.replace(is_gaussian=True)).nngp
         assert kernel[0, 1].item() == pytest.approx(res.c_star[i, 0].item(), abs=1e-12)
 
 

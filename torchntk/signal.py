@@ -481,14 +481,19 @@ def _spectral_radius(matrix: Tensor) -> Tensor:
 
 def _newton(value_and_jacobian: ValueAndJacobian, x: Tensor, params: Sequence[Tensor],
             valid: Callable[..., Tensor], is_variance: Tensor, tol: float,
-            max_iter: int) -> tuple[Tensor, Tensor, Tensor]:
+            max_iter: int, floor: Tensor | float = 0.) -> tuple[Tensor, Tensor, Tensor]:
     """Fixed points `x = f(x, *params)` of every row, without gradients.
 
     A Newton step `x − (J − I)⁻¹(f(x) − x)` is taken where it is finite,
     `valid`, and heads the way the plain iteration `x ← f(x)` goes (so it
     moves toward the attractor the network reaches, not toward a repelling
-    fixed point); elsewhere the plain iteration is. Rows stop when
-    `|f(x) − x| ≤ tol·max(1, |x|)` or when `f(x)` overflows.
+    fixed point); elsewhere the plain iteration is. A row stops once
+    `|f(x) − x| ≤ tol·|x| + floor` (`|x|` its largest entry), after taking that
+    last step, or when `f(x)` overflows. The test is relative, so that tiny fixed
+    points get every digit, and on the residual, which a map's rounding keeps
+    from shrinking further, not on the step, which near a critical line
+    (`J ≈ I`) amplifies that rounding; the absolute `floor` of a row lets an
+    iteration that approaches a fixed point at 0 stop.
 
     Returns:
         `x`, whether each row converged, and whether its last step increased
@@ -500,6 +505,7 @@ def _newton(value_and_jacobian: ValueAndJacobian, x: Tensor, params: Sequence[Te
     increasing = torch.zeros_like(converged)
     active = torch.arange(x.shape[0], device=x.device)
     eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    floor = torch.as_tensor(floor, dtype=x.dtype, device=x.device).expand(x.shape[0])
     with torch.no_grad():
         for _ in range(max_iter):
             if active.numel() == 0:
@@ -507,18 +513,17 @@ def _newton(value_and_jacobian: ValueAndJacobian, x: Tensor, params: Sequence[Te
             x_active, p_active = x[active], [p[active] for p in params]
             value, jacobian = value_and_jacobian(x_active, p_active)
             residual = value - x_active
-            done = residual.abs().amax(-1) <= tol * x_active.abs().amax(-1).clamp_min(1)
             overflow = ~torch.isfinite(value).all(-1)
-            converged[active] = done
             increasing[active] = (residual[:, is_variance] > 0).all(-1)
             step, singular = torch.linalg.solve_ex(jacobian - eye, -residual)
             newton = x_active + step
             accept = ((singular == 0) & torch.isfinite(newton).all(-1) & valid(newton, *p_active)
                       & ((step * residual).sum(-1) > 0))
-            stop = done | overflow
-            x[active] = torch.where(stop[:, None], x_active,
+            done = residual.abs().amax(-1) <= tol * x_active.abs().amax(-1) + floor[active]
+            converged[active] = done
+            x[active] = torch.where(overflow[:, None], x_active,
                                     torch.where(accept[:, None], newton, value))
-            active = active[~stop]
+            active = active[~(done | overflow)]
     return x, converged, increasing
 
 
@@ -585,9 +590,17 @@ def _solve_chunk(kernel_map: _KernelMap, W_var: Tensor, b_var: Tensor, q0: float
     differentiable = torch.is_grad_enabled() and (W_var.requires_grad or b_var.requires_grad)
 
     # 1. The variance fixed point q*: the attractor of the iteration from q0.
+    # Only where V(0) = 0 (no bias: V(0) is then of the order of the smallest
+    # normal number, which `_KernelMap` adds to b_var; below its square root,
+    # b_var counts as 0) can q* be 0: there the iteration may approach it
+    # linearly, so its residuals are also measured against q0; elsewhere a
+    # tiny q* is a real one, found to full relative precision.
+    with torch.no_grad():
+        at_zero = torch.func.vmap(V)(torch.zeros_like(start), W_var, b_var).abs().amax(-1)
+    fixes_zero = ~(at_zero > math.sqrt(torch.finfo(W_var.dtype).tiny) * q0)
     q, converged, increasing = _newton(V_and_jacobian, start, (W_var, b_var), valid_q,
-                                       is_variance, tol, max_iter)
-    zero = converged & (q.abs().amax(-1) <= 1e3 * tol * q0)
+                                       is_variance, tol, max_iter, tol * q0 * fixes_zero)
+    zero = converged & fixes_zero & (q.abs().amax(-1) <= 1e3 * tol * q0)
     diverges = ~converged & increasing
 
     # 2. The scale q_c at which the slopes are taken: q* itself; q* + ε²·q0 for
@@ -604,7 +617,8 @@ def _solve_chunk(kernel_map: _KernelMap, W_var: Tensor, b_var: Tensor, q0: float
             value = V(q, W, torch.zeros_like(W))
             return value / value[is_variance].mean()
         direction, done, _ = _newton(_autograd_jacobian(normalized), start[projective],
-                                     (W_var[projective],), valid_q, is_variance, tol, max_iter)
+                                     (W_var[projective],), valid_q, is_variance, tol, max_iter,
+                                     tol)
         q_c[projective] = direction
         projective[projective.clone()] = done
     b_c = torch.where(projective, 0., b_var)
@@ -637,7 +651,7 @@ def _solve_chunk(kernel_map: _KernelMap, W_var: Tensor, b_var: Tensor, q0: float
         rows = torch.nonzero(chaotic)[:, 0]
         sub = [p[rows] for p in params]
         solved, done, _ = _newton(F_and_jacobian, torch.zeros_like(sub[0]), sub, valid_q12,
-                                  is_variance, tol, max_iter)
+                                  is_variance, tol, max_iter, tol * sub[0].abs().amax(-1))
         jacobian_c = F_and_jacobian(solved, sub)[1]
         solved = _implicit_step(F, solved, sub, jacobian_c)
         if differentiable:
