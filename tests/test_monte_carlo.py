@@ -189,12 +189,13 @@ def test_non_finite_inputs_are_refused(x, name, value):
         kernel_fn(**inputs)
 
 
-@pytest.mark.parametrize('name', ['x1', 'x2'])
-def test_an_empty_batch_is_refused(x, name):
-    inputs = dict(x1=x, x2=x) | {name: x[:0]}
-    kernel_fn = torchntk.monte_carlo_kernel_fn(one_hidden_layer(), 1, progress=False)
-    with pytest.raises(ValueError, match=f'^monte_carlo_kernel_fn: {name} is empty'):
-        kernel_fn(**inputs)
+@pytest.mark.parametrize('make_model', [one_hidden_layer, plain_module])
+@pytest.mark.parametrize('n1, n2', [(0, None), (0, 3), (4, 0)])
+def test_a_batch_of_no_examples_gives_empty_kernels(x, make_model, n1, n2):
+    kernel_fn = torchntk.monte_carlo_kernel_fn(make_model().double(), 2, progress=False)
+    estimate = kernel_fn(x[:n1], None if n2 is None else x[:n2])
+    for kernel in estimate:   # as kernel_fn and the empirical kernels: (N1, N2) with a zero
+        assert kernel.shape == (n1, n1 if n2 is None else n2) and kernel.dtype == x.dtype
 
 
 def test_a_bad_get_is_refused_when_called_even_for_a_generator_of_estimates(x):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .empirical import (_canonical_get, _check_inputs, _rng_devices, _select, empirical_nngp_fn,
                         empirical_ntk_fn)
-from .stax.module import Layer, _all_finite
+from .stax.module import Layer
 
 _NAME = 'monte_carlo_kernel_fn'
 
@@ -62,7 +62,8 @@ def monte_carlo_kernel_fn(model: nn.Module, n_samples: int | Sequence[int] = 1,
         progress: show a tqdm progress bar over samples.
 
     `get` is `'nngp'`, `'ntk'`, a tuple of them, or `None` for
-    `EmpiricalKernel(nngp, ntk)`. Inputs must be finite and non-empty.
+    `EmpiricalKernel(nngp, ntk)`. Inputs are checked as empirical kernels check
+    them (finite, real, with values); a batch of no examples gives empty kernels.
     """
     counts = _checked_counts(n_samples)
     if not isinstance(model, nn.Module):
@@ -95,7 +96,7 @@ def monte_carlo_kernel_fn(model: nn.Module, n_samples: int | Sequence[int] = 1,
 
     def kernel_fn(x1: torch.Tensor, x2: torch.Tensor | None = None,
                   get: str | Sequence[str] | None = None):
-        _check_finite_examples(x1, x2)
+        _check_inputs(x1, x2, _NAME)  # before any network is drawn
         names = _canonical_get(get, _NAME)  # here: a generator would check it only when iterated
         if isinstance(n_samples, int):
             return next(estimates(x1, x2, names, get))
@@ -115,18 +116,6 @@ def _checked_counts(n_samples: object) -> list[int]:
         raise ValueError(f"{_NAME}: n_samples must be a positive int or a non-empty list of "
                          f"them, got {n_samples!r}")
     return sorted(set(counts))
-
-
-def _check_finite_examples(x1: object, x2: object) -> None:
-    """Inputs as empirical kernels take them, with examples, and finite."""
-    _check_inputs(x1, x2, _NAME)
-    for name, x in (('x1', x1), ('x2', x2)):
-        for leaf in [] if x is None else pytree.tree_leaves(x):
-            if leaf.numel() == 0:
-                raise ValueError(f"{_NAME}: {name} is empty (shape {tuple(leaf.shape)}); a "
-                                 "kernel needs at least one example")
-            if not _all_finite(leaf, None):
-                raise ValueError(f"{_NAME}: {name} contains non-finite values (NaN or inf)")
 
 
 def _reinitialize(model: nn.Module, x: torch.Tensor | list, seed: int) -> None:
