@@ -49,8 +49,10 @@ class Kernel:
         cov2: covariance of the outputs on `x2` with themselves; `None` when
             `x2` is `x1`.
         x1_is_x2: 0-dim bool tensor, whether the two batches are the same inputs.
-        is_gaussian: whether the outputs are Gaussian given the inputs (true
-            right after an affine layer); nonlinearities require it.
+        is_gaussian: whether the outputs are zero-mean Gaussian given the
+            inputs (true right after an affine layer); nonlinearities require
+            it. The inputs themselves are not (they are fixed values), as in
+            neural-tangents.
         diagonal_batch: `cov1`/`cov2` hold only the variance of each example.
         diagonal_spatial: every field holds only same-position covariances.
         shape1, shape2: shapes of the finite-width activations on `x1`, `x2`.
@@ -282,7 +284,7 @@ def kernel_from_inputs(x1: torch.Tensor, x2: torch.Tensor | None, *, diagonal_ba
         x1_is_x2 = torch.zeros((), dtype=torch.bool, device=x1.device)
     return Kernel(nngp=nngp,
                   ntk=torch.zeros((), dtype=nngp.dtype, device=nngp.device) if compute_ntk else None,
-                  cov1=cov1, cov2=cov2, x1_is_x2=x1_is_x2, is_gaussian=True,
+                  cov1=cov1, cov2=cov2, x1_is_x2=x1_is_x2, is_gaussian=False,
                   diagonal_batch=diagonal_batch, diagonal_spatial=diagonal_spatial,
                   shape1=tuple(x1.shape), shape2=tuple((x1 if x2 is None else x2).shape),
                   mask1=mask1, mask2=mask2)

@@ -1,5 +1,7 @@
 import pytest
 
+from torchntk.ops import extension
+
 from tests.strategies import gaussian
 
 
@@ -21,3 +23,14 @@ def images1():
 @pytest.fixture
 def images2():
     return gaussian(2, 2, 6, 5, seed=1)
+
+
+@pytest.fixture(params=['extension', 'torch'])
+def backend(request, monkeypatch):
+    """Runs a test with the compiled extension (the fused chain included) and
+    with the torch fallback; skips the first where the extension is not built."""
+    if request.param == 'torch':
+        monkeypatch.setattr(extension, 'EXTENSION', None)
+    elif extension.EXTENSION is None:
+        pytest.skip('the extension is not built')
+    return request.param

@@ -48,10 +48,11 @@ def test_layer_norm_after_nonlinearity_raises(x):
         stax.serial(stax.Dense(4), stax.Relu(), stax.LayerNorm()).kernel_fn(x)
 
 
-def test_nonlinearity_on_raw_inputs_is_allowed(x):
-    # Raw inputs count as Gaussian, as in neural-tangents.
-    nngp = stax.serial(stax.Relu(), stax.Dense(1)).kernel_fn(x, get='nngp')
-    assert torch.isfinite(nngp).all()
+def test_nonlinearity_on_raw_inputs_raises(x):
+    # The inputs are fixed values, not Gaussian: relu(x)·relu(x')ᵀ/d is not a
+    # function of x·x'ᵀ/d (neural-tangents refuses this network too).
+    with pytest.raises(ValueError, match=r"Relu: the input kernel is not Gaussian.*network's inputs"):
+        stax.serial(stax.Relu(), stax.Dense(1)).kernel_fn(x)
 
 
 def test_dropout_in_eval_mode_keeps_inputs_gaussian(x):

@@ -76,7 +76,8 @@ class _FanIn(Layer):
 def _require_gaussian(ks: Sequence[Kernel], layer_name: str) -> None:
     if len(ks) > 1 and not all(k.is_gaussian for k in ks):
         raise ValueError(f"{layer_name}: every branch must end with an affine layer (Gaussian "
-                         f"outputs); got is_gaussian={[k.is_gaussian for k in ks]}")
+                         f"outputs; a branch that is the network's inputs, such as an Identity "
+                         f"skip on them, is not); got is_gaussian={[k.is_gaussian for k in ks]}")
 
 
 def _sum(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:

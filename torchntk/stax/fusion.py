@@ -85,7 +85,9 @@ class FusedRun:
 
     def _steps(self, k: Kernel) -> list[conv_chain.Step] | None:
         """The chain's steps for kernel `k`, or `None` where it does not apply."""
-        n_spatial = (k.nngp.ndim - 2) // 2
+        # From the activations' shape: with diagonal_spatial the covariances
+        # have one axis per spatial dimension, not a pair.
+        n_spatial = k.n_spatial
         if ((k.diagonal_spatial and n_spatial > 0) or not k.diagonal_batch
                 or k.mask1 is not None or not conv_chain.available(k.nngp)
                 or (torch.is_grad_enabled() and self._needs_gradient(k))):
@@ -116,8 +118,8 @@ class FusedRun:
                 scale = 1 / math.prod(shape)**2 if layer.average else 1.
                 steps.append(conv_chain.pool_step(scale, circular, windows))
                 continue
-            W_var = float(layer.W_std)**2
-            b_var = 0. if layer.b_std is None else float(layer.b_std)**2
+            W_var = _square(layer.W_std)
+            b_var = 0. if layer.b_std is None else _square(layer.b_std)
             if layer.parameterization == 'ntk':
                 gamma, delta = W_var, b_var
             else:
@@ -132,6 +134,13 @@ class FusedRun:
         for layer in self.layers:
             tensors += [getattr(layer, name, None) for name in ('W_std', 'b_std', 'a', 'b')]
         return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _square(std: float | torch.Tensor) -> float:
+    """`std²` as a Python float; inf where it overflows, as the layers' own
+    tensor arithmetic gives (`float ** 2` would raise `OverflowError`)."""
+    std = float(std)
+    return std * std
 
 
 def _output_is_gaussian(layer: Layer, input_is_gaussian: bool) -> bool:

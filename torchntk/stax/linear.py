@@ -54,6 +54,8 @@ class Affine(Layer, abc.ABC):
         check_positive_int(out_chan, 'out_chan' if name != 'Dense' else 'out_dim', name)
         check_nonnegative(W_std, 'W_std', name)
         check_nonnegative(b_std, 'b_std', name, allow_none=True)
+        for arg, std in (('W_std', W_std), ('b_std', b_std)):
+            _check_finite_variance(std, arg, name)
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"{name}: parameterization must be one of {PARAMETERIZATIONS}, "
                              f"got {parameterization!r}")
@@ -164,6 +166,18 @@ class Affine(Layer, abc.ABC):
         if self.parameterization == 'standard':
             text += f", parameterization='standard', s={self.s}"
         return text
+
+
+def _check_finite_variance(std: Scalar | None, arg: str, layer_name: str) -> None:
+    """Raise a `ValueError` unless the variance `std²` is finite in float64:
+    the kernels scale with it, and past ~1.3e154 every kernel would be inf."""
+    if std is None:
+        return
+    value = float(std.detach()) if isinstance(std, torch.Tensor) else float(std)
+    if not math.isfinite(value * value):
+        raise ValueError(f"{layer_name}: {arg} must be below ~1.34e154 (its square, the "
+                         f"variance, overflows float64 and every kernel would be inf), "
+                         f"got {value:g}")
 
 
 class Dense(Affine):

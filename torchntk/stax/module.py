@@ -42,8 +42,10 @@ class Layer(nn.Module):
     and `forward_with_mask` when the finite layer itself uses the mask.
     """
 
-    #: Set by layers (nonlinearities) whose rule needs Gaussian inputs, i.e. an
-    #: affine layer right before them.
+    #: Set by layers (nonlinearities) whose rule needs zero-mean Gaussian
+    #: inputs, i.e. an affine layer right before them. The network's inputs
+    #: are not: they are fixed values, whose kernel after φ is not a function
+    #: of their Gram matrix (neural-tangents refuses them too).
     requires_gaussian: bool = False
 
     #: Whether covariances (and, in `forward_with_mask`, outputs) at masked
@@ -88,7 +90,8 @@ class Layer(nn.Module):
                 if not kernel.is_gaussian:
                     raise ValueError(
                         f"{self._name()}: the input kernel is not Gaussian; this layer needs "
-                        "an affine layer (Dense, Conv) right before it")
+                        "an affine layer (Dense, Conv) right before it, also when it would "
+                        "act on the network's inputs (fixed values, not Gaussian)")
         return self.propagate_masks(k, self.kernel_rule(k))
 
     def propagate_masks(self, k_in: Kernels, k_out: Kernels) -> Kernels:
@@ -178,8 +181,11 @@ class Layer(nn.Module):
             x2: inputs `(N2, C, *S)`, or `None` for `x2 = x1`.
             get: `'nngp'`, `'ntk'`, any other `Kernel` field, a tuple of names
                 (returns a named tuple), or `None` (the whole `Kernel`).
-            diagonal_batch, diagonal_spatial: `False` forces full covariances;
-                `None` picks the cheapest layout the network allows.
+            diagonal_batch, diagonal_spatial: `None` picks the cheapest
+                layout that holds the whole kernel; `False` forces full
+                covariances; `diagonal_spatial=True` keeps only same-position
+                covariances, also for outputs with spatial axes (an error names
+                the layers that mix positions where that is not possible).
             mask_constant: input entries equal to it (NaN allowed) are masked,
                 e.g. padding; `None` for no masking. Masked entries count as
                 zeros, layers propagate the masks (`Kernel.mask1`, `mask2`), and
@@ -188,7 +194,9 @@ class Layer(nn.Module):
 
         Shape:
             `nngp`, `ntk`: `(N1, N2)` for flat outputs, `(N1, N2, X, X', …)`
-            for outputs with spatial axes.
+            for outputs with spatial axes (`(N1, N2, X, …)` with
+            `diagonal_spatial=True`). A batch of no examples (`N1 = 0` or
+            `N2 = 0`) gives kernels of no entries on that side.
         """
         with reuse_heap():
             return self._kernel_fn(x1, x2, get, diagonal_batch, diagonal_spatial, mask_constant)
@@ -197,6 +205,10 @@ class Layer(nn.Module):
                    get: str | Sequence[str] | None, diagonal_batch: bool | None,
                    diagonal_spatial: bool | None, mask_constant: float | None) -> Any:
         names = canonical_get(get, f"{self._name()}.kernel_fn")
+        for arg, flag in (('diagonal_batch', diagonal_batch), ('diagonal_spatial', diagonal_spatial)):
+            if flag is not None and not isinstance(flag, bool):
+                raise TypeError(f"{self._name()}.kernel_fn: {arg} must be True, False or None, "
+                                f"got {flag!r}")
         empty1 = empty2 = False   # whether x1, x2 are batches of no examples
         if isinstance(x1, Kernel) or _is_kernel_sequence(x1):
             if (x2 is not None or diagonal_batch is not None or diagonal_spatial is not None
@@ -208,7 +220,7 @@ class Layer(nn.Module):
         else:
             check_mask_constant(mask_constant, self._name())
             diagonal_batch, diagonal_spatial = resolve_layout(
-                self.requirements, diagonal_batch, diagonal_spatial, self._name())
+                self.requirements, diagonal_batch, diagonal_spatial, self._name(), self.modules())
             compute_ntk = names is None or 'ntk' in names
             x1, empty1 = _stand_in_for_empty_batch(x1, mask_constant)
             x2, empty2 = _stand_in_for_empty_batch(x2, mask_constant)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import Any, Callable, Iterable
 
 
 class Bool(enum.IntEnum):
@@ -90,20 +91,45 @@ def _fold(a: Diagonal | None, b: Diagonal | None, op) -> Diagonal | None:
 
 
 def resolve_layout(requirements: Requirements, diagonal_batch: bool | None,
-                   diagonal_spatial: bool | None, layer_name: str) -> tuple[bool, bool]:
+                   diagonal_spatial: bool | None, layer_name: str,
+                   layers: Iterable[Any] = ()) -> tuple[bool, bool]:
     """The `(diagonal_batch, diagonal_spatial)` flags a network runs with.
 
-    A user may relax a flag to `False` (always correct, just slower); asking for
-    `True` where a layer needs the full kernel is an error.
+    `None` picks the cheapest layout whose output holds the whole kernel:
+    same-position covariances only where the output needs no others (after
+    `Flatten` or global pooling, or where the others are zero). A user may
+    relax a flag to `False` (always correct, just slower), and may ask for
+    `diagonal_spatial=True` wherever every layer maps same-position
+    covariances from same-position covariances alone (`input` is `YES`): a
+    network whose output keeps its spatial axes then returns only the
+    same-position kernel `(N1, N2, X, Y, …)`, as in neural-tangents. Asking
+    for `True` where a layer needs more is an error naming the layers
+    (`layers`, the network's modules) that may need it.
     """
     allowed_batch = requirements.diagonal_batch
-    allowed_spatial = (requirements.diagonal_spatial is not None
-                       and requirements.diagonal_spatial.allows_diagonal)
+    spatial = requirements.diagonal_spatial
+    allowed_spatial = spatial is not None and spatial.allows_diagonal
     if diagonal_batch and not allowed_batch:
         raise ValueError(f"{layer_name}: diagonal_batch=True is not possible: a layer in this "
-                         "network mixes examples and needs the full batch covariance")
-    if diagonal_spatial and not allowed_spatial:
-        raise ValueError(f"{layer_name}: diagonal_spatial=True is not possible: this network "
-                         "needs covariances between different spatial positions")
+                         "network mixes examples and needs the full batch covariance"
+                         + _named(layers, lambda r: not r.diagonal_batch))
+    if diagonal_spatial and not (spatial is None or spatial.input == Bool.YES):
+        raise ValueError(
+            f"{layer_name}: diagonal_spatial=True is not possible: a layer in this network mixes "
+            "spatial positions and needs covariances between different positions"
+            + _named(layers, lambda r: r.diagonal_spatial is not None
+                     and r.diagonal_spatial.input < Bool.YES))
     return (allowed_batch if diagonal_batch is None else diagonal_batch,
             allowed_spatial if diagonal_spatial is None else diagonal_spatial)
+
+
+def _named(layers: Iterable[Any], needs: Callable[[Requirements], bool]) -> str:
+    """`' (A, B)'`: the names of the layers (not containers) whose own
+    requirements `needs` flags, or `''` if none is."""
+    names: list[str] = []
+    for layer in layers:
+        if any(True for _ in layer.children()) or not needs(layer.requirements):
+            continue
+        if type(layer).__name__ not in names:
+            names.append(type(layer).__name__)
+    return f" ({', '.join(names)})" if names else ""

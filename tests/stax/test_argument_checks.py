@@ -1,0 +1,59 @@
+"""`kernel_fn`'s layout flags and the affine layers' standard deviations are
+checked where they are given, with errors naming the argument."""
+
+import re
+from unittest import mock
+
+import pytest
+import torch
+
+from torchntk import stax
+from torchntk.ops import conv_chain
+
+from tests.strategies import gaussian
+
+
+@pytest.mark.parametrize('value', ['no', 0, 1.0, torch.tensor(True)], ids=repr)
+@pytest.mark.parametrize('arg', ['diagonal_batch', 'diagonal_spatial'])
+def test_layout_flag_that_is_not_a_bool_raises_type_error(arg, value):
+    network = stax.serial(stax.Dense(3), stax.Relu(), stax.Dense(1))
+    with pytest.raises(TypeError, match=rf"Serial.kernel_fn: {arg} must be True, False or None, "
+                                        rf"got {re.escape(repr(value))}"):
+        network.kernel_fn(gaussian(2, 4), **{arg: value})
+
+
+LAYERS = {
+    'Dense': lambda **kw: stax.Dense(3, **kw),
+    'Conv': lambda **kw: stax.Conv(3, (2, 2), **kw),
+    'ConvTranspose': lambda **kw: stax.ConvTranspose(3, (2,), **kw),
+    'ConvLocal': lambda **kw: stax.ConvLocal(3, (2,), **kw),
+}
+
+
+@pytest.mark.parametrize('arg, value', [
+    ('W_std', 1e200), ('b_std', 1e155), ('W_std', torch.tensor(1e300, dtype=torch.float64))],
+    ids=['W_std', 'b_std', 'W_std-tensor'])
+@pytest.mark.parametrize('layer', LAYERS)
+def test_standard_deviation_whose_square_overflows_raises_at_construction(layer, arg, value):
+    with pytest.raises(ValueError, match=rf'{layer}: {arg} must be below ~1.34e154 \(its square, '
+                                         r'the variance, overflows float64.*got 1e\+'):
+        LAYERS[layer](**{arg: value})
+
+
+@pytest.mark.skipif(not conv_chain.available(torch.zeros(1, dtype=torch.float64)),
+                    reason='the fused chain needs the compiled extension')
+def test_fused_run_squares_an_overflowing_tensor_std_to_inf_as_the_layers_do(monkeypatch):
+    """A tensor W_std may grow after construction (a hyperparameter being
+    optimized): the chain's W_std² is then inf, as in the layers' tensor
+    arithmetic, not an OverflowError of Python floats."""
+    W_std = torch.tensor(1., dtype=torch.float64)
+    network = stax.serial(stax.Dense(4, W_std=W_std, b_std=0.1), stax.Dense(1))
+    W_std.fill_(1e200)
+    x = gaussian(3, 4)
+    with mock.patch.object(conv_chain, 'chain_pairs', wraps=conv_chain.chain_pairs) as fused:
+        nngp = network.kernel_fn(x, get='nngp')
+    assert fused.call_count == 1
+    gram = x @ x.T
+    assert torch.equal(nngp, torch.where(gram > 0, torch.inf, -torch.inf).to(nngp.dtype))
+    monkeypatch.setattr(conv_chain, 'available', lambda tensor: False)
+    assert torch.equal(network.kernel_fn(x, get='nngp'), nngp)
