@@ -48,6 +48,7 @@ from __future__ import annotations
 import abc
 import collections
 import contextlib
+import difflib
 import functools
 import logging
 import math
@@ -66,6 +67,7 @@ from .ops.products import einsum_pair
 from .stax.conv import Conv as StaxConv, pad_input
 from .stax.dropout import Dropout as StaxDropout
 from .stax.linear import Dense as StaxDense
+from .stax.module import _all_finite
 from .stax.normalization import LayerNorm as StaxLayerNorm
 
 logger = logging.getLogger(__name__)
@@ -83,21 +85,33 @@ def empirical_nngp_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
                       diagonal_axes: Sequence[int] = ()) -> Callable[..., PyTree]:
     """`nngp_fn(x1, x2=None, params=None, **kwargs)`: the outer product of the outputs, contracted.
 
-    `params` maps parameter names to tensors (default: the model's own);
+    `params` maps names of the model's parameters to the tensors used in
+    their place (default: none, the model's own; parameters not named keep
+    their values); a name that is not a parameter raises a `ValueError`.
     `kwargs` go to `model(x, **kwargs)`, a pair `(value1, value2)` giving one
     value for `x1` and one for `x2` (neural-tangents' rule). Output shapes as
     in the module docstring; a pytree output gives the same pytree of kernels.
     """
+    caller = 'empirical_nngp_fn'
+    _check_model(model, caller)
+    trace_axes, diagonal_axes = _checked_axes(trace_axes, diagonal_axes, caller)
+
     def nngp_fn(x1: PyTree, x2: PyTree | None = None, params: Params | None = None,
                 **kwargs) -> PyTree:
-        _check_inputs(x1, x2, 'empirical_nngp_fn')
+        _check_inputs(x1, x2, caller)
+        params = {} if params is None else _checked_params(model, params, caller)
         kwargs1, kwargs2 = _split_kwargs(kwargs)
-        out1 = _apply(model, params or {}, x1, kwargs1)
-        out2 = out1 if x2 is None else _apply(model, params or {}, x2, kwargs2)
+        with _failures_explained(caller, 'x1', model, params, x1, kwargs1):
+            out1 = _apply(model, params, x1, kwargs1)
+        if x2 is None:
+            out2 = out1
+        else:
+            with _failures_explained(caller, 'x2', model, params, x2, kwargs2):
+                out2 = _apply(model, params, x2, kwargs2)
         leaves1, tree = _output_leaves(out1, 'empirical_nngp_fn')
         leaves2 = _output_leaves(out2, 'empirical_nngp_fn', tree)[0]
         specs = _output_contractions([o.shape for o in leaves1], [o.shape for o in leaves2],
-                                     trace_axes, diagonal_axes)
+                                     trace_axes, diagonal_axes, caller)
         return pytree.tree_unflatten([spec.normalized(spec.contract(f1, f2, n_param_dims=0),
                                                       f1.shape)
                                       for spec, f1, f2 in zip(specs, leaves1, leaves2)], tree)
@@ -113,9 +127,13 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
     .. math:: Θ(x_1, x_2) = \sum_p ∂f(θ, x_1)/∂θ_p ⊗ ∂f(θ, x_2)/∂θ_p
 
     contracted over output axes as in the module docstring (the table of
-    shapes there). `params` maps parameter names to tensors, and those are the
-    parameters differentiated; by default the model's parameters with
-    `requires_grad=True` (frozen ones do not count). `kwargs` go to
+    shapes there). `params` maps names of the model's parameters to tensors,
+    and those are the parameters differentiated (used in place of the
+    model's; the others keep their values and are not differentiated); by
+    default the model's parameters with `requires_grad=True` (frozen ones do
+    not count). A name that is not a parameter of the model raises a
+    `ValueError`. Inputs must be finite, real and hold values (not on the
+    `meta` device). `kwargs` go to
     `model(x, **kwargs)`; a pair `(value1, value2)` gives one value for `x1`
     and one for `x2`, anything else is passed to both (neural-tangents' rule).
 
@@ -205,6 +223,8 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
         default `trace_axes=(-1,)`, `(N1, N2, O, O)` for `trace_axes=()`; a
         pytree output gives the same pytree of kernels.
     """
+    _check_model(model, 'empirical_ntk_fn')
+    trace_axes, diagonal_axes = _checked_axes(trace_axes, diagonal_axes, 'empirical_ntk_fn')
     if implementation not in IMPLEMENTATIONS + ('auto',):
         raise ValueError(f"empirical_ntk_fn: implementation must be 'auto' or one of "
                          f"{IMPLEMENTATIONS}, got {implementation!r}")
@@ -217,14 +237,22 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
     def ntk_fn(x1: PyTree, x2: PyTree | None = None, params: Params | None = None,
                **kwargs) -> PyTree:
         _check_inputs(x1, x2, 'empirical_ntk_fn')
-        params = _trainable(model) if params is None else dict(params)
-        if not params:
-            raise ValueError("empirical_ntk_fn: the model has no trainable parameters "
-                             "(all have requires_grad=False)")
+        if params is None:
+            params = _trainable(model)
+            if not params:
+                raise ValueError("empirical_ntk_fn: the model has no trainable parameters "
+                                 "(all have requires_grad=False)")
+        else:
+            params = _checked_params(model, params, 'empirical_ntk_fn')
+            if not params:
+                raise ValueError("empirical_ntk_fn: params is empty, so there is no parameter "
+                                 "to differentiate")
         with reuse_heap():
             problem = _Problem(model, params, x1, x2, kwargs, trace_axes, diagonal_axes,
                                vmap_axes, chunk_bytes, count_flops=implementation == 'auto',
                                cache=analyses)
+            if problem.outputs_empty:
+                return problem.unflatten(problem.kernels_of_empty_outputs())
             if implementation != 'auto':
                 return problem.unflatten(_COMPUTE[implementation](problem))
             candidates = sorted(IMPLEMENTATIONS, key=problem.flops)
@@ -250,6 +278,8 @@ def empirical_kernel_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
     neural-tangents. Other arguments as in `empirical_ntk_fn`; shapes as in
     the module docstring.
     """
+    _check_model(model, 'empirical_kernel_fn')
+    _checked_axes(trace_axes, diagonal_axes, 'empirical_kernel_fn')
     fns = {'nngp': empirical_nngp_fn(model, trace_axes, diagonal_axes),
            'ntk': empirical_ntk_fn(model, trace_axes, diagonal_axes, vmap_axes, implementation)}
 
@@ -295,7 +325,8 @@ def linearize(model: nn.Module, params0: Params) -> Callable[..., PyTree]:
         model: any `nn.Module`, called as `model(x, **kwargs)`.
         params0: parameter name -> tensor, the expansion point, e.g.
             `{k: v.detach().clone() for k, v in model.named_parameters()}`.
-            Parameters of `model` not named here stay fixed at their current values.
+            Parameters of `model` not named here stay fixed at their current values;
+            a name that is not a parameter of `model` raises a `ValueError`.
             The tensors are used as given (clone them if the model trains in place).
 
     `params` in `f_lin(x, params)` maps the same names to tensors (may be
@@ -305,7 +336,7 @@ def linearize(model: nn.Module, params0: Params) -> Callable[..., PyTree]:
     Shape:
         `f_lin(x, params)`: the shape (pytree) of `model(x)`.
     """
-    return taylor_expand(model, params0, degree=1)
+    return _taylor_expansion(model, params0, 1, 'linearize')
 
 
 def taylor_expand(model: nn.Module, params0: Params, degree: int) -> Callable[..., PyTree]:
@@ -318,15 +349,25 @@ def taylor_expand(model: nn.Module, params0: Params, degree: int) -> Callable[..
     (cost ∝ 2^degree forward passes). `degree=1` is `linearize`. Arguments and
     call signature as in `linearize`.
     """
-    if not isinstance(degree, int) or degree < 0:
+    if isinstance(degree, bool) or not isinstance(degree, int):
+        raise TypeError(f"taylor_expand: degree must be an int, got {type(degree).__name__}")
+    if degree < 0:
         raise ValueError(f"taylor_expand: degree must be a non-negative int, got {degree!r}")
-    params0 = dict(params0)
+    return _taylor_expansion(model, params0, degree, 'taylor_expand')
+
+
+def _taylor_expansion(model: nn.Module, params0: Params, degree: int,
+                      caller: str) -> Callable[..., PyTree]:
+    _check_model(model, caller)
+    params0 = _checked_params(model, params0, caller, 'params0')
 
     def f_taylor(x: PyTree, params: Params | None = None, **kwargs) -> PyTree:
+        _check_inputs(x, None, caller, 'x')
         if params is None:
             return _apply(model, params0, x, kwargs)
+        params = _checked_params(model, params, caller)
         if set(params) != set(params0):
-            raise ValueError(f"taylor_expand: params must have the keys of params0; missing "
+            raise ValueError(f"{caller}: params must have the keys of params0; missing "
                              f"{sorted(set(params0) - set(params))}, unexpected "
                              f"{sorted(set(params) - set(params0))}")
         delta = {name: params[name] - params0[name] for name in params0}
@@ -355,6 +396,26 @@ class _Unsupported(ValueError):
     """An implementation cannot handle this model ('auto' then tries the next cheapest)."""
 
 
+def _check_model(model: Any, caller: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: model must be an nn.Module, got {type(model).__name__}")
+
+
+def _checked_axes(trace_axes: Any, diagonal_axes: Any, caller: str
+                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The axes as tuples of ints (an int is one axis, as in neural-tangents);
+    their range depends on the outputs, which `_OutputContraction` checks."""
+    checked = []
+    for arg, axes in (('trace_axes', trace_axes), ('diagonal_axes', diagonal_axes)):
+        axes = (axes,) if isinstance(axes, int) and not isinstance(axes, bool) else axes
+        if isinstance(axes, str) or not isinstance(axes, Sequence) or any(
+                isinstance(a, bool) or not isinstance(a, int) for a in axes):
+            raise TypeError(f"{caller}: {arg} must be a sequence of ints (output axes), got "
+                            f"{axes!r}")
+        checked.append(tuple(axes))
+    return checked[0], checked[1]
+
+
 def _trainable(model: nn.Module) -> Params:
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if any(nn.parameter.is_lazy(p) for p in params.values()):
@@ -380,14 +441,73 @@ def _shape_signature(modules: dict[str, nn.Module], params: Params, x: PyTree,
             tuple((id(m), m.training) for m in modules.values()))
 
 
-def _check_inputs(x1: PyTree, x2: PyTree | None, caller: str) -> None:
+def _checked_params(model: nn.Module, params: Any, caller: str, arg: str = 'params') -> Params:
+    """`params` as a dict, its names and shapes checked against the model's
+    parameters: `functional_call` ignores names it does not know, so a misspelt
+    one would silently leave that parameter at the model's value."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{caller}: {arg} must be a dict from parameter names to tensors, got "
+                        f"{type(params).__name__}")
+    own = {name: _parameter(model, name) for name in params}
+    unknown = [name for name, p in own.items() if p is None]
+    if unknown:
+        own = dict(model.named_parameters(remove_duplicate=False))
+        guesses = {name: difflib.get_close_matches(str(name), own, n=1) for name in unknown}
+        hint = '; '.join(f"did you mean {guess[0]!r} for {name!r}?"
+                         for name, guess in guesses.items() if guess)
+        if not hint:
+            hint = "its parameters are " + ', '.join(map(repr, list(own)[:8])) + \
+                (', ...' if len(own) > 8 else '')
+        raise ValueError(f"{caller}: {arg} has names that are not parameters of the model: "
+                         f"{unknown!r} ({hint})")
+    for name, value in params.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{caller}: {arg}[{name!r}] must be a tensor, got "
+                            f"{type(value).__name__}")
+        if value.shape != own[name].shape and not nn.parameter.is_lazy(own[name]):
+            raise ValueError(f"{caller}: {arg}[{name!r}] must have the parameter's shape "
+                             f"{tuple(own[name].shape)}, got {tuple(value.shape)}")
+    return dict(params)
+
+
+def _parameter(model: nn.Module, name: Any) -> nn.Parameter | None:
+    """The parameter `model.get_parameter(name)` if there is one, else `None`;
+    by the modules' own dictionaries (a few lookups, not a walk of the model)."""
+    if not isinstance(name, str):
+        return None
+    *path, leaf = name.split('.')
+    module = model
+    for part in path:
+        module = module._modules.get(part)
+        if module is None:
+            return None
+    return module._parameters.get(leaf)
+
+
+def _check_inputs(x1: PyTree, x2: PyTree | None, caller: str, name1: str = 'x1') -> None:
+    """Inputs are tensors (pytrees of them) with values: real, finite where
+    floating (not checked while torch.compile traces or torch.func transforms
+    run, where values cannot be read), not on the `meta` device; `x2` like `x1`."""
     leaves1, tree1 = pytree.tree_flatten(x1)
-    for name, leaves in (('x1', leaves1), ('x2', [] if x2 is None else pytree.tree_leaves(x2))):
-        if any(not isinstance(leaf, torch.Tensor) for leaf in leaves):
+    sides = ((name1, leaves1), ('x2', [] if x2 is None else pytree.tree_leaves(x2)))
+    for name, leaves in sides:
+        others = sorted({type(leaf).__name__ for leaf in leaves
+                         if not isinstance(leaf, torch.Tensor)})
+        if others:
             raise TypeError(f"{caller}: {name} must be a tensor or a pytree of tensors, got "
-                            f"{[type(leaf).__name__ for leaf in leaves]}")
+                            f"{', '.join(others)} in it")
+        for leaf in leaves:
+            if leaf.is_complex():
+                raise TypeError(f"{caller}: {name} must be real, got a {leaf.dtype} tensor")
+            if leaf.is_meta:
+                raise ValueError(f"{caller}: {name} is on the meta device, which holds no "
+                                 "values; empirical kernels need the inputs' values")
     if not leaves1:
-        raise ValueError(f"{caller}: x1 holds no tensor")
+        raise ValueError(f"{caller}: {name1} holds no tensor")
+    readable = not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+    for name, leaves in sides if readable else ():
+        if any(leaf.is_floating_point() and not _all_finite(leaf, None) for leaf in leaves):
+            raise ValueError(f"{caller}: {name} contains non-finite values (NaN or inf)")
     if x2 is None:
         return
     leaves2, tree2 = pytree.tree_flatten(x2)
@@ -442,14 +562,14 @@ def _output_leaves(out: PyTree, caller: str, tree1: pytree.TreeSpec | None = Non
 
 
 def _output_contractions(shapes1: Sequence[Sequence[int]], shapes2: Sequence[Sequence[int]],
-                         trace_axes: Sequence[int], diagonal_axes: Sequence[int]
+                         trace_axes: Sequence[int], diagonal_axes: Sequence[int], caller: str
                          ) -> list[_OutputContraction]:
     specs = []
     for shape1, shape2 in zip(shapes1, shapes2):
-        spec = _OutputContraction(len(shape1), trace_axes, diagonal_axes)
+        spec = _OutputContraction(len(shape1), trace_axes, diagonal_axes, caller)
         for axis in spec.paired_axes():
             if len(shape1) != len(shape2) or shape1[axis] != shape2[axis]:
-                raise ValueError(f"outputs of shapes {tuple(shape1)} and {tuple(shape2)} "
+                raise ValueError(f"{caller}: outputs of shapes {tuple(shape1)} and {tuple(shape2)} "
                                  f"differ on axis {axis}, which is in trace_axes "
                                  f"{tuple(trace_axes)} or diagonal_axes {tuple(diagonal_axes)}")
         specs.append(spec)
@@ -571,13 +691,46 @@ class _VmapAxes:
 
 
 @contextlib.contextmanager
-def _cut_along_vmap_axes() -> Iterator[None]:
-    """The model runs on examples cut along `vmap_axes`: its errors are those of the axes."""
+def _failures_explained(caller: str, name: str, model: nn.Module, params: Params, x: PyTree,
+                        kwargs: dict[str, Any], cut: bool = False) -> Iterator[None]:
+    """The model runs on input `name` (`x`, or with `cut` its examples cut
+    along `vmap_axes`): a failure becomes a `ValueError` saying what is wrong,
+    the input's device or dtype against the parameters', else `vmap_axes` if
+    the model runs on the whole batch `x`, else the input's shape."""
     try:
         yield
     except RuntimeError as error:
-        raise ValueError(f"empirical_ntk_fn: the model fails on examples cut along vmap_axes "
-                         f"({error}); check vmap_axes or pass vmap_axes=None") from error
+        own = {**dict(model.named_parameters()), **params}
+        leaves = pytree.tree_leaves(x)
+        devices = sorted({str(p.device) for p in own.values()})
+        dtypes = {p.dtype for p in own.values() if p.is_floating_point()}
+        for leaf in leaves:
+            if devices and str(leaf.device) not in devices:
+                raise ValueError(f"{caller}: {name} is on {leaf.device} but the model's "
+                                 f"parameters are on {', '.join(devices)}; move one to the "
+                                 f"other's device ({error})") from error
+            if leaf.is_floating_point() and dtypes and leaf.dtype not in dtypes:
+                raise ValueError(f"{caller}: {name} has dtype {leaf.dtype} but the model's "
+                                 f"parameters have {', '.join(sorted(map(str, dtypes)))}; "
+                                 f"convert one to the other's dtype ({error})") from error
+        if cut and _runs(model, params, x, kwargs):
+            raise ValueError(f"{caller}: the model runs on {name} but fails on its examples cut "
+                             f"along vmap_axes ({error}); check vmap_axes or pass "
+                             "vmap_axes=None") from error
+        shapes = [tuple(leaf.shape) for leaf in leaves]
+        raise ValueError(f"{caller}: the model fails on {name} of shape "
+                         f"{shapes[0] if len(shapes) == 1 else shapes} ({error}); check that "
+                         f"{name} has the shape and dtype the model expects") from error
+
+
+def _runs(model: nn.Module, params: Params, x: PyTree, kwargs: dict[str, Any]) -> bool:
+    """Whether the model runs on `x` (without gradients, the random state restored)."""
+    try:
+        with torch.no_grad(), torch.random.fork_rng(_rng_devices(x)):
+            _apply(model, params, x, kwargs)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _expand(tree: PyTree, axes: list[int | None]) -> PyTree:
@@ -639,7 +792,7 @@ class _Problem:
         self.side1 = _Side(x1, kwargs1, shapes[0], calls[0])
         self.side2 = self.side1 if x2 is None else _Side(x2, kwargs2, shapes[1], calls[1])
         self.specs = _output_contractions(self.side1.out_shapes, self.side2.out_shapes,
-                                          trace_axes, diagonal_axes)
+                                          trace_axes, diagonal_axes, 'empirical_ntk_fn')
         self.rules = self._structured_rules()
 
     def _analyze(self, x1: PyTree, x2: PyTree | None, kwargs1: dict[str, Any],
@@ -652,11 +805,17 @@ class _Problem:
         if self.axes is not None and not self.axes.maps_something:
             self.axes = None
         if self.axes is not None:
+            n1 = self.axes.batch_size(x1, kwargs1)
+            if n1 == 0 or (x2 is not None and self.axes.batch_size(x2, kwargs2) == 0):
+                # No example to call the model on: the batched forward gives
+                # the output shapes, and the kernels are empty.
+                self.axes = None
+        if self.axes is not None:
             # The first two examples stand for the batch (their batch is
             # checked against their per-example calls below).
-            n1 = self.axes.batch_size(x1, kwargs1)
             x, mapped = self.axes.examples(x1, kwargs1, 0, min(n1, 2))
-            with _cut_along_vmap_axes():
+            with _failures_explained('empirical_ntk_fn', 'x1', model, params, x1, kwargs1,
+                                     cut=True):
                 out1, flops, calls1 = _traced_forward(model, params, x, {**kwargs1, **mapped},
                                                       self.modules, count_flops)
             forward_flops = flops * n1 / min(n1, 2)
@@ -666,24 +825,26 @@ class _Problem:
                             "differentiating whole batches (vmap_axes=None)", ', '.join(mixing))
                 self.axes = None
         if self.axes is None:
-            out1, forward_flops, calls1 = _traced_forward(model, params, x1, kwargs1,
-                                                          self.modules, count_flops)
+            with _failures_explained('empirical_ntk_fn', 'x1', model, params, x1, kwargs1):
+                out1, forward_flops, calls1 = _traced_forward(model, params, x1, kwargs1,
+                                                              self.modules, count_flops)
         leaves1, self.out_tree = _output_leaves(out1, 'empirical_ntk_fn')
         shapes, calls = [None, None], [None, None]
         if self.axes is None:
             shapes[0], calls[0] = [tuple(o.shape) for o in leaves1], calls1
             if x2 is not None:
-                out2, _, calls[1] = _traced_forward(model, params, x2, kwargs2, self.modules)
+                with _failures_explained('empirical_ntk_fn', 'x2', model, params, x2, kwargs2):
+                    out2, _, calls[1] = _traced_forward(model, params, x2, kwargs2, self.modules)
                 leaves2 = _output_leaves(out2, 'empirical_ntk_fn', self.out_tree)[0]
                 shapes[1] = [tuple(o.shape) for o in leaves2]
         else:
             # Modules record their shapes in one example's call (what the Jacobians see).
             self.axes.set_outputs(out1)
-            examples, calls[0] = self._example_forward(x1, kwargs1, min(n1, 2))
+            examples, calls[0] = self._example_forward('x1', x1, kwargs1, min(n1, 2))
             self._check_per_example_outputs(leaves1, examples)
             shapes[0] = self._batch_shapes(examples, n1)
             if x2 is not None:
-                examples, calls[1] = self._example_forward(x2, kwargs2, 1)
+                examples, calls[1] = self._example_forward('x2', x2, kwargs2, 1)
                 shapes[1] = self._batch_shapes(examples, self.axes.batch_size(x2, kwargs2))
         return self.axes, self.out_tree, forward_flops, shapes, calls
 
@@ -691,6 +852,22 @@ class _Problem:
         """Output shapes of `n` examples from outputs `(k, *example)` of `k` examples."""
         return [tuple(o.shape[1:axis + 1]) + (n,) + tuple(o.shape[axis + 1:])
                 for o, axis in zip(examples, self.axes.out_axes)]
+
+    @property
+    def outputs_empty(self) -> bool:
+        """Whether every output has no entries on one side (no examples): no
+        Jacobian has entries either."""
+        return all(0 in shape1 or 0 in shape2
+                   for shape1, shape2 in zip(self.side1.out_shapes, self.side2.out_shapes))
+
+    def kernels_of_empty_outputs(self) -> list[torch.Tensor]:
+        """The kernels when `outputs_empty`: contractions of empty outputs, of
+        the shapes the outputs give."""
+        like = next(iter(self.params.values()))
+        return [spec.normalized(spec.contract(_zeros(shape1, like), _zeros(shape2, like),
+                                              n_param_dims=0), shape1)
+                for spec, shape1, shape2 in zip(self.specs, self.side1.out_shapes,
+                                                self.side2.out_shapes)]
 
     @property
     def same_inputs(self) -> bool:
@@ -706,11 +883,11 @@ class _Problem:
         axis = self.axes.out_axes[0]
         return self.side1.out_shapes[0][axis], self.side2.out_shapes[0][axis]
 
-    def _example_forward(self, x: PyTree, kwargs: dict[str, Any], n: int
+    def _example_forward(self, name: str, batch: PyTree, kwargs: dict[str, Any], n: int
                          ) -> tuple[list[torch.Tensor], dict[str, list]]:
-        """Outputs `(n, *example)` of the first `n` examples, each in its own
-        call, and `{module: [(input shape, output shape)]}` of one call."""
-        x, mapped = self.axes.examples(x, kwargs, 0, n)
+        """Outputs `(n, *example)` of the first `n` examples of input `name`,
+        each in its own call, and `{module: [(input shape, output shape)]}` of one call."""
+        x, mapped = self.axes.examples(batch, kwargs, 0, n)
         calls = {}
 
         def call(x: PyTree, kwargs: dict[str, Any]):
@@ -719,7 +896,8 @@ class _Problem:
             return _output_leaves(out, 'empirical_ntk_fn', self.out_tree)[0], {}
 
         example = self.axes.per_example(call, kwargs)
-        with _cut_along_vmap_axes():
+        with _failures_explained('empirical_ntk_fn', name, self.model, self.params, batch, kwargs,
+                                 cut=True):
             outputs = vmap(example, in_dims=self.axes.in_dims())(x, mapped)[0]
         return list(outputs), calls
 
@@ -1660,15 +1838,16 @@ class _OutputContraction:
     `(*out, *θ)` is contracted without being copied.
     """
 
-    def __init__(self, out_ndim: int, trace_axes: Sequence[int], diagonal_axes: Sequence[int]):
+    def __init__(self, out_ndim: int, trace_axes: Sequence[int], diagonal_axes: Sequence[int],
+                 caller: str):
         for name, axes in (('trace_axes', trace_axes), ('diagonal_axes', diagonal_axes)):
             if any(not -out_ndim <= a < out_ndim for a in axes):
-                raise ValueError(f"{name} {tuple(axes)} are out of range for outputs with "
-                                 f"{out_ndim} axes")
+                raise ValueError(f"{caller}: {name} {tuple(axes)} are out of range for outputs "
+                                 f"with {out_ndim} axes")
         trace = {a % out_ndim for a in trace_axes}
         diagonal = {a % out_ndim for a in diagonal_axes}
         if trace & diagonal:
-            raise ValueError(f"trace_axes {tuple(trace_axes)} and diagonal_axes "
+            raise ValueError(f"{caller}: trace_axes {tuple(trace_axes)} and diagonal_axes "
                              f"{tuple(diagonal_axes)} must not overlap")
         self.ndim = out_ndim
         letters = iter(string.ascii_uppercase + string.ascii_lowercase[:10])
