@@ -491,7 +491,9 @@ def test_weight_space_prediction_takes_the_model_parameters_by_default():
 
 @pytest.mark.parametrize('call, error, message', [
     (lambda k, y: predict.gradient_descent_mse(k, y, learning_rate=-1.), ValueError,
-     'gradient_descent_mse: learning_rate must be finite and > 0'),
+     'gradient_descent_mse: learning_rate must be finite and >= 0'),
+    (lambda k, y: predict.gradient_descent_mse(k, y, learning_rate=0.), ValueError,
+     'gradient_descent_mse: learning_rate must be > 0'),
     (lambda k, y: predict.gradient_descent_mse(k, y[:5]), ValueError,
      r'gradient_descent_mse: k_train_train must have shape \(5, 5\)'),
     (lambda k, y: predict.gradient_descent_mse(k * math.nan, y), ValueError,
@@ -499,6 +501,8 @@ def test_weight_space_prediction_takes_the_model_parameters_by_default():
     (lambda k, y: predict.gradient_descent_mse(k, y, diag_reg=-1.), ValueError, 'diag_reg'),
     (lambda k, y: predict.gradient_descent_mse(k, y, trace_axes=(2,)), ValueError, 'trace_axes'),
     (lambda k, y: predict.gradient_descent_mse(k, y)(-1.), ValueError, 't must be >= 0'),
+    (lambda k, y: predict.gradient_descent_mse(k, y)(math.nan), ValueError,
+     r't must be >= 0 \(inf allowed\), got NaN'),
     (lambda k, y: predict.gradient_descent_mse(k, y)(1., 0., 0.), ValueError, 'need k_test_train'),
     (lambda k, y: predict.gradient_descent_mse(k, y)(1., None), ValueError, 'both None'),
     (lambda k, y: predict.gradient_descent_mse(k, y)(1., torch.zeros(3, 3)), ValueError,
@@ -517,3 +521,97 @@ def test_errors_name_the_function_and_argument(data, call, error, message):
 def test_kernel_record_passed_as_tensor_says_which_field(data):
     with pytest.raises(TypeError, match=r'pass its \.ntk or \.nngp field'):
         predict.gradient_descent_mse(data['k_train_train'], data['y_train'])
+
+
+def negated_kernel_fn(model: nn.Module):
+    """`model.kernel_fn` with every kernel negated: not positive semi-definite."""
+    def kernel_fn(x1, x2=None, get=('nngp', 'ntk'), **kwargs):
+        record = model.kernel_fn(x1, x2, get=get, **kwargs)
+        return type(record)(*(-k for k in record)) if isinstance(record, tuple) else -record
+    return kernel_fn
+
+
+def shifted_to_indefinite(k: torch.Tensor) -> torch.Tensor:
+    """`k - λ_max/2 · I`: half its spectrum below zero."""
+    return k - 0.5 * torch.linalg.eigvalsh(k)[-1] * torch.eye(len(k), dtype=k.dtype)
+
+
+EMPTY_KERNEL, EMPTY_TARGETS = torch.zeros(0, 0, dtype=DTYPE), torch.zeros(0, N_OUT, dtype=DTYPE)
+
+
+@pytest.mark.parametrize('call, error, message', [
+    # kernels that are not kernels: negative, indefinite, asymmetric
+    (lambda d: predict.max_learning_rate(-d['k']), ValueError,
+     'max_learning_rate: ntk_train_train must be positive semi-definite'),
+    (lambda d: predict.max_learning_rate(shifted_to_indefinite(d['k'])), ValueError,
+     'max_learning_rate: ntk_train_train must be positive semi-definite'),
+    (lambda d: predict.max_learning_rate(d['k'] + torch.triu(d['k'])), ValueError,
+     'max_learning_rate: ntk_train_train must be symmetric'),
+    (lambda d: predict.gradient_descent_mse(-d['k'], d['y'])(1.), ValueError,
+     'gradient_descent_mse: k_train_train must be positive semi-definite'),
+    (lambda d: predict.gradient_descent_mse(d['k'] + torch.triu(d['k']), d['y']), ValueError,
+     'gradient_descent_mse: k_train_train must be symmetric'),
+    (lambda d: predict.gradient_descent(mse, -d['k'], d['y']), ValueError,
+     'gradient_descent: k_train_train must be positive semi-definite'),
+    (lambda d: predict.gp_inference(-d['k'], d['y'])('nngp', d['k_test']), ValueError,
+     r'gp_inference: k_train_train.nngp must be positive semi-definite'),
+    (lambda d: predict.gradient_descent_mse_ensemble(negated_kernel_fn(d['model']), d['x_train'],
+                                                     d['y'])(1.), ValueError,
+     r'gradient_descent_mse_ensemble: kernel_fn\(x_train\).nngp must be positive semi-definite'),
+    # training sets without examples
+    (lambda d: predict.max_learning_rate(EMPTY_KERNEL), ValueError,
+     'max_learning_rate: ntk_train_train must be a square train-train kernel of at least one'),
+    (lambda d: predict.gradient_descent_mse(EMPTY_KERNEL, EMPTY_TARGETS)(1.), ValueError,
+     'gradient_descent_mse: y_train must have .* at least one training example'),
+    (lambda d: predict.gradient_descent(mse, EMPTY_KERNEL, EMPTY_TARGETS, progress=False)(1.),
+     ValueError, 'gradient_descent: y_train must have .* at least one training example'),
+    (lambda d: predict.gp_inference(EMPTY_KERNEL, EMPTY_TARGETS)('nngp', d['k_test'][:, :0]),
+     ValueError, 'gp_inference: y_train must have .* at least one training example'),
+    (lambda d: predict.gradient_descent_mse_ensemble(d['model'].kernel_fn, d['x_train'][:0],
+                                                     EMPTY_TARGETS)(1.), ValueError,
+     'gradient_descent_mse_ensemble: y_train must have .* at least one training example'),
+    (lambda d: predict.gradient_descent_mse_params(nn.Linear(4, N_OUT).to(DTYPE),
+                                                   d['x_train'][:0], EMPTY_TARGETS)(1.),
+     ValueError, 'gradient_descent_mse_params: y_train must have .* at least one training'),
+    # wrong types
+    (lambda d: predict.max_learning_rate(d['k'], 12.), TypeError,
+     'max_learning_rate: y_train_size must be an int, got float'),
+    (lambda d: predict.gradient_descent_mse(d['k'], d['y'].to(torch.complex128)), TypeError,
+     'gradient_descent_mse: y_train must be a real tensor'),
+    (lambda d: predict.gradient_descent_mse(d['k'], d['y'])(torch.tensor([1 + 1j])), TypeError,
+     'gradient_descent_mse: t must be a real tensor'),
+    (lambda d: predict.gradient_descent_mse(d['k'], d['y'])(1., 'zeros'), TypeError,
+     'gradient_descent_mse: fx_train_0 must be a tensor or a number, got str'),
+    (lambda d: predict.gradient_descent_mse(d['k'], d['y'], trace_axes=None), TypeError,
+     'gradient_descent_mse: trace_axes must be an int or a sequence of ints, got None'),
+    (lambda d: predict.gradient_descent_mse(d['k'], d['y'], trace_axes=(1.,)), TypeError,
+     'gradient_descent_mse: trace_axes must be an int or a sequence of ints'),
+    (lambda d: predict.gradient_descent_mse(d['k'], d['y'], diag_reg_absolute_scale='no'),
+     TypeError, "gradient_descent_mse: diag_reg_absolute_scale must be True or False, got 'no'"),
+    (lambda d: predict.gradient_descent(mse, d['k'], d['y'], progress='no'), TypeError,
+     "gradient_descent: progress must be True or False, got 'no'"),
+    (lambda d: predict.gradient_descent_mse_ensemble(d['model'].kernel_fn, d['x_train'], d['y'])(
+        1., None, 'nngp', 'no'), TypeError,
+     "gradient_descent_mse_ensemble: compute_cov must be True or False, got 'no'"),
+    (lambda d: predict.gp_inference(d['k'], d['y'])(123), TypeError,
+     'gp_inference: get must be a string or a tuple of strings, got int'),
+    (lambda d: predict.gradient_descent_mse_params(nn.Linear(4, N_OUT), 'x', d['y']), TypeError,
+     'gradient_descent_mse_params: x_train must be a tensor, got str'),
+    (lambda d: predict.gradient_descent_mse_params(nn.Linear(4, N_OUT), d['x_train'], d['y'],
+                                                   [torch.zeros(3)]), TypeError,
+     'gradient_descent_mse_params: params_0 must be a dict'),
+    # wrong values
+    (lambda d: predict.max_learning_rate(d['k'], momentum=2.), ValueError,
+     r'max_learning_rate: momentum must be in \[0, 1\], got 2.0'),
+    (lambda d: predict.gradient_descent(mse, d['k'], d['y'], method='dopri55'), ValueError,
+     "gradient_descent: method must be one of .*'dopri5'.*, got 'dopri55'"),
+    (lambda d: predict.gradient_descent(mse, d['k'], d['y'], rtol=-1e-6), ValueError,
+     'gradient_descent: rtol must be finite and >= 0'),
+    (lambda d: predict.gradient_descent_mse(d['k'].to('meta'), d['y']), ValueError,
+     'gradient_descent_mse: k_train_train is on the meta device'),
+])
+def test_bad_inputs_raise_errors_naming_function_argument_and_value(data, call, error, message):
+    inputs = dict(data, k=data['k_train_train'].nngp, k_test=data['k_test_train'].nngp,
+                  y=data['y_train'])
+    with pytest.raises(error, match=message):
+        call(inputs)

@@ -29,7 +29,8 @@ factorized. With `diag_reg=0` a singular kernel cannot be Cholesky-factorized:
 through the eigendecomposition and takes the limit of gradient flow, which never
 moves along the kernel's null space (a pseudo-inverse with the cutoff
 `λ ≤ λ_max · n · eps`). Negative eigenvalues, which a PSD kernel gets only from
-round-off, are treated as zero.
+round-off, are treated as zero; a train-train kernel that is not symmetric or
+not positive semi-definite beyond round-off (`λ_min < -√eps · max |λ|`) is refused.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +46,7 @@ from torch.func import functional_call, vjp, vmap
 from tqdm.auto import tqdm
 
 from .empirical import empirical_ntk_fn
+from .stax.module import check_nonnegative
 
 Params = dict[str, torch.Tensor]
 Times = Any  # None, a number, or a tensor of any shape
@@ -122,8 +124,9 @@ def gradient_descent_mse(k_train_train: torch.Tensor, y_train: torch.Tensor,
     axes.check_kernel(k_train_train, 'k_train_train', axes.kept_shape, axes.kept_shape)
     _check_number(learning_rate, 'learning_rate', name, positive=True)
     _check_number(diag_reg, 'diag_reg', name)
-    flow = _MseFlow(_matrix(k_train_train), y_train.numel(), diag_reg, diag_reg_absolute_scale,
-                    name, 'k_train_train')
+    _check_flag(diag_reg_absolute_scale, 'diag_reg_absolute_scale', name)
+    flow = _MseFlow(_train_matrix(k_train_train, 'k_train_train', name), y_train.numel(),
+                    diag_reg, diag_reg_absolute_scale, name, 'k_train_train')
 
     def predict_fn(t: Times = None, fx_train_0: Targets = 0., fx_test_0: Targets = None,
                    k_test_train: torch.Tensor | None = None) -> Any:
@@ -204,6 +207,11 @@ def gradient_descent_mse_params(model: nn.Module, x_train: torch.Tensor, y_train
     name = 'gradient_descent_mse_params'
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name}: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(x_train, torch.Tensor):
+        raise TypeError(f"{name}: x_train must be a tensor, got {type(x_train).__name__}")
+    if params_0 is not None and not isinstance(params_0, Mapping):
+        raise TypeError(f"{name}: params_0 must be a dict of parameter name -> tensor, got "
+                        f"{type(params_0).__name__}")
     if params_0 is None:
         params_0 = {key: p.detach() for key, p in model.named_parameters() if p.requires_grad}
     params_0 = {key: p.detach() for key, p in params_0.items()}
@@ -211,6 +219,7 @@ def gradient_descent_mse_params(model: nn.Module, x_train: torch.Tensor, y_train
         raise ValueError(f"{name}: the model has no trainable parameters")
     _check_number(learning_rate, 'learning_rate', name, positive=True)
     _check_number(diag_reg, 'diag_reg', name)
+    _check_flag(diag_reg_absolute_scale, 'diag_reg_absolute_scale', name)
 
     fx_train_0, vjp_fn = vjp(lambda p: functional_call(model, p, (x_train,)), params_0)
     if not isinstance(y_train, torch.Tensor) or y_train.shape != fx_train_0.shape:
@@ -221,8 +230,8 @@ def gradient_descent_mse_params(model: nn.Module, x_train: torch.Tensor, y_train
     ntk = _checked_kernel(ntk, 'the empirical NTK', name)
     y_train = _checked_targets(y_train, ntk, name)
     axes = _OutputAxes(y_train.shape, (), name)
-    flow = _MseFlow(_matrix(ntk), y_train.numel(), diag_reg, diag_reg_absolute_scale,
-                    name, 'the empirical NTK')
+    flow = _MseFlow(_train_matrix(ntk, 'the empirical NTK', name), y_train.numel(), diag_reg,
+                    diag_reg_absolute_scale, name, 'the empirical NTK')
     residual = axes.to_matrix(fx_train_0.detach().to(ntk.dtype) - y_train)
 
     def params_fn(t: Times = None) -> Params:
@@ -294,15 +303,24 @@ def gradient_descent(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     axes.check_kernel(k_train_train, 'k_train_train', axes.kept_shape, axes.kept_shape)
     _check_number(learning_rate, 'learning_rate', name, positive=True)
     if momentum is not None:
-        _check_number(momentum, 'momentum', name)
-        if momentum > 1:
-            raise ValueError(f"{name}: momentum must be in [0, 1], got {momentum}")
+        _check_momentum(momentum, name)
+    from torchdiffeq._impl.odeint import SOLVERS  # imported here: only this solver needs it
+    if not isinstance(method, str):
+        raise TypeError(f"{name}: method must be a torchdiffeq method name, got "
+                        f"{type(method).__name__}")
+    if method not in SOLVERS:
+        raise ValueError(f"{name}: method must be one of {tuple(SOLVERS)}, got {method!r}")
+    for arg, value in (('rtol', rtol), ('atol', atol)):
+        if value is not None:
+            _check_number(value, arg, name, positive=True)
+    _check_flag(progress, 'progress', name)
     float64 = k_train_train.dtype == torch.float64
     rtol = (1e-8 if float64 else 1e-5) if rtol is None else rtol
     atol = (1e-10 if float64 else 1e-7) if atol is None else atol
     time_scale = learning_rate if momentum is None else math.sqrt(learning_rate)
     damping = None if momentum is None else (momentum - 1.) / math.sqrt(learning_rate)
-    k_train = _matrix(k_train_train)
+    k_train = _train_matrix(k_train_train, 'k_train_train', name)
+    _check_psd(torch.linalg.eigvalsh(k_train.detach()), 'k_train_train', name)
     # Why there is no t = ∞ here: the flow of a general loss need not settle.
     no_limit = ("the flow of a general loss need not reach a limit (on separable data "
                 "cross-entropy's outputs grow without bound); pass finite times, or for the "
@@ -453,6 +471,7 @@ def gp_inference(k_train_train: Any, y_train: torch.Tensor, diag_reg: float = 0.
     y_train = _checked_targets(y_train, first, name)
     axes = _OutputAxes(y_train.shape, trace_axes, name)
     _check_number(diag_reg, 'diag_reg', name)
+    _check_flag(diag_reg_absolute_scale, 'diag_reg_absolute_scale', name)
     factors: dict[str, _Cholesky] = {}
 
     def train_kernel(field: str) -> torch.Tensor:
@@ -463,8 +482,9 @@ def gp_inference(k_train_train: Any, y_train: torch.Tensor, diag_reg: float = 0.
 
     def solve(field: str, rhs: torch.Tensor) -> torch.Tensor:
         if field not in factors:
-            matrix = _regularized(_matrix(train_kernel(field)), diag_reg, diag_reg_absolute_scale)
-            factors[field] = _Cholesky(matrix, name, f'k_train_train.{field}')
+            matrix = _train_matrix(train_kernel(field), f'k_train_train.{field}', name)
+            factors[field] = _Cholesky(_regularized(matrix, diag_reg, diag_reg_absolute_scale),
+                                       name, f'k_train_train.{field}')
         return factors[field].solve(rhs)
 
     def predict_fn(get: str | Sequence[str] | None = None, k_test_train: Any = None,
@@ -553,11 +573,11 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable[..., Any], x_train: torch.
     name = 'gradient_descent_mse_ensemble'
     if not callable(kernel_fn):
         raise TypeError(f"{name}: kernel_fn must be callable, got {type(kernel_fn).__name__}")
-    if not isinstance(y_train, torch.Tensor):
-        raise TypeError(f"{name}: y_train must be a tensor, got {type(y_train).__name__}")
+    _checked_targets(y_train, None, name)
     axes = _OutputAxes(y_train.shape, trace_axes, name)
     _check_number(learning_rate, 'learning_rate', name, positive=True)
     _check_number(diag_reg, 'diag_reg', name)
+    _check_flag(diag_reg_absolute_scale, 'diag_reg_absolute_scale', name)
     train_kernels: dict[str, torch.Tensor] = {}
     spectra: dict[str, _Spectrum] = {}
     posteriors: dict[tuple[str, ...], Callable] = {}
@@ -576,14 +596,16 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable[..., Any], x_train: torch.
 
     def spectrum(field: str) -> _Spectrum:
         if field not in spectra:
-            kernel = train_kernel((field,))[field]
-            matrix = _regularized(_matrix(kernel), diag_reg, diag_reg_absolute_scale)
-            spectra[field] = _Spectrum(matrix, y_train.numel())
+            arg = f'kernel_fn(x_train).{field}'
+            matrix = _train_matrix(train_kernel((field,))[field], arg, name)
+            spectra[field] = _Spectrum(_regularized(matrix, diag_reg, diag_reg_absolute_scale),
+                                       y_train.numel(), name, arg)
         return spectra[field]
 
     def predict_fn(t: Times = None, x_test: torch.Tensor | None = None,
                    get: str | Sequence[str] | None = None, compute_cov: bool = False) -> Any:
         names, single = _canonical_get(get, ('nngp', 'ntk'), name)
+        _check_flag(compute_cov, 'compute_cov', name)
         fields = tuple(f for f in ('nngp', 'ntk')
                        if f in names or (f == 'nngp' and compute_cov))
         k_dd = train_kernel(fields)
@@ -659,23 +681,27 @@ def max_learning_rate(ntk_train_train: torch.Tensor, y_train_size: int | None = 
         ntk_train_train: NTK on the training set, `(N, N)` or zipped `(N, N, O, O)`.
         y_train_size: `y_train.numel()`; `None` takes the kernel's side length
             (`N` for a `(N, N)` kernel: pass `N · O` when the output axis is traced).
-        momentum: heavy-ball momentum `β ≥ 0`.
+        momentum: heavy-ball momentum `β` in `[0, 1]`.
         eps: added to `λ_max` to avoid dividing by zero.
+
+    A kernel that is not symmetric and positive semi-definite (beyond rounding,
+    `λ_min ≥ -√eps · λ_max`) is refused: gradient descent diverges along a
+    negative eigenvalue at any rate.
     """
     name = 'max_learning_rate'
     kernel = _checked_kernel(ntk_train_train, 'ntk_train_train', name)
-    matrix = _matrix(kernel)
-    if matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"{name}: ntk_train_train must be a square (train-train) kernel, got "
-                         f"shape {tuple(kernel.shape)}")
-    _check_number(momentum, 'momentum', name)
+    matrix = _train_matrix(kernel, 'ntk_train_train', name)
+    _check_momentum(momentum, name)
     _check_number(eps, 'eps', name)
     if y_train_size is None:
         y_train_size = matrix.shape[0]
-    elif isinstance(y_train_size, bool) or not isinstance(y_train_size, int) or y_train_size < 1:
-        raise ValueError(f"{name}: y_train_size must be a positive int, got {y_train_size!r}")
-    largest = float(torch.linalg.eigvalsh(matrix.detach())[-1])
-    return 2. * (1. + momentum) * y_train_size / (largest + eps)
+    elif isinstance(y_train_size, bool) or not isinstance(y_train_size, int):
+        raise TypeError(f"{name}: y_train_size must be an int, got {type(y_train_size).__name__}")
+    elif y_train_size < 1:
+        raise ValueError(f"{name}: y_train_size must be >= 1, got {y_train_size}")
+    evals = torch.linalg.eigvalsh(matrix.detach())
+    _check_psd(evals, 'ntk_train_train', name)
+    return 2. * (1. + momentum) * y_train_size / (float(evals[-1]) + eps)
 
 
 # ---------------------------------------------------------------------------
@@ -685,14 +711,16 @@ def max_learning_rate(ntk_train_train: torch.Tensor, y_train_size: int | None = 
 class _Spectrum:
     """Eigendecomposition `V diag(λ) Vᵀ` of a train-train kernel matrix, and its time functions.
 
-    Negative eigenvalues (round-off of a PSD kernel) count as zero. At `t = ∞`,
+    Negative eigenvalues (round-off of a PSD kernel) count as zero; a kernel that
+    is not positive semi-definite beyond round-off is refused. At `t = ∞`,
     eigenvalues up to `λ_max · D · eps` also count as zero, as in a pseudo-inverse:
     gradient flow never moves along the kernel's null space, and `1/λ` of a
     round-off eigenvalue is noise.
     """
 
-    def __init__(self, matrix: torch.Tensor, n: int):
+    def __init__(self, matrix: torch.Tensor, n: int, fn: str, arg: str):
         evals, self.evecs = torch.linalg.eigh(matrix)
+        _check_psd(evals, arg, fn)
         self.evals = evals.clamp(min=0)
         self.cutoff = evals.abs().max() * len(evals) * torch.finfo(evals.dtype).eps
         self.n = n
@@ -732,6 +760,7 @@ class _Cholesky:
     def __init__(self, matrix: torch.Tensor, fn: str, arg: str):
         self.factor, info = torch.linalg.cholesky_ex(matrix)
         if int(info) > 0:
+            _check_psd(torch.linalg.eigvalsh(matrix), arg, fn)
             raise ValueError(
                 f"{fn}: {arg} (+ diag_reg · I) is not positive definite (the Cholesky "
                 f"factorization fails at row {int(info)}), so infinite-time predictions (t=None) "
@@ -755,7 +784,7 @@ class _MseFlow:
     @property
     def spectrum(self) -> _Spectrum:
         if self._spectrum is None:
-            self._spectrum = _Spectrum(self.matrix, self.n)
+            self._spectrum = _Spectrum(self.matrix, self.n, self.fn, self.arg)
         return self._spectrum
 
     def train_change(self, times: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -806,11 +835,15 @@ class _OutputAxes:
 
     def __init__(self, y_shape: Sequence[int], trace_axes: Sequence[int], fn: str):
         self.ndim, self.fn = len(y_shape), fn
-        if isinstance(trace_axes, int):
+        if isinstance(trace_axes, int) and not isinstance(trace_axes, bool):
             trace_axes = (trace_axes,)
+        if not isinstance(trace_axes, Sequence) or isinstance(trace_axes, str) or any(
+                isinstance(a, bool) or not isinstance(a, int) for a in trace_axes):
+            raise TypeError(f"{fn}: trace_axes must be an int or a sequence of ints, got "
+                            f"{trace_axes!r}")
         trace = set()
         for axis in trace_axes:
-            if isinstance(axis, bool) or not isinstance(axis, int) or not -self.ndim <= axis < self.ndim:
+            if not -self.ndim <= axis < self.ndim:
                 raise ValueError(f"{fn}: trace_axes must be axes of y_train (ndim {self.ndim}), "
                                  f"got {tuple(trace_axes)}")
             trace.add(axis % self.ndim)
@@ -850,11 +883,20 @@ class _OutputAxes:
 # Validation at the public boundary
 
 
+def _check_values(x: torch.Tensor, arg: str, fn: str) -> None:
+    """A real tensor with values: not complex, not bool, not on the meta device."""
+    if x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{fn}: {arg} must be a real tensor, got {x.dtype}")
+    if x.is_meta:
+        raise ValueError(f"{fn}: {arg} is on the meta device, which holds no values")
+
+
 def _checked_kernel(kernel: Any, arg: str, fn: str) -> torch.Tensor:
     if not isinstance(kernel, torch.Tensor):
         hint = (" (a kernel record: pass its .ntk or .nngp field)"
                 if hasattr(kernel, 'ntk') or hasattr(kernel, 'nngp') else "")
         raise TypeError(f"{fn}: {arg} must be a tensor, got {type(kernel).__name__}{hint}")
+    _check_values(kernel, arg, fn)
     if not kernel.is_floating_point():
         raise TypeError(f"{fn}: {arg} must be a floating-point tensor, got {kernel.dtype}")
     if kernel.ndim < 2 or kernel.ndim % 2:
@@ -865,12 +907,39 @@ def _checked_kernel(kernel: Any, arg: str, fn: str) -> torch.Tensor:
     return kernel
 
 
-def _checked_targets(y: Any, kernel: torch.Tensor, fn: str) -> torch.Tensor:
+def _train_matrix(kernel: torch.Tensor, arg: str, fn: str) -> torch.Tensor:
+    """The matrix of a train-train kernel, which must be square and symmetric (to rounding)."""
+    matrix = _matrix(kernel)
+    if matrix.shape[0] != matrix.shape[1] or matrix.numel() == 0:
+        raise ValueError(f"{fn}: {arg} must be a square train-train kernel of at least one "
+                         f"example, got shape {tuple(kernel.shape)}")
+    asymmetry, scale = (matrix - matrix.mT).abs().max(), matrix.abs().max()
+    if asymmetry > math.sqrt(torch.finfo(matrix.dtype).eps) * scale:
+        raise ValueError(f"{fn}: {arg} must be symmetric (a train-train kernel), but max "
+                         f"|K - Kᵀ| = {float(asymmetry):.3g} against max |K| = {float(scale):.3g}")
+    return matrix
+
+
+def _check_psd(evals: torch.Tensor, arg: str, fn: str) -> None:
+    """Refuse a kernel matrix (ascending eigenvalues `evals`) with `λ_min < -√eps · max |λ|`:
+    not positive semi-definite beyond rounding."""
+    largest = evals.abs().max()
+    if evals[0] < -math.sqrt(torch.finfo(evals.dtype).eps) * largest:
+        raise ValueError(f"{fn}: {arg} must be positive semi-definite (a kernel), but its "
+                         f"smallest eigenvalue is {float(evals[0]):.3g} against a largest |λ| "
+                         f"of {float(largest):.3g}")
+
+
+def _checked_targets(y: Any, kernel: torch.Tensor | None, fn: str) -> torch.Tensor:
     """`y` as a tensor of the kernel's dtype (so float32 targets suit float64 kernels)."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{fn}: y_train must be a tensor, got {type(y).__name__}")
-    if y.ndim < 1:
-        raise ValueError(f"{fn}: y_train must have a batch axis, got shape {tuple(y.shape)}")
+    _check_values(y, 'y_train', fn)
+    if y.ndim < 1 or y.numel() == 0:
+        raise ValueError(f"{fn}: y_train must have a batch axis and at least one training "
+                         f"example and output, got shape {tuple(y.shape)}")
+    if kernel is None:
+        return y
     if y.device != kernel.device:
         raise ValueError(f"{fn}: y_train is on {y.device} but the kernel on {kernel.device}")
     y = y.to(kernel.dtype)
@@ -893,6 +962,10 @@ def _test_train_kernel(k_test_train: Any, k_train_train: torch.Tensor, axes: _Ou
 
 def _broadcast(value: Any, like: torch.Tensor, shape: Sequence[int], arg: str,
                fn: str) -> torch.Tensor:
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{fn}: {arg} must be a tensor or a number, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        _check_values(value, arg, fn)
     value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     try:
         value = torch.broadcast_to(value, tuple(shape))
@@ -912,8 +985,8 @@ def _times(t: Times, scale: float, like: torch.Tensor, fn: str,
     """
     if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)):
         raise TypeError(f"{fn}: t must be None, a number or a tensor, got {type(t).__name__}")
-    if isinstance(t, torch.Tensor) and (t.is_complex() or t.dtype == torch.bool):
-        raise TypeError(f"{fn}: t must be a real tensor, got {t.dtype}")
+    if isinstance(t, torch.Tensor):
+        _check_values(t, 't', fn)
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
     expected = "times t must be >= 0" + (" (inf allowed)" if no_limit is None else " and finite")
     if bool(torch.isnan(t).any()):
@@ -926,13 +999,21 @@ def _times(t: Times, scale: float, like: torch.Tensor, fn: str,
 
 
 def _check_number(value: Any, arg: str, fn: str, positive: bool = False) -> None:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {arg} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{fn}: {arg} must be finite and {'> 0' if positive else '>= 0'}, "
-                         f"got {value}")
+    """A finite number `>= 0` (`> 0` if `positive`)."""
+    check_nonnegative(value, arg, fn)
+    if positive and float(value) == 0:
+        raise ValueError(f"{fn}: {arg} must be > 0, got {value}")
+
+
+def _check_momentum(momentum: Any, fn: str) -> None:
+    _check_number(momentum, 'momentum', fn)
+    if float(momentum) > 1:
+        raise ValueError(f"{fn}: momentum must be in [0, 1], got {momentum}")
+
+
+def _check_flag(value: Any, arg: str, fn: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {arg} must be True or False, got {value!r}")
 
 
 def _field(record: Any, field: str, arg: str, fn: str) -> torch.Tensor:
@@ -962,6 +1043,9 @@ def _canonical_get(get: Any, allowed: tuple[str, ...], fn: str) -> tuple[tuple[s
     if get is None:
         return ('nngp', 'ntk'), False
     single = isinstance(get, str)
+    if not single and not isinstance(get, Sequence):
+        raise TypeError(f"{fn}: get must be a string or a tuple of strings, got "
+                        f"{type(get).__name__}")
     names = (get,) if single else tuple(get)
     if not names or any(not isinstance(g, str) or g.lower() not in allowed for g in names):
         raise ValueError(f"{fn}: get must be one of {allowed} or a tuple of them, got {get!r}")
