@@ -57,3 +57,15 @@ def test_fused_run_squares_an_overflowing_tensor_std_to_inf_as_the_layers_do(mon
     assert torch.equal(nngp, torch.where(gram > 0, torch.inf, -torch.inf).to(nngp.dtype))
     monkeypatch.setattr(conv_chain, 'available', lambda tensor: False)
     assert torch.equal(network.kernel_fn(x, get='nngp'), nngp)
+
+
+@pytest.mark.parametrize('make, arg', [
+    (lambda: stax.Conv(4, '3x3'), 'filter_shape'),
+    (lambda: stax.ConvLocal(4, 3), 'filter_shape'),
+    (lambda: stax.Conv(4, (3, 3), strides=2), 'strides'),
+    (lambda: stax.AvgPool((2, 2.5)), 'window_shape'),
+    (lambda: stax.SumPool((2,), strides=(True,)), 'strides'),
+], ids=['string', 'int', 'int-strides', 'float-entry', 'bool-entry'])
+def test_window_argument_of_the_wrong_type_raises_type_error(make, arg):
+    with pytest.raises(TypeError, match=rf'{arg} must be a tuple of positive integers'):
+        make()

@@ -32,10 +32,10 @@ def check_window(values: Sequence[int] | None, arg: str, layer_name: str,
     """Validate a per-spatial-dimension tuple of positive integers (1 to 3 of them)."""
     if values is None:
         return None
-    if isinstance(values, int) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                          for v in values):
-        raise ValueError(f"{layer_name}: {arg} must be a tuple of positive integers, one per "
-                         f"spatial dimension, got {values!r}")
+    if not isinstance(values, (tuple, list)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"{layer_name}: {arg} must be a tuple of positive integers, one per "
+                        f"spatial dimension, got {values!r}")
     values = tuple(values)
     if not 1 <= len(values) <= 3 or any(v < 1 for v in values):
         raise ValueError(f"{layer_name}: {arg} must hold 1 to 3 positive integers, got {values!r}")
