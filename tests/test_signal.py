@@ -514,6 +514,42 @@ def test_bad_arguments_raise_clear_errors():
         fixed_points(torch.nn.Linear(2, 2), 1., 0.)
 
 
+ERF_BLOCK = stax.serial(stax.Dense(1), stax.Erf())
+CONV_1D_BLOCK = stax.serial(stax.Conv(1, (3,), padding='SAME'), stax.Erf())
+
+
+@pytest.mark.parametrize('call, error, message', [
+    (lambda: signal.fixed_points(ERF_BLOCK, torch.tensor([1 + 1j]), 0.1), TypeError,
+     'fixed_points: W_var must be a real tensor, got torch.complex64'),
+    (lambda: signal.fixed_points(ERF_BLOCK, torch.tensor([True]), 0.1), TypeError,
+     'fixed_points: W_var must be a real tensor, got torch.bool'),
+    (lambda: signal.fixed_points(ERF_BLOCK, 1., torch.tensor(0.1, device='meta')), ValueError,
+     'fixed_points: b_var is on the meta device'),
+    (lambda: signal.fixed_points(ERF_BLOCK, 1e300, 0.1), ValueError,
+     r'fixed_points: W_var=1e\+300 overflows torch.float32 \(the default dtype\)'),
+    (lambda: signal.fixed_points(ERF_BLOCK, 1., 0.1, q0='1'), TypeError,
+     'fixed_points: q0 must be a float or a scalar tensor, got str'),
+    (lambda: signal.fixed_points(ERF_BLOCK, 1., 0.1, max_iter=10.), TypeError,
+     'fixed_points: max_iter must be an int, got float'),
+    (lambda: signal.fixed_points(ERF_BLOCK, 1., 0.1, diagonal_spatial='no'), TypeError,
+     "fixed_points: diagonal_spatial must be True, False or None, got 'no'"),
+    (lambda: signal.fixed_points(ERF_BLOCK, 1., 0.1, progress='no'), TypeError,
+     "fixed_points: progress must be True or False, got 'no'"),
+    (lambda: signal.fixed_points(CONV_1D_BLOCK, 1., 0.1, spatial_shape=5), TypeError,
+     'fixed_points: spatial_shape must be a sequence of ints, got 5'),
+    (lambda: signal.fixed_points(CONV_1D_BLOCK, 1., 0.1, spatial_shape=(5, 5)), ValueError,
+     r"fixed_points: spatial_shape=\(5, 5\) has 2 dimensions but the block's convolutions "
+     r"have \[1\]"),
+    (lambda: signal.phase_diagram('result'), TypeError,
+     'phase_diagram: result must be the FixedPoints of fixed_points, got str'),
+    (lambda: signal.phase_diagram(fixed_points(ERF_BLOCK, [1., 2.], [0.1, 0.2]), title=3),
+     TypeError, 'phase_diagram: title must be a string, got int'),
+])
+def test_bad_inputs_raise_errors_naming_function_argument_and_value(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
 def test_the_block_passed_in_is_not_modified():
     conv = stax.Conv(1, (3,), padding='SAME', W_std=1.3, b_std=None)
     fixed_points(stax.serial(conv, stax.Erf()), [1., 2.], [0.1])

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from .kernel import Kernel
 from .stax.conv import Conv, ConvLocal, ConvTranspose
 from .stax.linear import Affine
-from .stax.module import Layer
+from .stax.module import Layer, check_nonnegative
 from .stax.requirements import Bool, Diagonal, Requirements
 
 Tensor = torch.Tensor
@@ -211,7 +211,9 @@ def fixed_points(block: Layer, W_var: float | Tensor, b_var: float | Tensor, *,
         W_var, b_var: weight and bias variances, floats or tensors of any shape
             (typically 1-D); the grid is their outer product. Tensors that
             require grad make the results differentiable (derivatives are
-            finite at `b_var = 0` too).
+            finite at `b_var = 0` too). `q*` is found to full relative
+            precision however small; a `b_var` below the square root of the
+            dtype's smallest normal number (~1e-154 in float64) counts as 0.
         spatial_shape: spatial shape of the images for convolutional blocks;
             default `(8,)*d` for a block with `d`-dimensional convolutions,
             `()` otherwise.
@@ -231,11 +233,22 @@ def fixed_points(block: Layer, W_var: float | Tensor, b_var: float | Tensor, *,
     W_var, b_var = _checked_variances(W_var, b_var)
     if not isinstance(block, Layer):
         raise TypeError(f"fixed_points: block must be a torchntk layer, got {type(block).__name__}")
-    if not (isinstance(q0, (int, float)) and math.isfinite(q0) and q0 > 0):
-        raise ValueError(f"fixed_points: q0 must be a finite number > 0, got {q0!r}")
+    check_nonnegative(q0, 'q0', 'fixed_points')
+    q0 = float(q0)
+    if q0 == 0:
+        raise ValueError("fixed_points: q0 must be > 0, got 0.0")
     for name, value in (('max_iter', max_iter), ('chunk_size', chunk_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"fixed_points: {name} must be a positive integer, got {value!r}")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"fixed_points: {name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"fixed_points: {name} must be >= 1, got {value}")
+    if diagonal_spatial is not None and not isinstance(diagonal_spatial, bool):
+        raise TypeError(f"fixed_points: diagonal_spatial must be True, False or None, "
+                        f"got {diagonal_spatial!r}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"fixed_points: progress must be True or False, got {progress!r}")
     kernel_map = _KernelMap(block, spatial_shape, diagonal_spatial, W_var.dtype, W_var.device)
 
     grid = W_var.shape + b_var.shape
@@ -265,10 +278,17 @@ def _checked_variances(W_var: Any, b_var: Any) -> tuple[Tensor, Tensor]:
     tensors = []
     for name, value in (('W_var', W_var), ('b_var', b_var)):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = torch.tensor(float(value))
+            number, value = float(value), torch.tensor(float(value))
+            if math.isfinite(number) and not bool(torch.isfinite(value)):
+                raise ValueError(f"fixed_points: {name}={number} overflows {value.dtype} (the "
+                                 "default dtype); pass a float64 tensor")
         if not isinstance(value, Tensor):
             raise TypeError(f"fixed_points: {name} must be a float or a tensor, "
                             f"got {type(value).__name__}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"fixed_points: {name} must be a real tensor, got {value.dtype}")
+        if value.is_meta:
+            raise ValueError(f"fixed_points: {name} is on the meta device, which holds no values")
         if value.numel() == 0:
             raise ValueError(f"fixed_points: {name} is empty")
         detached = value.detach()
@@ -340,14 +360,21 @@ class _KernelMap:
         self._check_block()
 
     def _spatial_shape(self, spatial_shape: Sequence[int] | None) -> tuple[int, ...]:
-        if spatial_shape is not None:
-            shape = tuple(spatial_shape)
-            if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
-                raise ValueError(f"fixed_points: spatial_shape must hold positive integers, "
-                                 f"got {spatial_shape!r}")
-            return shape
         ranks = {len(m.filter_shape) for m in self.block.modules()
                  if isinstance(m, (Conv, ConvLocal, ConvTranspose))}
+        if spatial_shape is not None:
+            if not isinstance(spatial_shape, Sequence) or isinstance(spatial_shape, str) or any(
+                    isinstance(s, bool) or not isinstance(s, int) for s in spatial_shape):
+                raise TypeError(f"fixed_points: spatial_shape must be a sequence of ints, "
+                                f"got {spatial_shape!r}")
+            shape = tuple(spatial_shape)
+            if not all(s >= 1 for s in shape):
+                raise ValueError(f"fixed_points: spatial_shape must hold positive integers, "
+                                 f"got {spatial_shape!r}")
+            if ranks and ranks != {len(shape)}:
+                raise ValueError(f"fixed_points: spatial_shape={shape} has {len(shape)} "
+                                 f"dimensions but the block's convolutions have {sorted(ranks)}")
+            return shape
         if len(ranks) > 1:
             raise ValueError(f"fixed_points: the block mixes convolutions of {sorted(ranks)} "
                              "spatial dimensions; give spatial_shape")
@@ -687,6 +714,11 @@ def phase_diagram(result: FixedPoints, *, title: str | None = None) -> Any:
     Returns:
         A `matplotlib.figure.Figure` with three panels.
     """
+    if not isinstance(result, FixedPoints):
+        raise TypeError(f"phase_diagram: result must be the FixedPoints of fixed_points, got "
+                        f"{type(result).__name__}")
+    if title is not None and not isinstance(title, str):
+        raise TypeError(f"phase_diagram: title must be a string, got {type(title).__name__}")
     try:
         from matplotlib.colors import LogNorm
         from matplotlib.figure import Figure
