@@ -293,6 +293,17 @@ def test_ode_predicts_the_training_set_alone(data, momentum):
         assert (got[-1] - start).abs().max() > 0.1   # it did train
 
 
+def test_single_training_example_decays_by_the_scalar_exponential(data):
+    """One example: `f(t) = y + e^{-k t/n} (f_0 - y)`, `n` the number of outputs."""
+    k, y, fx_0 = data['k_train_train'].ntk[:1, :1], data['y_train'][:1], data['fx_train_0'][:1]
+    t = torch.tensor([0.5, 5., 50.], dtype=DTYPE)
+    expected = y + torch.exp(-k[0, 0] * t / N_OUT)[:, None, None] * (fx_0 - y)
+    closed = predict.gradient_descent_mse(k, y)(t, fx_0)
+    ode = predict.gradient_descent(mse, k, y, progress=False)(t, fx_0)
+    torch.testing.assert_close(closed, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ode, expected, rtol=1e-7, atol=1e-9)
+
+
 def test_ode_refuses_infinite_time(data):
     predict_fn = predict.gradient_descent(mse, data['k_train_train'].ntk, data['y_train'])
     with pytest.raises(ValueError, match='gradient_descent: t=None'):

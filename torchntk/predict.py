@@ -220,13 +220,16 @@ def gradient_descent_mse_params(model: nn.Module, x_train: torch.Tensor, y_train
     _check_number(learning_rate, 'learning_rate', name, positive=True)
     _check_number(diag_reg, 'diag_reg', name)
     _check_flag(diag_reg_absolute_scale, 'diag_reg_absolute_scale', name)
+    try:
+        ntk_fn = empirical_ntk_fn(model, trace_axes=(), implementation=implementation)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{name}: {error}") from error
 
     fx_train_0, vjp_fn = vjp(lambda p: functional_call(model, p, (x_train,)), params_0)
     if not isinstance(y_train, torch.Tensor) or y_train.shape != fx_train_0.shape:
         raise ValueError(f"{name}: y_train must have the shape of model(x_train), "
                          f"{tuple(fx_train_0.shape)}, got {_shape_or_type(y_train)}")
-    ntk = empirical_ntk_fn(model, trace_axes=(), implementation=implementation)(
-        x_train, None, params_0)
+    ntk = ntk_fn(x_train, None, params_0)
     ntk = _checked_kernel(ntk, 'the empirical NTK', name)
     y_train = _checked_targets(y_train, ntk, name)
     axes = _OutputAxes(y_train.shape, (), name)
@@ -834,7 +837,7 @@ class _OutputAxes:
     """Where the output axes of `y (N, *O)` go: kept axes index kernel rows, traced ones columns."""
 
     def __init__(self, y_shape: Sequence[int], trace_axes: Sequence[int], fn: str):
-        self.ndim, self.fn = len(y_shape), fn
+        self.ndim, self.fn, self.y_shape = len(y_shape), fn, tuple(y_shape)
         if isinstance(trace_axes, int) and not isinstance(trace_axes, bool):
             trace_axes = (trace_axes,)
         if not isinstance(trace_axes, Sequence) or isinstance(trace_axes, str) or any(
@@ -875,8 +878,9 @@ class _OutputAxes:
         expected = tuple(size for pair in zip(rows, cols) for size in pair)
         if tuple(kernel.shape) != expected:
             raise ValueError(
-                f"{self.fn}: {arg} must have shape {expected} (the axes of the outputs not in "
-                f"trace_axes={self.trace}, each twice, zipped), got {tuple(kernel.shape)}")
+                f"{self.fn}: {arg} must have shape {expected} (the axes of y_train, of shape "
+                f"{self.y_shape}, not in trace_axes={self.trace}, each twice, zipped), got "
+                f"{tuple(kernel.shape)}")
 
 
 # ---------------------------------------------------------------------------
