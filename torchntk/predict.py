@@ -688,7 +688,7 @@ def max_learning_rate(ntk_train_train: torch.Tensor, y_train_size: int | None = 
         eps: added to `λ_max` to avoid dividing by zero.
 
     A kernel that is not symmetric and positive semi-definite (beyond rounding,
-    `λ_min ≥ -√eps · λ_max`) is refused: gradient descent diverges along a
+    `λ_min ≥ -√eps · max |λ|`) is refused: gradient descent diverges along a
     negative eigenvalue at any rate.
     """
     name = 'max_learning_rate'
