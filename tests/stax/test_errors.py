@@ -137,9 +137,15 @@ def test_invalid_out_dim_raises(out_dim):
         stax.Dense(out_dim)
 
 
-@pytest.mark.parametrize('p', [1, 1.5, -0.1, '0.5', None])
+@pytest.mark.parametrize('p', [1, 1.5, -0.1])
 def test_invalid_dropout_p_raises(p):
     with pytest.raises(ValueError, match=r'Dropout: p \(the drop probability\) must be in \[0, 1\)'):
+        stax.Dropout(p)
+
+
+@pytest.mark.parametrize('p', ['0.5', None])
+def test_dropout_p_of_another_type_raises_type_error(p):
+    with pytest.raises(TypeError, match=r'Dropout: p \(the drop probability\) must be a float'):
         stax.Dropout(p)
 
 

@@ -21,7 +21,10 @@ class Dropout(Layer):
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        if isinstance(p, bool) or not isinstance(p, (int, float)):
+            raise TypeError(f"Dropout: p (the drop probability) must be a float in [0, 1), "
+                            f"got {p!r}")
+        if not 0 <= p < 1:
             raise ValueError(f"Dropout: p (the drop probability) must be in [0, 1), got {p!r}")
         self.p = float(p)
 

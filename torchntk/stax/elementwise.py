@@ -69,6 +69,10 @@ class Elementwise(Layer):
     def __init__(self, fn: Callable[[Tensor], Tensor] | None = None,
                  nngp_fn: NngpFn | None = None, d_nngp_fn: NngpFn | None = None) -> None:
         super().__init__()
+        for arg, value in (('fn', fn), ('nngp_fn', nngp_fn), ('d_nngp_fn', d_nngp_fn)):
+            if value is not None and not callable(value):
+                raise TypeError(f"{self._name()}: {arg} must be a function or None, got "
+                                f"{type(value).__name__}")
         self.fn, self.nngp_fn, self.d_nngp_fn = fn, nngp_fn, d_nngp_fn
 
     @property
@@ -186,6 +190,7 @@ class LeakyRelu(ABRelu):
     """`φ(x) = max(x, 0) + alpha·min(x, 0)`."""
 
     def __init__(self, alpha: float, do_stabilize: bool = False) -> None:
+        _check_real(alpha, 'alpha', self._name())   # named as the user wrote it, not as ABRelu's a
         super().__init__(alpha, 1., do_stabilize)
 
 
