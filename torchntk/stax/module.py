@@ -31,6 +31,9 @@ Masks = Union[torch.Tensor, None, Sequence[Union[torch.Tensor, None]]]
 
 # Whether a layer's forward is running in this thread (its sublayers' calls are not outermost).
 _FORWARD = threading.local()
+# Whether torchntk.batching's memory count runs kernel functions on meta tensors
+# (shapes without values) in this thread: meta inputs are meant then.
+SHAPES_ONLY = threading.local()
 
 
 class Layer(nn.Module):
@@ -342,7 +345,7 @@ def _checked_inputs(x1: torch.Tensor, x2: torch.Tensor | None, layer_name: str,
         if x.is_complex():
             raise TypeError(f"{layer_name}: {name} must be real (floating or integer), got "
                             f"{x.dtype}")
-        if x.device.type == 'meta':
+        if x.device.type == 'meta' and not getattr(SHAPES_ONLY, 'active', False):
             raise ValueError(f"{layer_name}: {name} is on the meta device, which holds no values; "
                              "kernels need the inputs' values (a CPU or GPU tensor)")
         if x.ndim < 2:
