@@ -389,8 +389,8 @@ class _MetaInputs:
 # the whole batch; 'const': the same on every tile.
 _FIELD_ROLES = {'nngp': 'pair', 'ntk': 'pair', 'cov1': 'cov1', 'cov2': 'cov2',
                 'x1_is_x2': 'same_inputs', 'is_gaussian': 'const', 'diagonal_batch': 'const',
-                'diagonal_spatial': 'const', 'shape1': 'shape1', 'shape2': 'shape2',
-                'mask1': 'side1', 'mask2': 'side2'}
+                'diagonal_spatial': 'const', 'iid_channels': 'const', 'shape1': 'shape1',
+                'shape2': 'shape2', 'mask1': 'side1', 'mask2': 'side2'}
 
 
 def _is_namedtuple(x: Any) -> bool:

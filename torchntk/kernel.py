@@ -60,6 +60,12 @@ class Kernel:
             (broadcastable to `shape1`, `shape2`; `True` for masked), or `None`
             without masking. `mask2` is also `None` when `x2` is `x1`: `mask1`
             then holds for both.
+        iid_channels: whether the channels are identically distributed given
+            the inputs, so that the average over channels of a product of
+            independent branches is the product of their kernels (`FanInProd`).
+            True after an affine layer; false for the inputs themselves (fixed
+            values), after `Flatten` (positions differ) and after a channel
+            `FanInConcat`, until the next affine layer.
     """
 
     nngp: torch.Tensor
@@ -74,6 +80,7 @@ class Kernel:
     shape2: Shape
     mask1: torch.Tensor | None = None
     mask2: torch.Tensor | None = None
+    iid_channels: bool = True
 
     def replace(self, **changes: Any) -> Kernel:
         return dataclasses.replace(self, **changes)
@@ -287,7 +294,7 @@ def kernel_from_inputs(x1: torch.Tensor, x2: torch.Tensor | None, *, diagonal_ba
                   cov1=cov1, cov2=cov2, x1_is_x2=x1_is_x2, is_gaussian=False,
                   diagonal_batch=diagonal_batch, diagonal_spatial=diagonal_spatial,
                   shape1=tuple(x1.shape), shape2=tuple((x1 if x2 is None else x2).shape),
-                  mask1=mask1, mask2=mask2)
+                  mask1=mask1, mask2=mask2, iid_channels=False)
 
 
 def _same_inputs(x1: torch.Tensor, x2: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

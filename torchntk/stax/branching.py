@@ -107,7 +107,11 @@ class FanInProd(_FanIn):
     """Elementwise product of the branches.
 
     For independent branches `E[∏ f_i(x) ∏ f_i(x')] = ∏ nngp_i`, and by the
-    product rule `ntk = Σ_i ntk_i ∏_{j≠i} nngp_j`.
+    product rule `ntk = Σ_i ntk_i ∏_{j≠i} nngp_j`. The kernel averages over
+    channels, `(1/C) Σ_c ∏_i K_i[c]`, which is `∏_i (1/C) Σ_c K_i[c]` only when
+    all branches but one have the same `K_i[c]` in every channel
+    (`Kernel.iid_channels`): two branches that are the inputs themselves
+    (`x ⊙ x`), or come after `Flatten`, are refused.
     """
 
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -116,6 +120,13 @@ class FanInProd(_FanIn):
 
     def kernel_rule(self, ks: Sequence[Kernel]) -> Kernel:
         ks = self._checked(ks, same_shapes=True)
+        iid = [k.iid_channels for k in ks]
+        if iid.count(False) > 1:
+            raise ValueError(
+                "FanInProd: at most one branch may have channels that are not identically "
+                "distributed (the network's inputs, or the outputs of Flatten or a channel "
+                "FanInConcat, with no affine layer after them): the channel average of the "
+                f"product is then not the product of the kernels; got iid_channels={iid}")
         nngp, ntk = ks[0].nngp, ks[0].ntk
         for k in ks[1:]:
             ntk = None if ntk is None else ntk * k.nngp + nngp * k.ntk
@@ -123,7 +134,7 @@ class FanInProd(_FanIn):
         prod = lambda ts: None if ts[0] is None else functools.reduce(operator.mul, ts)
         return ks[0].replace(nngp=nngp, ntk=ntk, cov1=prod([k.cov1 for k in ks]),
                              cov2=prod([k.cov2 for k in ks]),
-                             is_gaussian=len(ks) == 1 and ks[0].is_gaussian)
+                             is_gaussian=len(ks) == 1 and ks[0].is_gaussian, iid_channels=all(iid))
 
     def output_shape(self, input_shapes: Sequence[Shape]) -> Shape:
         return input_shapes[0]
@@ -208,7 +219,7 @@ class FanInConcat(_FanIn):
 
         return ks[0].replace(nngp=mean([k.nngp for k in ks]), ntk=mean([k.ntk for k in ks]),
                              cov1=mean([k.cov1 for k in ks]), cov2=mean([k.cov2 for k in ks]),
-                             is_gaussian=False)
+                             is_gaussian=False, iid_channels=False)
 
     def output_shape(self, input_shapes: Sequence[Shape]) -> Shape:
         axis = self._resolved_axis(len(input_shapes[0]))

@@ -80,8 +80,9 @@ class FusedRun:
         for layer in self.layers:
             shape1, shape2 = layer.output_shape(shape1), layer.output_shape(shape2)
             is_gaussian = _output_is_gaussian(layer, is_gaussian)
+        iid_channels = k.iid_channels or any(type(l) in _FUSED_AFFINE for l in self.layers)
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=is_gaussian,
-                         shape1=shape1, shape2=shape2)
+                         iid_channels=iid_channels, shape1=shape1, shape2=shape2)
 
     def _steps(self, k: Kernel) -> list[conv_chain.Step] | None:
         """The chain's steps for kernel `k`, or `None` where it does not apply."""

@@ -158,7 +158,7 @@ class Affine(Layer, abc.ABC):
                 ntk = torch.addcmul(W_var * ntk_linear, fan_in, nngp_linear)
                 ntk = ntk if self.b_std is None else ntk + 1.
         return k.replace(nngp=nngp, ntk=ntk, cov1=affine(k.cov1, cov_batch_ndim),
-                         cov2=affine(k.cov2, cov_batch_ndim), is_gaussian=True,
+                         cov2=affine(k.cov2, cov_batch_ndim), is_gaussian=True, iid_channels=True,
                          shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
 
     def hyperparameters_repr(self) -> str:

@@ -232,7 +232,8 @@ class Flatten(Layer):
     same-position covariances survive: `K' = (1/|S|) Σ_p K[p, p]` (Novak et al.
     2019, arXiv:1810.05148, "vectorization"). The output is no longer Gaussian
     per channel (channels at different positions are not identically
-    distributed), so a nonlinearity needs an affine layer after it.
+    distributed), so a nonlinearity, or a `FanInProd` with another such
+    branch, needs an affine layer after it.
 
     Shape:
         Input `(N, C, *S)`, output `(N, C·prod(S))`.
@@ -259,4 +260,6 @@ class Flatten(Layer):
         return k.replace(nngp=flatten(k.nngp, 2), ntk=flatten(k.ntk, 2),
                          cov1=flatten(k.cov1, cov_batch_ndim), cov2=flatten(k.cov2, cov_batch_ndim),
                          is_gaussian=False, diagonal_spatial=False,
+                         # Features at different positions have different kernels.
+                         iid_channels=k.iid_channels and math.prod(k.spatial1) == 1,
                          shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
