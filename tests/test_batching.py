@@ -260,8 +260,9 @@ def test_memory_of_large_tiles_is_extrapolated_from_measured_ones_from_above(mon
     monkeypatch.setattr(batching._Estimator, 'MAX_OPERATIONS', 250)
     extrapolated = nt.estimate_memory(model, (1200, 5), None, 'ntk', batch_size=1200)
     assert extrapolated.extrapolated and not exact.extrapolated
-    # From above: a 600-example tile still holds its row blocks whole, a 1200 one does not.
-    assert exact.tile_bytes <= extrapolated.tile_bytes <= 1.5 * exact.tile_bytes
+    # From above: (1200 / b)² times a measured tile of b examples, which holds
+    # its row blocks whole where a 1200 one does not.
+    assert exact.tile_bytes <= extrapolated.tile_bytes
 
 
 def test_auto_batch_size_is_the_largest_tile_that_fits_max_memory():

@@ -55,7 +55,7 @@ from tqdm import tqdm
 from .empirical import _batch_mixing_modules
 from .kernel import Kernel
 from .ops.heap import reuse_heap
-from .stax.module import Layer
+from .stax.module import SHAPES_ONLY, Layer
 from .stax.normalization import LayerNorm
 
 try:
@@ -88,12 +88,18 @@ class MemoryEstimate:
             computed (its inputs and outputs included), measured by running
             the kernel function on shape-only `meta` tensors, which take the
             layers one at a time: the extension's fused Conv/ReLU runs
-            (`torchntk.stax.fusion`) need less. Allocators round sizes up and
-            cache freed blocks: leave some headroom.
+            (`torchntk.stax.fusion`) need less.
         output_bytes: the assembled kernel (every field of the result).
         tiles: the number of tiles (`kernel_fn` calls).
         extrapolated: `tile_bytes` was extrapolated from smaller tiles (see
             `_Estimator`), not measured.
+        allocator_bytes: what the allocator holds beyond the tensors alive:
+            freed blocks kept for reuse (glibc's heap under
+            `torchntk.ops.heap.reuse_heap`, CUDA's cache) that are too small
+            for the next array. Taken as `tile_bytes` again, which bounds the
+            resident memory of the CNNs and MLPs of
+            `tests/test_memory_estimate.py` on both backends (the CNNs'
+            layers one at a time leave the most such blocks).
     """
 
     batch_size: int
@@ -103,14 +109,19 @@ class MemoryEstimate:
     extrapolated: bool = False
 
     @property
+    def allocator_bytes(self) -> int:
+        return self.tile_bytes
+
+    @property
     def total_bytes(self) -> int:
-        return self.tile_bytes + self.output_bytes
+        """An upper bound of the memory of the computation."""
+        return self.tile_bytes + self.allocator_bytes + self.output_bytes
 
     def __str__(self) -> str:
         how = ', extrapolated' if self.extrapolated else ''
         return (f"{_gib(self.total_bytes)} (output {_gib(self.output_bytes)} + one tile of "
-                f"{self.batch_size} x {self.batch_size} examples {_gib(self.tile_bytes)}{how}, "
-                f"{self.tiles} tiles)")
+                f"{self.batch_size} x {self.batch_size} examples {_gib(self.tile_bytes)}{how} + "
+                f"allocator {_gib(self.allocator_bytes)}, {self.tiles} tiles)")
 
 
 def batch(kernel_fn: Callable | Layer, batch_size: int | str = 0,
@@ -235,8 +246,13 @@ def estimate_memory(kernel_fn: Callable | Layer, x1_shape: Shape | Sequence[Shap
     `kernel_fn` (or the stax layer whose `kernel_fn` it is) runs on `meta`
     tensors, which have shapes and no values, while every tensor it creates is
     counted until it is freed (`MemoryEstimate.tile_bytes`). `batch_size=0`
-    gives the memory of the untiled call. Raises a `ValueError` if `kernel_fn`
-    cannot run on meta tensors (e.g. empirical kernels, which compare values).
+    gives the memory of the untiled call. The call is counted in the grad mode
+    `estimate_memory` is called in: `batch` runs its tiles under
+    `torch.no_grad()`, while a call with gradients enabled on a model with
+    hyperparameters that require them keeps the tensors its backward pass
+    needs (and runs the layers one at a time, see `torchntk.stax.fusion`).
+    Raises a `ValueError` if `kernel_fn` cannot run on meta tensors (e.g.
+    empirical kernels, which compare values).
 
     Example::
 
@@ -250,10 +266,11 @@ def estimate_memory(kernel_fn: Callable | Layer, x1_shape: Shape | Sequence[Shap
     call = _Call(kernel_fn, args, kwargs)
     x1 = _MetaInputs.of_shape(x1_shape, dtype)
     x2 = None if x2_shape is None else _MetaInputs.of_shape(x2_shape, dtype)
+    grad = torch.is_grad_enabled()
     with torch.no_grad(), _LiveBytes():  # answers the value queries of meta tensors
         plan = _Plan.build(call, x1.rows(0, 1), None if x2 is None else x2.rows(0, 1),
                            x1.n, x1.n if x2 is None else x2.n)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         return _Estimator(call, plan, x1, x2).estimate(batch_size or max(plan.n1, plan.n2))
 
 
@@ -750,6 +767,16 @@ class _LiveBytes(TorchDispatchMode):
         self.live: dict[int, list[int]] = {}  # storage -> [tensors alive, bytes]
         self.current = self.peak = self.operations = 0
         self.max_operations = max_operations
+        self._outer_shapes_only = False
+
+    def __enter__(self) -> _LiveBytes:
+        self._outer_shapes_only = getattr(SHAPES_ONLY, 'active', False)
+        SHAPES_ONLY.active = True  # kernel_fn takes the meta inputs it counts
+        return super().__enter__()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        SHAPES_ONLY.active = self._outer_shapes_only
+        super().__exit__(*exc_info)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -797,12 +824,13 @@ class _Estimator:
     A meta operation costs a fraction of a millisecond however large its
     tensors, but kernel rules loop over cache-sized blocks, so the number of
     operations grows with the tile. A tile that needs more than
-    `MAX_OPERATIONS` is not measured: its peak is extrapolated along the
-    secant in `b²` through the measured tiles of `b₀/2` and `b₀` examples, `b₀`
-    the largest power-of-two fraction of the tile that can be measured. Peaks
-    are `α b² + γ b + c` with `γ ≥ 0` (pair arrays, per-example arrays,
-    fixed-size blocks), concave in `b²`, so the secant overestimates a little
-    (13% for a 20000-example tile of a ReLU network, from 1250 and 2500).
+    `MAX_OPERATIONS` is not measured: its peak is the measured one of `b₀`
+    examples times `(b / b₀)²`, `b₀` the largest power-of-two fraction of the
+    tile that can be measured. Peaks are `α b² + γ b + c` with `γ, c ≥ 0`
+    (pair arrays, per-example arrays, fixed-size blocks), so `peak / b²` does
+    not grow with `b` and this bounds the peak from above (a secant through
+    two measured tiles, which assumes more of that form, fell short for CNNs
+    whose blocks change with the tile).
     """
 
     MAX_OPERATIONS = 1500
@@ -851,10 +879,7 @@ class _Estimator:
             while anchor > 2 and self._measure(anchor) is None:
                 anchor //= 2
             self._anchor = max(anchor, 2)
-        b0, b1 = self._anchor, self._anchor // 2
-        p0, p1 = self._measure(b0), self._measure(b1)
-        slope = (p0 - p1) / (b0**2 - b1**2)
-        return math.ceil(p0 + slope * (b**2 - b0**2)), True
+        return math.ceil(self._measure(self._anchor) * b**2 / self._anchor**2), True
 
     def output_bytes(self) -> int:
         total = 0
