@@ -1,5 +1,6 @@
-"""`kernel_fn`'s layout flags and the affine layers' standard deviations are
-checked where they are given, with errors naming the argument."""
+"""Arguments of `kernel_fn` (layout flags) and of layer constructors
+(standard deviations, windows) are checked where they are given, with errors
+naming the argument, and the layers that rule out a requested layout."""
 
 import re
 from unittest import mock
@@ -9,6 +10,7 @@ import torch
 
 from torchntk import stax
 from torchntk.ops import conv_chain
+from torchntk.stax.requirements import Requirements
 
 from tests.strategies import gaussian
 
@@ -69,3 +71,17 @@ def test_fused_run_squares_an_overflowing_tensor_std_to_inf_as_the_layers_do(mon
 def test_window_argument_of_the_wrong_type_raises_type_error(make, arg):
     with pytest.raises(TypeError, match=rf'{arg} must be a tuple of positive integers'):
         make()
+
+
+class MixesExamples(stax.Identity):
+    """A layer that needs the covariances between examples (as batch normalization would)."""
+
+    @property
+    def requirements(self):
+        return Requirements(diagonal_batch=False)
+
+
+def test_diagonal_batch_true_with_a_layer_mixing_examples_raises_naming_it():
+    with pytest.raises(ValueError, match=r'Serial: diagonal_batch=True is not possible: a layer in '
+                                         r'this network mixes examples.*\(MixesExamples\)'):
+        stax.serial(stax.Dense(3), MixesExamples()).kernel_fn(gaussian(2, 4), diagonal_batch=True)
