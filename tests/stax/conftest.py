@@ -28,9 +28,9 @@ def images2():
 @pytest.fixture(params=['extension', 'torch'])
 def backend(request, monkeypatch):
     """Runs a test with the compiled extension (the fused chain included) and
-    with the torch fallback; skips the first where the extension is not built."""
+    with the torch fallback; skips the first where the extension is not in use."""
     if request.param == 'torch':
         monkeypatch.setattr(extension, 'EXTENSION', None)
     elif extension.EXTENSION is None:
-        pytest.skip('the extension is not built')
+        pytest.skip('the extension is not in use (not built, or TORCHNTK_BACKEND=torch)')
     return request.param
