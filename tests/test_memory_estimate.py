@@ -60,6 +60,19 @@ def test_a_tile_too_large_to_count_is_bounded_from_above(monkeypatch):
     assert estimate.tile_bytes >= allocated_peak(tile)
 
 
+@pytest.mark.parametrize('model, shape, batch_size', [(cnn, (48, 3, 8, 8), 12),
+                                                       (mlp, (1200, 20), 300)], ids=['cnn', 'mlp'])
+def test_a_batched_run_allocates_at_most_a_tile_and_the_result(model, shape, batch_size,
+                                                              monkeypatch):
+    monkeypatch.setattr(extension, 'EXTENSION', None)  # the torch backend, layer by layer
+    model, x = model(), torch.randn(*shape)
+    estimate = nt.estimate_memory(model, shape, None, ('nngp', 'ntk'), batch_size=batch_size)
+    assert estimate.tiles == 10
+    allocated = allocated_peak(
+        lambda: nt.batch(model, batch_size, progress=False)(x, None, ('nngp', 'ntk')))
+    assert estimate.tile_bytes + estimate.output_bytes >= allocated
+
+
 @pytest.mark.parametrize('model, shape', [(cnn, (6, 3, 8, 8)), (mlp, (300, 20))],
                          ids=['cnn', 'mlp'])
 def test_a_call_with_gradients_is_counted_with_the_tensors_it_keeps(model, shape):
@@ -90,29 +103,34 @@ def resident(field):
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
 
 torch.set_num_threads(1)
-model, shape = eval(sys.argv[1])(), eval(sys.argv[2])
+model, shape, batch_size = eval(sys.argv[1])(), eval(sys.argv[2]), int(sys.argv[3])
 x = torch.randn(*shape)
-estimate = nt.estimate_memory(model, shape, None, ('nngp', 'ntk'))
+estimate = nt.estimate_memory(model, shape, None, ('nngp', 'ntk'), batch_size=batch_size)
 model.kernel_fn(x[:2], None, ('nngp', 'ntk'))  # code paths, thread pools
 before = resident('VmRSS:')
 with open('/proc/self/clear_refs', 'w') as clear:
     clear.write('5')  # the peak starts again from here
-with torch.no_grad():
-    out = model.kernel_fn(x, None, ('nngp', 'ntk'))
+if batch_size:
+    out = nt.batch(model, batch_size, progress=False)(x, None, ('nngp', 'ntk'))
+else:
+    with torch.no_grad():
+        out = model.kernel_fn(x, None, ('nngp', 'ntk'))
 print(json.dumps({'estimate': estimate.total_bytes, 'resident': resident('VmHWM:') - before}))
 """
 
 
 @pytest.mark.skipif(not os.access('/proc/self/clear_refs', os.W_OK),
                     reason='needs Linux /proc/self/clear_refs to reset the peak resident memory')
-@pytest.mark.parametrize('backend', ['torch', 'extension'])
-@pytest.mark.parametrize('model, shape', [('cnn', (48, 3, 8, 8)), ('mlp', (3000, 20))],
-                         ids=['cnn', 'mlp'])
-def test_the_estimate_bounds_the_peak_resident_memory_of_a_call(model, shape, backend):
+@pytest.mark.parametrize('model, shape, batch_size, backend', [
+    ('cnn', (48, 3, 8, 8), 0, 'torch'), ('cnn', (48, 3, 8, 8), 0, 'extension'),
+    ('mlp', (3000, 20), 0, 'torch'), ('mlp', (3000, 20), 0, 'extension'),
+    ('mlp', (3000, 20), 750, 'torch')],
+    ids=['cnn-torch', 'cnn-extension', 'mlp-torch', 'mlp-extension', 'mlp-tiled-torch'])
+def test_the_estimate_bounds_the_peak_resident_memory(model, shape, batch_size, backend):
     if backend == 'extension' and extension.backend() != 'extension':
         pytest.skip('the extension is not built')
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', TORCHNTK_BACKEND=backend)
-    result = subprocess.run([sys.executable, '-c', _RESIDENT, model, str(shape)],
+    result = subprocess.run([sys.executable, '-c', _RESIDENT, model, str(shape), str(batch_size)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     measured = json.loads(result.stdout.splitlines()[-1])

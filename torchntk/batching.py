@@ -1534,3 +1534,4 @@ def _compute(tiles: _Tiles, tasks: list[_Task], pending: list[_Task],
             task = mine[r] if r < len(mine) else None
             values = group.run(functools.partial(computed, task))
             group.run(functools.partial(place, group.gather((task, values))))
+            del values  # placed: not kept while the next tile is computed (the estimate)
