@@ -9,9 +9,9 @@ the N x N kernel in tiles (only those on and above the diagonal, on
 `--device`) into a memory-mapped .npy file, in a fresh process that reports
 its time and its peak resident memory (VmHWM, which counts the pages of the
 memory-mapped result it touched) beside `estimate_memory`'s numbers: the
-bound is the process before the run (Python, torch, the inputs) plus one tile
-plus the output; the allocator keeps some freed memory on top (glibc's
-dynamic mmap threshold). Rows spread over the result are checked against
+bound is the process before the run (Python, torch, the inputs) plus one tile,
+the freed memory the allocator keeps (`MemoryEstimate.allocator_bytes`) and
+the output. Rows spread over the result are checked against
 untiled `kernel_fn(x[rows], x)`.
 
 `--compile`: the same batched kernel on `--compile-size` examples, with
@@ -84,6 +84,7 @@ def scale_child(args: argparse.Namespace) -> None:
     error = float(((kernel[rows] - exact).abs().max() / exact.abs().max()))
     print(json.dumps({'seconds': seconds, 'before_kib': before_kib, 'peak_kib': peak_kib,
                       'tile_bytes': estimate.tile_bytes, 'output_bytes': estimate.output_bytes,
+                      'allocator_bytes': estimate.allocator_bytes,
                       'tiles': estimate.tiles, 'extrapolated': estimate.extrapolated,
                       'max_rel_error': error}))
 
@@ -100,6 +101,7 @@ def scale(args: argparse.Namespace) -> None:
     mib = 2**20
     before, peak = result['before_kib'] / 1024, result['peak_kib'] / 1024
     tile, output = result['tile_bytes'] / mib, result['output_bytes'] / mib
+    allocator = result['allocator_bytes'] / mib
     tiles = result['tiles']
     print(f"NNGP {args.size} x {args.size} float32 (x2=None), tiles of {args.batch_size}: "
           f"{tiles} tiles on {args.device}, {args.threads} threads")
@@ -107,7 +109,9 @@ def scale(args: argparse.Namespace) -> None:
     print(f"  RSS before the run    {before:8.0f} MiB  (Python, torch, inputs)")
     print(f"  estimate: one tile    {tile:8.0f} MiB{'  (extrapolated)' if result['extrapolated'] else ''}")
     print(f"  estimate: output      {output:8.0f} MiB  (memory-mapped file)")
-    print(f"  bound                 {before + tile + output:8.0f} MiB  (before + tile + output)")
+    print(f"  estimate: allocator   {allocator:8.0f} MiB  (freed blocks it keeps)")
+    print(f"  bound                 {before + tile + allocator + output:8.0f} MiB  "
+          "(before + tile + allocator + output)")
     print(f"  peak RSS (VmHWM)      {peak:8.0f} MiB  ({peak - before:.0f} MiB above before)")
     print(f"  max rel error of {CHECK_ROWS} rows against untiled kernel_fn: {result['max_rel_error']:.1e}")
 
