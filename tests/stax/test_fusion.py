@@ -165,14 +165,16 @@ def test_x2_none_computes_half_the_pairs_and_transposes_the_others(n_spatial, pa
     """cov[j, i, x', x, …] = cov[i, j, x, x', …] exactly for i != j, and for
     i = j where x != x' if the run goes diagonal by diagonal (stride-1,
     non-circular convolutions); these entries agree with a run over all pairs
-    (x2 a copy of x1; there the pairs (i, i) are no longer an example with
-    itself, whose NTK is sensitive to rounding at var1·var2 − c² = 0)."""
+    (x2 a copy of x1 and one more example: x2 equal to x1 is the x2=None run;
+    there the pairs (i, i) are no longer an example with itself, whose NTK is
+    sensitive to rounding at var1·var2 − c² = 0)."""
     layers = [conv(n_spatial, padding=padding), stax.Relu(), conv(n_spatial, padding=padding),
               stax.Relu()]
     x1 = gaussian(*SHAPES[n_spatial], seed=9)
     with mock.patch.object(conv_chain, 'chain_pairs', wraps=conv_chain.chain_pairs) as fused:
         k = stax.serial(*layers).kernel_fn(x1, None, diagonal_spatial=False)
-        every_pair = stax.serial(*layers).kernel_fn(x1, x1.clone(), diagonal_spatial=False)
+        every_pair = stax.serial(*layers).kernel_fn(x1, torch.cat([x1, 2 * x1[:1]]),
+                                                    diagonal_spatial=False)
     assert [call.kwargs['symmetric'] for call in fused.call_args_list] == [True, False]
     swap = [1, 0] + [2 + d + (1 if d % 2 == 0 else -1) for d in range(2 * n_spatial)]
     i, j = torch.triu_indices(len(x1), len(x1), offset=1)

@@ -14,6 +14,7 @@ positions are zeroed (`remask`); the few layers that average over positions
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any, Sequence, Union
 
@@ -181,7 +182,10 @@ class Layer(nn.Module):
         Args:
             x1: inputs `(N1, C, *S)` (or a sequence of such for a network with
                 several inputs), or a `Kernel` to propagate further.
-            x2: inputs `(N2, C, *S)`, or `None` for `x2 = x1`.
+            x2: inputs `(N2, C, *S)`, or `None` for `x2 = x1`. An `x2` equal to
+                `x1` entry for entry gives the `x2=None` kernel, with `cov2`
+                and `mask2` those of `x1` (unless `x2` is a distinct tensor
+                that requires grad).
             get: `'nngp'`, `'ntk'`, any other `Kernel` field, a tuple of names
                 (returns a named tuple), or `None` (the whole `Kernel`).
             diagonal_batch, diagonal_spatial: `None` picks the cheapest
@@ -213,6 +217,7 @@ class Layer(nn.Module):
                 raise TypeError(f"{self._name()}.kernel_fn: {arg} must be True, False or None, "
                                 f"got {flag!r}")
         empty1 = empty2 = False   # whether x1, x2 are batches of no examples
+        same_inputs = False   # whether x2 was given equal to x1, entry for entry
         if isinstance(x1, Kernel) or _is_kernel_sequence(x1):
             if (x2 is not None or diagonal_batch is not None or diagonal_spatial is not None
                     or mask_constant is not None):
@@ -225,6 +230,11 @@ class Layer(nn.Module):
             diagonal_batch, diagonal_spatial = resolve_layout(
                 self.requirements, diagonal_batch, diagonal_spatial, self._name(), self.modules())
             compute_ntk = names is None or 'ntk' in names
+            # The x2=None kernel, whose same-example pairs are the variances' own numbers:
+            # computed apart they can differ by an ulp, which the arc-cosine maps (infinite
+            # slope at correlation 1) turn into √ulp.
+            same_inputs = x2 is not None and _equal_inputs(x1, x2, mask_constant)
+            x2 = None if same_inputs else x2
             x1, empty1 = _stand_in_for_empty_batch(x1, mask_constant)
             x2, empty2 = _stand_in_for_empty_batch(x2, mask_constant)
             k = _inputs_to_kernels(x1, x2, self._name(), diagonal_batch=diagonal_batch,
@@ -233,12 +243,49 @@ class Layer(nn.Module):
         k = self.propagate(k)
         if empty1 or empty2:
             k = _emptied(k, empty1, empty1 if x2 is None else empty2)
+        if same_inputs:
+            k = _with_x2_fields(k)
         if isinstance(k, Kernel):
             return get_fields(k, get)
         return type(k)(get_fields(kernel, get) for kernel in k)
 
     def _name(self) -> str:
         return type(self).__name__
+
+
+def _equal_inputs(x1: Any, x2: Any, mask_constant: float | None) -> bool:
+    """Whether `x2` holds the inputs of `x1` (tensor by tensor for a network
+    with several inputs): the same shapes, dtypes and devices, equal entries,
+    and so the same masks. A distinct `x2` that needs its own gradient is
+    never the same (the x2=None kernel would give it none)."""
+    if isinstance(x1, torch.Tensor):
+        pairs = [(x1, x2)]
+    elif isinstance(x1, (list, tuple)) and isinstance(x2, (list, tuple)) and len(x1) == len(x2):
+        pairs = list(zip(x1, x2))
+    else:
+        return False
+    return all(a is b or _equal_tensors(a, b, mask_constant) for a, b in pairs)
+
+
+def _equal_tensors(a: Any, b: Any, mask_constant: float | None) -> bool:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    if (a.shape != b.shape or a.dtype != b.dtype or a.device != b.device
+            or a.device.type == 'meta' or a.is_complex() or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
+        return False
+    if mask_constant is not None and math.isnan(mask_constant) and a.is_floating_point():
+        # NaN != NaN, but NaN padding at the same entries is the same padding.
+        a, b = (t.nan_to_num(0., math.inf, -math.inf) for t in (a, b))
+    return torch.equal(a, b)
+
+
+def _with_x2_fields(k: Kernels) -> Kernels:
+    """The x2=None kernel `k` as the kernel of `x2 = x1`: `cov2` and `mask2` are
+    those of `x1`, as a call with a distinct `x2` returns them."""
+    if not isinstance(k, Kernel):
+        return type(k)(_with_x2_fields(kernel) for kernel in k)
+    return k.replace(cov2=k.cov1, mask2=k.mask1)
 
 
 def _is_kernel_sequence(x: Any) -> bool:
