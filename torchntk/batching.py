@@ -215,17 +215,13 @@ def batch(kernel_fn: Callable | Layer, batch_size: int | str = 0,
     Returns:
         `batched(x1, x2=None, *args, **kwargs)`.
     """
-    if isinstance(kernel_fn, Layer):
-        kernel_fn = kernel_fn.kernel_fn
-    if not callable(kernel_fn):
-        raise TypeError(f"batch: kernel_fn must be callable or a stax layer, got "
-                        f"{type(kernel_fn).__name__}")
+    kernel_fn = _checked_kernel_fn(kernel_fn, 'batch')
     _check_tileable(kernel_fn)
     settings = _Settings(batch_size=_checked_batch_size(batch_size, 'batch'),
-                         device=None if device is None else torch.device(device),
+                         device=_checked_device(device),
                          store_on_device=bool(store_on_device), progress=bool(progress),
-                         checkpoint=None if checkpoint is None else pathlib.Path(checkpoint),
-                         memmap_dir=None if memmap_dir is None else pathlib.Path(memmap_dir),
+                         checkpoint=_checked_folder(checkpoint, 'checkpoint'),
+                         memmap_dir=_checked_folder(memmap_dir, 'memmap_dir'),
                          max_memory=_checked_max_memory(max_memory))
 
     @functools.wraps(kernel_fn)
@@ -258,14 +254,16 @@ def estimate_memory(kernel_fn: Callable | Layer, x1_shape: Shape | Sequence[Shap
 
         estimate_memory(model, (20000, 784), None, get='nngp', batch_size=2000)
     """
-    if isinstance(kernel_fn, Layer):
-        kernel_fn = kernel_fn.kernel_fn
+    kernel_fn = _checked_kernel_fn(kernel_fn, 'estimate_memory')
     batch_size = _checked_batch_size(batch_size, 'estimate_memory')
     if batch_size == 'auto':
         raise ValueError("estimate_memory: batch_size must be an int >= 0 (0: untiled)")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"estimate_memory: dtype must be a floating torch.dtype such as "
+                        f"torch.float32, got {dtype!r}")
     call = _Call(kernel_fn, args, kwargs)
-    x1 = _MetaInputs.of_shape(x1_shape, dtype)
-    x2 = None if x2_shape is None else _MetaInputs.of_shape(x2_shape, dtype)
+    x1 = _MetaInputs.of_shape(x1_shape, dtype, 'x1_shape')
+    x2 = None if x2_shape is None else _MetaInputs.of_shape(x2_shape, dtype, 'x2_shape')
     grad = torch.is_grad_enabled()
     with torch.no_grad(), _LiveBytes():  # answers the value queries of meta tensors
         plan = _Plan.build(call, x1.rows(0, 1), None if x2 is None else x2.rows(0, 1),
@@ -285,6 +283,38 @@ class _Settings:
     checkpoint: pathlib.Path | None
     memmap_dir: pathlib.Path | None
     max_memory: int | None
+
+
+def _checked_kernel_fn(kernel_fn: Any, caller: str) -> Callable:
+    """The kernel function of a stax layer, or `kernel_fn` itself if callable."""
+    if isinstance(kernel_fn, Layer):
+        return kernel_fn.kernel_fn
+    if not callable(kernel_fn):
+        raise TypeError(f"{caller}: kernel_fn must be callable or a stax layer, got "
+                        f"{type(kernel_fn).__name__}")
+    return kernel_fn
+
+
+def _checked_device(value: Any) -> torch.device | None:
+    if value is None or isinstance(value, torch.device):
+        return value
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise TypeError(f"batch: device must be a torch.device, a device string such as 'cuda:0' "
+                        f"or None, got {type(value).__name__}")
+    try:
+        return torch.device(value)
+    except RuntimeError as error:
+        raise ValueError(f"batch: device must name a device such as 'cpu' or 'cuda:0', got "
+                         f"{value!r} ({error})") from None
+
+
+def _checked_folder(value: Any, arg: str) -> pathlib.Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"batch: {arg} must be a folder path (str or os.PathLike) or None, got "
+                        f"{type(value).__name__}")
+    return pathlib.Path(value)
 
 
 def _checked_batch_size(value: Any, caller: str) -> int | str:
@@ -375,12 +405,18 @@ class _MetaInputs:
         self.shapes, self.dtype, self.several, self.n = shapes, dtype, several, sizes.pop()
 
     @classmethod
-    def of_shape(cls, shape: Shape | Sequence[Shape], dtype: torch.dtype) -> _MetaInputs:
+    def of_shape(cls, shape: Shape | Sequence[Shape], dtype: torch.dtype,
+                 arg: str) -> _MetaInputs:
+        expected = f"estimate_memory: {arg} must be an input shape (N, ...) or a list of them"
+        if not isinstance(shape, (tuple, list, torch.Size)):
+            raise TypeError(f"{expected}, got {type(shape).__name__}")
         several = bool(shape) and not isinstance(shape[0], int)
+        if several and not all(isinstance(s, (tuple, list, torch.Size)) for s in shape):
+            raise TypeError(f"{expected}, got {shape!r}")
         shapes = [tuple(s) for s in shape] if several else [tuple(shape)]
-        if not all(s and all(isinstance(d, int) and d >= 0 for d in s) for s in shapes):
-            raise ValueError(f"estimate_memory: expected an input shape (N, ...) or a list of them, "
-                             f"got {shape!r}")
+        if not all(s and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s)
+                   for s in shapes):
+            raise ValueError(f"{expected} of sizes >= 0, got {shape!r}")
         return cls(shapes, dtype, several)
 
     @classmethod
