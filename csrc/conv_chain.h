@@ -4,6 +4,7 @@
 #pragma once
 
 #include <c10/macros/Macros.h>
+#include <c10/util/bit_cast.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -102,7 +103,7 @@ C10_HOST_DEVICE inline int64_t entries_of(const int64_t* sizes, int n_dims) {
 // reduction at tan(π/8), |x| <= tan(π/8), and a polynomial of degree 4 in
 // x², ~2e-7 relative (no second division).
 template <typename T>
-C10_HOST_DEVICE inline T atan_ratio(T n, T m) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE T atan_ratio(T n, T m) {
   if constexpr (std::is_same_v<T, float>) {
     const bool reduced = n > 0.41421356237f * m;
     const float x = (reduced ? n - m : n) / (reduced ? n + m : m);
@@ -127,7 +128,7 @@ C10_HOST_DEVICE inline T atan_ratio(T n, T m) {
 
 // atan2(c, s) for s >= 0, in [-π/2, π/2]; 0 when c = s = 0.
 template <typename T>
-C10_HOST_DEVICE inline T atan2_nonnegative(T c, T s) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE T atan2_nonnegative(T c, T s) {
   const T t = c < T(0) ? -c : c;
   const T low = t < s ? t : s, high = t < s ? s : t;
   const T angle = high > T(0) ? atan_ratio(low, high) : T(0);
@@ -135,18 +136,60 @@ C10_HOST_DEVICE inline T atan2_nonnegative(T c, T s) {
   return c < T(0) ? -magnitude : magnitude;
 }
 
+// The layout of T: its unsigned integer of the same size, mantissa bits, exponent bias.
+template <typename T>
+struct FloatBits;
+template <>
+struct FloatBits<float> {
+  using type = uint32_t;
+  static constexpr int kMantissa = 23;
+  static constexpr uint32_t kBias = 127;
+};
+template <>
+struct FloatBits<double> {
+  using type = uint64_t;
+  static constexpr int kMantissa = 52;
+  static constexpr uint64_t kBias = 1023;
+};
+
+// 2^k and 2^−k with var·4^−k in [2, 8) for a normal var ≥ 0, k = ⌊E/2⌋ −
+// (bias + 1)/2 from its biased exponent E: the exponent field of the bits
+// shifted right by one is ⌊E/2⌋. Zero and subnormals (E = 0) get
+// k = −(bias + 1)/2, inf and NaN k = (bias − 1)/2; every 2^±k is a normal
+// number. A shift, a mask and an addition or subtraction, which vectorize.
+template <typename T>
+struct RootScale {
+  T up, down;
+};
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE RootScale<T> root_scale(T var) {
+  using Bits = typename FloatBits<T>::type;
+  constexpr int m = FloatBits<T>::kMantissa;
+  constexpr Bits bias = FloatBits<T>::kBias;
+  const Bits half = (c10::bit_cast<Bits>(var) >> 1) & (bias << m);  // ⌊E/2⌋ << m
+  return {c10::bit_cast<T>(half + ((bias - 1) / 2 << m)),            // bias + k
+          c10::bit_cast<T>(((3 * bias + 1) / 2 << m) - half)};       // bias − k
+}
+
 // The ABRelu map of one entry of covariance c between variances var1, var2
 // (Cho & Saul 2009): s = sqrt(var1·var2 − c²), ψ = atan2(c, s),
 // d = c0 + k1·ψ; nngp' = k1·s + c·d, and the NTK is multiplied by d. In the
-// covariances' own precision, as the torch rule. Compiled without fused
-// multiply-adds (setup.py), var1·var2 − c² is exactly 0 for an example with
-// itself.
+// covariances' own precision, as the torch rule. The products are formed at
+// unit scale, var1·4^−k1, var2·4^−k2, c·2^−(k1+k2) (root_scale), where they
+// neither overflow nor underflow for any variances of the type; powers of two
+// scale exactly, so this is the unscaled arithmetic wherever that stays in
+// range. Compiled without fused multiply-adds (setup.py), the gap is exactly 0
+// for an example with itself. A NaN gap (an overflowed covariance upstream)
+// stays NaN. Always inlined: the row loops of conv_chain.cpp vectorize only
+// with it inside them (a call is compiled for baseline x86-64).
 template <typename T>
-C10_HOST_DEVICE inline T abrelu_entry(T c, T var1, T var2, T k1, T c0, T* d) {
-  const T gap = var1 * var2 - c * c;
-  const T s = std::sqrt(gap > T(0) ? gap : T(0));
-  *d = c0 + k1 * atan2_nonnegative(c, s);
-  return k1 * s + c * *d;
+C10_HOST_DEVICE C10_ALWAYS_INLINE T abrelu_entry(T c, T var1, T var2, T k1, T c0, T* d) {
+  const RootScale<T> r1 = root_scale(var1), r2 = root_scale(var2);
+  const T unit_c = c * r1.down * r2.down;
+  const T gap = (var1 * r1.down * r1.down) * (var2 * r2.down * r2.down) - unit_c * unit_c;
+  const T unit_s = std::sqrt(gap < T(0) ? T(0) : gap);
+  *d = c0 + k1 * atan2_nonnegative(unit_c, unit_s);
+  return k1 * r1.up * unit_s * r2.up + c * *d;  // k1·r1.up: once per row
 }
 
 #ifdef TORCHNTK_WITH_CUDA

@@ -193,6 +193,19 @@ def test_kernel_map_and_its_gradients_are_finite_at_zero_variance(name, var2):
             assert all(torch.isfinite(g) for g in grads)
 
 
+def test_gaussian_kernel_is_inf_only_where_the_expectation_diverges():
+    # b = 1/2: E[e^{(u² + v²)/2}] is finite iff I − Σ is positive definite. Both
+    # variances 2 make (1 − 2b·var1)(1 − 2b·var2) = 1 > 0 although I − Σ = −I.
+    var = torch.tensor([2., 0.6, 0.6], dtype=torch.float64)
+    cov12 = torch.tensor([0., 0.1, 0.], dtype=torch.float64)
+    nngp, d_nngp = maps.gaussian(cov12, var, var, 1.5, 0.5, True)
+    assert torch.isinf(nngp[0]) and torch.isinf(d_nngp[0])
+    # Convergent with 1 − b·(var1 + var2) < 0: det(I − Σ) = 0.4² − cov12².
+    det = torch.sqrt(0.4**2 - cov12[1:]**2)
+    torch.testing.assert_close(nngp[1:], 1.5**2 / det)
+    torch.testing.assert_close(d_nngp[1:], 1.5**2 * cov12[1:] / det**3)
+
+
 def test_sign_kernel_is_zero_where_a_variance_is_zero():
     # u = 0 almost surely, and sign(0) = 0.
     nngp, _ = maps.sign(torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64),

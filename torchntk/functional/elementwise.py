@@ -100,14 +100,50 @@ def safe_atan2(y: Tensor, x: Tensor) -> Tensor:
     return _SafeAtan2.apply(y, x)
 
 
-def _sine(cov12: Tensor, var1: Tensor, var2: Tensor) -> Tensor:
-    """`s = sqrt(var1·var2 − cov12²)`, the sine of the angle between the inputs
-    times their norms."""
+def _power_of_two(exponent: Tensor, dtype: torch.dtype) -> Tensor:
+    """`2^exponent` in `dtype`, exactly (its bits; `exponent` integers in the normal range)."""
+    info = torch.finfo(dtype)
+    mantissa_bits = -int(math.log2(info.eps))
+    bias = 2**(info.bits - mantissa_bits - 2) - 1
+    bits = {16: torch.int16, 32: torch.int32, 64: torch.int64}[info.bits]
+    return ((exponent.to(bits) + bias) << mantissa_bits).view(dtype)
+
+
+def _root_scales(var: Tensor) -> tuple[Tensor, Tensor]:
+    """`(2^k, 2^−k)` with `var·4^−k ∈ [1/2, 2)`: `var = m·2^e`, `m ∈ [1/2, 1)`,
+    `k = ⌊e/2⌋` (`k = 0` for 0, inf and NaN). Both are normal numbers for
+    every `var` of the dtype, subnormals included."""
+    k = torch.frexp(var.detach())[1] >> 1
+    return _power_of_two(k, var.dtype), _power_of_two(-k, var.dtype)
+
+
+def _unit_sine(cov12: Tensor, var1: Tensor, var2: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`(c, s, up1, up2)` with `cov12 = c·up1·up2` and `sqrt(var1·var2 − cov12²)
+    = s·up1·up2`: the covariance and sine at unit scale, `|c|, s ≲ 2`, and the
+    powers of two `up = 2^k` of `_root_scales`.
+
+    The products are formed at unit scale, `var1·4^−k1`, `var2·4^−k2` and
+    `cov12·2^−(k1+k2)`, where they neither overflow nor underflow for any
+    variances of the dtype; powers of two scale exactly, so this is the
+    unscaled arithmetic wherever that stays in range.
+    """
+    up1, down1 = _root_scales(var1)
+    up2, down2 = _root_scales(var2)
+    c = cov12 * down1 * down2
     # Both products rounded alike, so that an example paired with itself gets
     # exactly s = 0 (a fused multiply-add would leave the rounding error of
     # var1·var2, ~1e-8 after the square root, which the NTK of ReLU-like
     # layers amplifies).
-    return safe_sqrt(var1 * var2 - cov12 * cov12)
+    gap = (var1 * down1 * down1) * (var2 * down2 * down2) - c * c
+    return c, safe_sqrt(gap), up1, up2
+
+
+def _sine(cov12: Tensor, var1: Tensor, var2: Tensor) -> Tensor:
+    """`s = sqrt(var1·var2 − cov12²)`, the sine of the angle between the inputs
+    times their norms, for every `s` of the dtype (`_unit_sine`)."""
+    _, s, up1, up2 = _unit_sine(cov12, var1, var2)
+    return s * up1 * up2
 
 
 def _angle(cov12: Tensor, var1: Tensor, var2: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,17 +214,27 @@ def rectified_monomial(cov12: Tensor, var1: Tensor, var2: Tensor, degree: int,
         d_nngp = n²·K_{n−1}   (0 for n = 0),
 
     polynomials in `cov12`, `s` and `θ` only, so no division by `sqrt(var1·var2)`.
+    They run at unit scale (`_unit_sine`), `K_n` then multiplied by `(up1·up2)ⁿ`
+    one factor at a time, so that nothing overflows before the kernel does.
     At zero variances `θ = π/2`; for n = 0 this gives 1/4, not the atom of
     `[0 ≥ 0] = 1` (the values there are finite, and exact for n ≥ 1).
     """
-    s, theta = _angle(cov12, var1, var2)
+    c, s, up1, up2 = _unit_sine(cov12, var1, var2)
+    theta = math.pi / 2 - safe_atan2(c, s)
     lower, kernel = None, (math.pi - theta) / (2 * math.pi)
     for n in range(degree):
         rest = s / (2 * math.pi) if n == 0 else n**2 * s**2 * lower
-        lower, kernel = kernel, (2 * n + 1) * cov12 * kernel + rest
+        lower, kernel = kernel, (2 * n + 1) * c * kernel + rest
+
+    def unscaled(k: Tensor, n: int) -> Tensor:
+        for _ in range(n):
+            k = k * up1 * up2
+        return k
+
     if not with_derivative:
-        return kernel, None
-    return kernel, torch.zeros_like(kernel) if degree == 0 else degree**2 * lower
+        return unscaled(kernel, degree), None
+    d_nngp = torch.zeros_like(kernel) if degree == 0 else degree**2 * unscaled(lower, degree - 1)
+    return unscaled(kernel, degree), d_nngp
 
 
 def erf(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar, c: Scalar,
@@ -196,14 +242,15 @@ def erf(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar, c: Scal
     """φ(x) = a·erf(b·x) + c (Williams 1997, arXiv:1711.00165 App. C):
 
         nngp   = a²·(2/π)·asin(2b²·cov12 / sqrt((1 + 2b²·var1)(1 + 2b²·var2))) + c²
-        d_nngp = a²·(4b²/π) / sqrt((1 + 2b²·var1)(1 + 2b²·var2) − 4b⁴·cov12²)
+        d_nngp = a²·(4b²/π) / root,   root = sqrt((1 + 2b²·var1)(1 + 2b²·var2) − 4b⁴·cov12²)
 
-    The arcsine is evaluated as an `atan2`, which stays in range under rounding.
+    `root² = 1 + 2b²·(var1 + var2) + (2b²·s)²` with `s = sqrt(var1·var2 − cov12²)`
+    is a sum of non-negative terms (the product form cancels once `b²·var ≫ 1`),
+    taken as a `hypot` so that no square overflows; the arcsine is the
+    `atan2(2b²·cov12, root)`.
     """
     b2 = b**2
-    prod = (1 + 2 * b2 * var1) * (1 + 2 * b2 * var2)
-    # prod − 4b⁴cov12² ≥ 1 + 4b⁴(var1·var2 − cov12²) ≥ 1: a plain sqrt is safe.
-    root = torch.sqrt(prod - 4 * (b2 * cov12)**2)
+    root = torch.hypot(torch.sqrt(1 + 2 * b2 * (var1 + var2)), 2 * b2 * _sine(cov12, var1, var2))
     nngp = a**2 * (2 / math.pi) * torch.atan2(2 * b2 * cov12, root) + c**2
     d_nngp = a**2 * (4 * b2 / math.pi) / root if with_derivative else None
     return nngp, d_nngp
@@ -217,27 +264,34 @@ def gelu(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> Ke
         nngp   = cov12/4 + (cov12·α + (var1·var2·δ² + cov12²)/(P·δ)) / (2π)
         d_nngp = 1/4 + α/(2π) + cov12·(1 + 1/δ² + (1 − var1·var2)/P) / (2π·δ)
 
-    `δ² ≥ 1 + var1 + var2 ≥ 1`, so a plain sqrt is safe.
+    Evaluated without cancellation or overflow at any scale, with
+    `pᵢ = 1/(1 + varᵢ)`, `s = sqrt(var1·var2 − cov12²)` and
+    `β = π/2 + α = atan2(δ, −cov12)`:
+
+        δ      = hypot(sqrt(1 + var1 + var2), s)
+        nngp   = (cov12·β + var1·p1·var2·p2·δ + (cov12·sqrt(p1)·sqrt(p2))²/δ) / (2π)
+        d_nngp = (β + cov12/δ·(1/δ² + p1 + p2)) / (2π)
     """
-    prod = var1 * var2
-    prod_plus = (1 + var1) * (1 + var2)
-    delta2 = prod_plus - cov12**2
-    delta = torch.sqrt(delta2)
-    alpha = torch.atan2(cov12, delta)
-    spread = (prod * delta2 + cov12**2) / (prod_plus * delta)
-    nngp = cov12 / 4 + (cov12 * alpha + spread) / (2 * math.pi)
+    s = _sine(cov12, var1, var2)
+    delta = torch.hypot(torch.sqrt(1 + var1 + var2), s)
+    beta = torch.atan2(delta, -cov12)
+    p1, p2 = 1 / (1 + var1), 1 / (1 + var2)
+    normalized = cov12 * torch.sqrt(p1) * torch.sqrt(p2)      # cov12 / sqrt(P)
+    spread = (var1 * p1) * (var2 * p2) * delta + normalized * normalized / delta
+    nngp = (cov12 * beta + spread) / (2 * math.pi)
     if not with_derivative:
         return nngp, None
-    slope = 1 + 1 / delta2 + (1 - prod) / prod_plus
-    return nngp, 0.25 + (alpha + cov12 * slope / delta) / (2 * math.pi)
+    slope = 1 / (delta * delta) + p1 + p2
+    return nngp, (beta + cov12 / delta * slope) / (2 * math.pi)
 
 
 def _sinusoid(cov12: Tensor, var1: Tensor, var2: Tensor, half_a2: Scalar, b2: Scalar,
               cos_2c: Scalar, with_derivative: bool) -> KernelMap:
     # See `sin`; `rbf` passes `cos_2c = 0` exactly, which cos(2·fl(π/4)) is not.
-    decay = -b2 * (var1 + var2) / 2
-    same = torch.exp(decay + b2 * cov12)                 # E[cos(b(u − v))]
-    opposite = cos_2c * torch.exp(decay - b2 * cov12)    # E[cos(b(u + v) + 2c)]
+    # Var(u ∓ v) = (var1 ∓ cov12) + (var2 ∓ cov12): exact differences where
+    # cov12 is near var1, var2 (not the cancellation of b²·(var1 + var2)/2 − b²·cov12).
+    same = torch.exp(-b2 / 2 * ((var1 - cov12) + (var2 - cov12)))        # E[cos(b(u − v))]
+    opposite = cos_2c * torch.exp(-b2 / 2 * ((var1 + cov12) + (var2 + cov12)))  # E[cos(b(u + v) + 2c)]
     nngp = half_a2 * (same - opposite)
     return nngp, half_a2 * b2 * (same + opposite) if with_derivative else None
 
@@ -275,19 +329,25 @@ def gabor(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> K
         d_nngp = (E₋·(D + 8cov12² + g) − E₊·(g − D − 8cov12²)) / (2D^{5/2}),
                  g = 4cov12·(D + 1 + σ)
 
-    `D = 1 + 2σ + Δ ≥ 1`, so a plain sqrt is safe.
+    Evaluated as `E± = e^{−h}·e^{∓t}` with `h = (σ + Δ)/(2D)` and `t = cov12/D`
+    (so `E₋ − E₊ = 2e^{−h}·sinh t`, no cancellation), and `√D = hypot(sqrt(1 + 2σ),
+    2s)`, `s = sqrt(var1·var2 − cov12²)`, dividing by `√D` one factor at a
+    time, so that nothing overflows before the kernel does:
+
+        nngp   = e^{−h}·sinh(t) / √D
+        d_nngp = e^{−h}·(cosh(t)·(1 + 8cov12·t) + sinh(t)·4cov12·(1 + (1 + σ)/D)) / D^{3/2}
     """
     total = var1 + var2
-    delta = 4 * (var1 * var2 - cov12**2)
-    det = 1 + 2 * total + delta
-    minus = torch.exp(-(total + delta - 2 * cov12) / (2 * det))
-    plus = torch.exp(-(total + delta + 2 * cov12) / (2 * det))
-    nngp = (minus - plus) / (2 * torch.sqrt(det))
+    s = _sine(cov12, var1, var2)
+    root = torch.hypot(torch.sqrt(1 + 2 * total), 2 * s)                 # √D ≥ 1
+    t = cov12 / root / root
+    decay = torch.exp(-(total / root + 4 * s * (s / root)) / (2 * root))  # e^{−h}
+    nngp = decay * torch.sinh(t) / root
     if not with_derivative:
         return nngp, None
-    shared, slope = det + 8 * cov12**2, 4 * cov12 * (det + 1 + total)
-    d_nngp = (minus * (shared + slope) + plus * (shared - slope)) / (2 * det**2.5)
-    return nngp, d_nngp
+    shared = torch.cosh(t) * (1 + 8 * cov12 * t)
+    slope = torch.sinh(t) * 4 * cov12 * (1 + (1 + total) / root / root)
+    return nngp, decay * ((shared + slope) / root / root / root)
 
 
 def exp(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar,
@@ -309,12 +369,24 @@ def gaussian(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar,
         nngp   = a² / det
         d_nngp = 4a²b²·cov12 / det³
 
-    For `b ≤ 0`, `det ≥ 1`; for `b > 0` the expectation diverges (inf) once
-    `2b·var ≥ 1`.
+    where `I − 2bΣ` is positive definite (always for `b ≤ 0`); elsewhere the
+    expectation diverges and both are inf. `det² = q + (2b·s)²` with
+    `q = 1 − 2b·(var1 + var2)` and `s = sqrt(var1·var2 − cov12²)`, without the
+    cancellation of the product form: `hypot(√q, 2b·s)` for `q > 0`, and
+    `(2b·s − √−q)(2b·s + √−q)` for `q ≤ 0` (only `b > 0`, small variances).
     """
-    det = safe_sqrt((1 - 2 * b * var1) * (1 - 2 * b * var2) - 4 * b**2 * cov12**2)
-    nngp = a**2 / det
-    return nngp, 4 * b**2 * cov12 * nngp / det**2 if with_derivative else None
+    q = 1 - 2 * b * (var1 + var2)
+    t = 2 * b * _sine(cov12, var1, var2)
+    positive = q > 0
+    root_negative = safe_sqrt(-q)
+    det = torch.where(positive, torch.hypot(safe_sqrt(torch.where(positive, q, 1.)), t),
+                      safe_sqrt((t - root_negative) * (t + root_negative)))
+    # Sylvester: positive definite iff 1 − 2b·var1 > 0 and det² > 0 (det = 0 gives inf).
+    converges = 2 * b * var1 < 1
+    nngp = torch.where(converges, a**2 / det, math.inf)
+    if not with_derivative:
+        return nngp, None
+    return nngp, torch.where(converges, 4 * b**2 * cov12 / det / det * nngp, math.inf)
 
 
 def exp_normalized(cov12: Tensor, var1: Tensor, var2: Tensor, gamma: Scalar, shift: Scalar,
@@ -326,9 +398,10 @@ def exp_normalized(cov12: Tensor, var1: Tensor, var2: Tensor, gamma: Scalar, shi
         nngp   = r·exp(γ·(ρ + shift))
         d_nngp = γ·exp(γ·(ρ + shift))
 
-    `r` is floored at 1e-15 (as in neural-tangents), which keeps zero variances finite.
+    `r` is floored at 1e-15 (as in neural-tangents), which keeps zero variances
+    finite; it is `sqrt(var1)·sqrt(var2)`, which does not overflow as `var1·var2` would.
     """
-    norm = torch.sqrt(torch.clamp(var1 * var2, min=1e-30))
+    norm = (safe_sqrt(var1) * safe_sqrt(var2)).clamp_min(1e-15)
     rho = cov12 / norm
     if do_clip:
         rho = torch.clamp(rho, -1., 1.)
