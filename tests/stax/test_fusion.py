@@ -159,6 +159,22 @@ def test_fused_chain_keeps_an_example_with_itself_exact(chain_calls):
 
 
 @needs_chain
+def test_fused_chain_takes_an_examples_variances_from_its_own_pairs(chain_calls):
+    """After GlobalAvgPool, cov1 and nngp's same-example entries are rounded
+    apart by an ulp; the chain reads the variances of x2=None's pairs (i, i)
+    from those entries, so the correlation there stays exactly 1 and the float32
+    NTK keeps to float64 (1.5e-4 of its scale off when it read cov1)."""
+    network = stax.serial(stax.Dense(3), stax.LayerNorm((1, 2, 3)), stax.Relu(),
+                          stax.GlobalAvgPool(), stax.Dense(1), stax.Relu())
+    x = gaussian(2, 2, 4, 4, seed=1)
+    expected = network.kernel_fn(x.double(), get='ntk')
+    chain_calls.clear()
+    actual = network.kernel_fn(x.float(), get='ntk')
+    assert chain_calls == {'chain_self': 1, 'chain_pairs': 1}
+    assert (actual.double() - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
+@needs_chain
 @pytest.mark.parametrize('padding', ['SAME', 'CIRCULAR'])
 @pytest.mark.parametrize('n_spatial', [1, 2, 3])
 def test_x2_none_computes_half_the_pairs_and_transposes_the_others(n_spatial, padding):

@@ -68,8 +68,14 @@ class FusedRun:
             for layer in self.layers:
                 k = layer.propagate(k)
             return k
-        # With x2 = None the pairs (i, i) are the examples themselves.
-        cov1, variances1 = conv_chain.chain_self(k.cov1, steps, with_covariance=k.cov2 is not None)
+        # With x2 = None the pairs (i, i) are the examples themselves, so their
+        # variances are read from nngp's own same-example entries: cov1 may be
+        # an ulp away from them (e.g. after GlobalAvgPool), which the ReLU NTK's
+        # slope ∝ 1/sqrt(1 − ρ) would turn into ~sqrt(ulp) (the layers' rule
+        # copies the same entries for the same reason, stax/elementwise.py).
+        own = k.cov1 if k.cov2 is not None else torch.diagonal(k.nngp, 0, 0, 1).movedim(-1, 0)
+        cov1, variances1 = conv_chain.chain_self(own.contiguous(), steps,
+                                                 with_covariance=k.cov2 is not None)
         cov2, variances2 = (None, variances1) if k.cov2 is None else \
             conv_chain.chain_self(k.cov2, steps)
         nngp, ntk = conv_chain.chain_pairs(k.nngp, k.ntk, variances1, variances2, steps,
