@@ -478,23 +478,14 @@ class Monomial(Polynomial):
 
 
 class ElementwiseNumerical(Elementwise):
-    """Any `fn`, its kernels by a composite Gauss–Legendre rule with `deg` nodes a panel.
+    """Any `fn`, its kernels by Gauss–Hermite quadrature with `deg²` points.
 
-    `E[φ(u)φ(v)] = E_u[φ(u)·E[φ(v) | u]]` with `u` the input of larger variance
-    (standard deviation `σ1`), `v | u ~ N(ρσ2·u/σ1, σ2²(1 − ρ²))`. Each of the
-    two Gaussian expectations is an integral over `±9` standard deviations
-    split into panels at the breakpoints of two grids: uniform ones that
-    resolve the Gaussian, and ones graded geometrically away from 0 (from
-    `±1/2` by a ratio `≥ 2`, out to the farthest point integrated) that resolve
-    φ's transition around 0, of width ~1, at any variance (ρ = ±1 and zero
-    variances included). On each panel the `deg`-point Gauss–Legendre rule
-    (exact for polynomials of degree `< 2·deg`) integrates φ times the
-    Gaussian density. Cost: `(29·deg)²` evaluations of φ per kernel entry.
-    The rule suits φ smooth at unit scale near 0 and close to a low-degree
-    polynomial away from it (the activations below); prefer the closed forms
-    for kinks (ReLU-like functions). The NTK uses `df`, by default φ' from
-    autograd. The panel layout is a constant of the rule: gradients follow the
-    nodes and the integrand.
+    `E[φ(u)φ(v)]` is computed with `u = √var1·z1`, `v = (cov12/√var1)·z1 +
+    √(var2 − cov12²/var1)·z2`, `z` standard normal, and the tensor product of
+    the `deg`-point Gauss–Hermite rule (exact for polynomials of degree
+    `< 2·deg` in each variable). The NTK uses `df`, by default φ' from autograd.
+    Accuracy is that of the quadrature: excellent for smooth `fn`, poor for
+    kinks (prefer the closed forms for ReLU-like functions).
     """
 
     def __init__(self, fn: Callable[[Tensor], Tensor], deg: int,
@@ -502,9 +493,14 @@ class ElementwiseNumerical(Elementwise):
         super().__init__(fn)
         check_positive_int(deg, 'deg', self._name())
         self.deg, self.df = deg, df
-        nodes, weights = np.polynomial.legendre.leggauss(deg)
-        self.register_buffer('nodes', torch.from_numpy(nodes), persistent=False)
-        self.register_buffer('weights', torch.from_numpy(weights), persistent=False)
+        nodes, weights = np.polynomial.hermite.hermgauss(deg)
+        if not np.isfinite(weights).all():
+            raise ValueError(f"{self._name()}: deg={deg} is beyond the Gauss–Hermite rule's "
+                             "floating-point range (weights overflow); use deg <= 300")
+        # Rescale the rule for ∫e^{-x²} to the standard normal density.
+        self.register_buffer('nodes', torch.from_numpy(nodes * math.sqrt(2)), persistent=False)
+        self.register_buffer('weights', torch.from_numpy(weights / math.sqrt(math.pi)),
+                             persistent=False)
 
     def _derivative(self, x: Tensor) -> Tensor:
         if self.df is not None:
@@ -514,8 +510,8 @@ class ElementwiseNumerical(Elementwise):
     def kernel_map(self, cov12, var1, var2, with_derivative):
         shape = torch.broadcast_shapes(cov12.shape, var1.shape, var2.shape)
         cov12, var1, var2 = (t.expand(shape).reshape(-1) for t in (cov12, var1, var2))
-        # Chunks of entries bound the (chunk, n, n) quadrature grid to ~2²² values.
-        chunk = max(1, 2**22 // (_PANELS * self.deg)**2)
+        # Chunks of entries bound the (chunk, deg, deg) quadrature grid to ~2²² values.
+        chunk = max(1, 2**22 // self.deg**2)
         parts = [self._quadrature(*args, with_derivative)
                  for args in zip(cov12.split(chunk), var1.split(chunk), var2.split(chunk))]
         nngp = torch.cat([p[0] for p in parts]).reshape(shape)
@@ -524,95 +520,76 @@ class ElementwiseNumerical(Elementwise):
 
     def _quadrature(self, cov12: Tensor, var1: Tensor, var2: Tensor,
                     with_derivative: bool) -> KernelMap:
-        # The outer variable has the larger variance, so that E[φ(v) | u], a
-        # function of ρσ2·u/σ1, varies in u on a scale ≥ 1 around 0.
-        var_out, var_in = torch.maximum(var1, var2), torch.minimum(var1, var2)
-        sd_out, sd_in = maps.safe_sqrt(var_out), maps.safe_sqrt(var_in)
-        # ρ from covariances divided by var_out: exactly 1 for cov12 = var1 = var2.
-        scale = torch.where(var_out > 0, var_out, 1.)
-        ratio = var_in / scale
-        rho = torch.where(ratio > 0, cov12 / scale / maps.safe_sqrt(torch.where(ratio > 0, ratio, 1.)),
-                          0.).clamp(-1., 1.)
-        sd_given = sd_in * maps.safe_sqrt((1 - rho) * (1 + rho))       # of v given u
-        # E[v | u] = ρσ2·u/σ1 = (cov12/σ1)·t: differentiable in cov12 also at σ2 = 0.
-        slope = torch.where(sd_out > 0, cov12 / torch.where(sd_out > 0, sd_out, 1.), 0.)
-        t, w = self._panel_rule(torch.zeros_like(sd_out), sd_out)       # (chunk, n)
-        u = sd_out[:, None] * t
-        mean = slope[:, None] * t
-        t_given, w_given = self._panel_rule(mean, sd_given[:, None].expand_as(mean))
-        v = mean[..., None] + sd_given[:, None, None] * t_given        # (chunk, n, n)
+        z = self.nodes.to(cov12)
+        w = self.weights.to(cov12)
+        sd1 = maps.safe_sqrt(var1)
+        slope = torch.where(sd1 > 0, cov12 / torch.where(sd1 > 0, sd1, 1.), 0.)
+        residual = maps.safe_sqrt(var2 - slope**2)
+        u = sd1[:, None] * z                                            # (chunk, deg)
+        v = slope[:, None, None] * z[:, None] + residual[:, None, None] * z  # (chunk, deg, deg)
+        w2 = w[:, None] * w
 
         def expectation(g: Callable[[Tensor], Tensor]) -> Tensor:
-            return torch.einsum('ni,ni,nij,nij->n', w, g(u), w_given, g(v))
+            return torch.einsum('ni,nij,ij->n', g(u), g(v), w2)
 
         return expectation(self.fn), expectation(self._derivative) if with_derivative else None
-
-    def _panel_rule(self, mean: Tensor, sd: Tensor) -> tuple[Tensor, Tensor]:
-        """Nodes `t` and weights of `E[g(mean + sd·t)]`, `t` standard normal: shape `(…, n)`."""
-        mean, sd = mean.detach(), sd.detach()
-        span = _STANDARD_DEVIATIONS
-        uniform = torch.linspace(-span, span, _UNIFORM_PANELS + 1, dtype=mean.dtype,
-                                 device=mean.device).expand(*mean.shape, -1)
-        reach = mean.abs() + span * sd            # the farthest |x| integrated
-        growth = ((reach / _FINEST).clamp_min(1.) ** (1 / (_GRADED_PANELS - 1))).clamp_min(2.)
-        graded = _FINEST * growth[..., None] ** torch.arange(_GRADED_PANELS).to(mean)
-        offset = torch.cat([-graded, torch.zeros_like(graded[..., :1]), graded], -1) - mean[..., None]
-        inside = offset.abs() < span * sd[..., None]
-        at_transition = torch.where(inside, offset / torch.where(inside, sd[..., None], 1.),
-                                    span * torch.sign(offset))
-        edges = torch.sort(torch.cat([uniform, at_transition], -1), -1).values
-        lower, upper = edges[..., :-1, None], edges[..., 1:, None]
-        half_width = (upper - lower) / 2
-        t = (lower + upper) / 2 + half_width * self.nodes.to(mean)
-        density = torch.exp(-t**2 / 2) / math.sqrt(2 * math.pi)
-        w = (half_width * self.weights.to(mean) * density).flatten(-2)
-        # Normalized, the rule is exact for constants: φ(mean) when sd = 0.
-        return t.flatten(-2), w / w.sum(-1, keepdim=True)
 
     def extra_repr(self) -> str:
         return f"fn={getattr(self.fn, '__name__', self.fn)}, deg={self.deg}"
 
 
-# The quadrature's panels: both integrals cover ±_STANDARD_DEVIATIONS (the
-# Gaussian mass beyond is < 1e-18), cut into _UNIFORM_PANELS equal panels and
-# at 0, ±_FINEST·growth^k (k < _GRADED_PANELS) where inside.
-_STANDARD_DEVIATIONS = 9.
-_UNIFORM_PANELS = 8
-_GRADED_PANELS = 10
-_FINEST = 0.5
-_PANELS = _UNIFORM_PANELS + 2 * _GRADED_PANELS + 1
-
-
 class Tanh(ElementwiseNumerical):
-    """`φ = tanh`, kernels by quadrature (see `ElementwiseNumerical`), `deg` nodes a panel."""
+    """`φ = tanh`, kernels by `deg`-point Gauss–Hermite quadrature (see `ElementwiseNumerical`).
 
-    def __init__(self, deg: int = 8) -> None:
+    Measured relative error against `deg=300` for variances up to 4:
+    nngp 2e-6 and NTK 7e-5 at `deg=100` (5e-3 and 6e-2 at `deg=25`); tanh's
+    poles at ±iπ/2 make the rule converge slowly. Cost: `deg²` evaluations per
+    kernel entry.
+    """
+
+    def __init__(self, deg: int = 100) -> None:
         super().__init__(torch.tanh, deg)
 
 
 class Sigmoid(ElementwiseNumerical):
-    """`φ = 1 / (1 + e^{-x})`, kernels by quadrature (see `ElementwiseNumerical`)."""
+    """`φ = 1 / (1 + e^{-x})`, kernels by quadrature (see `ElementwiseNumerical`).
 
-    def __init__(self, deg: int = 8) -> None:
+    Measured relative error against `deg=300` for variances up to 4 at the
+    default `deg=50`: nngp 1e-8, NTK 1e-6.
+    """
+
+    def __init__(self, deg: int = 50) -> None:
         super().__init__(torch.sigmoid, deg)
 
 
 class Softplus(ElementwiseNumerical):
-    """`φ = log(1 + e^x)`, kernels by quadrature (see `ElementwiseNumerical`)."""
+    """`φ = log(1 + e^x)`, kernels by quadrature (see `ElementwiseNumerical`).
 
-    def __init__(self, deg: int = 8) -> None:
+    Measured relative error against `deg=300` for variances up to 4 at the
+    default `deg=50`: nngp 2e-10, NTK 1e-8.
+    """
+
+    def __init__(self, deg: int = 50) -> None:
         super().__init__(F.softplus, deg)
 
 
 class SiLU(ElementwiseNumerical):
-    """`φ = x·sigmoid(x)`, kernels by quadrature (see `ElementwiseNumerical`)."""
+    """`φ = x·sigmoid(x)`, kernels by quadrature (see `ElementwiseNumerical`).
 
-    def __init__(self, deg: int = 8) -> None:
+    Measured relative error against `deg=300` for variances up to 4 at the
+    default `deg=50`: nngp 2e-8, NTK 6e-7.
+    """
+
+    def __init__(self, deg: int = 50) -> None:
         super().__init__(F.silu, deg)
 
 
 class Mish(ElementwiseNumerical):
-    """`φ = x·tanh(softplus(x))`, kernels by quadrature (see `ElementwiseNumerical`)."""
+    """`φ = x·tanh(softplus(x))`, kernels by quadrature (see `ElementwiseNumerical`).
 
-    def __init__(self, deg: int = 8) -> None:
+    Measured relative error against `deg=300` for variances up to 4 at the
+    default `deg=50`: nngp 1e-6, NTK 2e-5.
+    """
+
+    def __init__(self, deg: int = 50) -> None:
         super().__init__(F.mish, deg)
