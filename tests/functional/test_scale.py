@@ -251,6 +251,9 @@ CLOSED_FORMS = {
     'erf': (lambda *p: maps.erf(*p, 1.3, 0.7, 0.2, True), _erf(1.3, 0.7, 0.2)),
     'gelu': (lambda *p: maps.gelu(*p, True), _gelu),
     'sin': (lambda *p: maps.sin(*p, 1.2, 0.9, 0.3, True), _sin(1.2, 0.9, 0.3)),
+    # Phases where E₋ ∓ cos(2c)·E₊ cancels at small variances: Sin(c=0)'s NNGP, Cos's NTK.
+    'sin_zero_phase': (lambda *p: maps.sin(*p, 1., 1., 0., True), _sin(1., 1., 0.)),
+    'cos': (lambda *p: maps.sin(*p, 1.1, 0.8, math.pi / 2, True), _sin(1.1, 0.8, math.pi / 2)),
     'rbf': (lambda *p: maps.rbf(*p, 0.7, True), _rbf(0.7)),
     'gabor': (lambda *p: maps.gabor(*p, True), _gabor),
     'exp': (lambda *p: maps.exp(*p, 0.8, 0.6, True), _exp(0.8, 0.6)),

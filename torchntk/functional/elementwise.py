@@ -165,6 +165,10 @@ def _cos(x: Scalar) -> Scalar:
     return torch.cos(x) if isinstance(x, Tensor) else math.cos(x)
 
 
+def _sin(x: Scalar) -> Scalar:
+    return torch.sin(x) if isinstance(x, Tensor) else math.sin(x)
+
+
 def abrelu(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar,
            with_derivative: bool) -> KernelMap:
     """φ(x) = a·min(x, 0) + b·max(x, 0): the arc-cosine kernel of degree 1.
@@ -286,14 +290,20 @@ def gelu(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> Ke
 
 
 def _sinusoid(cov12: Tensor, var1: Tensor, var2: Tensor, half_a2: Scalar, b2: Scalar,
-              cos_2c: Scalar, with_derivative: bool) -> KernelMap:
-    # See `sin`; `rbf` passes `cos_2c = 0` exactly, which cos(2·fl(π/4)) is not.
-    # Var(u ∓ v) = (var1 ∓ cov12) + (var2 ∓ cov12): exact differences where
-    # cov12 is near var1, var2 (not the cancellation of b²·(var1 + var2)/2 − b²·cov12).
-    same = torch.exp(-b2 / 2 * ((var1 - cov12) + (var2 - cov12)))        # E[cos(b(u − v))]
-    opposite = cos_2c * torch.exp(-b2 / 2 * ((var1 + cov12) + (var2 + cov12)))  # E[cos(b(u + v) + 2c)]
-    nngp = half_a2 * (same - opposite)
-    return nngp, half_a2 * b2 * (same + opposite) if with_derivative else None
+              sin2_c: Scalar, cos2_c: Scalar, with_derivative: bool) -> KernelMap:
+    # See `sin`. Var(u ∓ v) = (var1 ∓ cov12) + (var2 ∓ cov12): exact differences
+    # where cov12 is near var1, var2 (not the cancellation of b²·(var1 + var2)/2
+    # − b²·cov12). E₋ − E₊ is E₋·(1 − e^{−2b²cov12}) through expm1 (for cov12 < 0
+    # the mirror image), so small covariances keep their digits.
+    same = torch.exp(-b2 / 2 * ((var1 - cov12) + (var2 - cov12)))        # E₋ = E[cos(b(u − v))]
+    opposite = torch.exp(-b2 / 2 * ((var1 + cov12) + (var2 + cov12)))   # E₊
+    positive = cov12.clamp_min(0)
+    # `cov12 − positive` rather than a second clamp: one of the two carries the
+    # gradient at cov12 = 0, not both.
+    difference = (same * -torch.expm1(-2 * b2 * positive)
+                  + opposite * torch.expm1(2 * b2 * (cov12 - positive)))
+    nngp = half_a2 * (difference + 2 * sin2_c * opposite)
+    return nngp, half_a2 * b2 * (difference + 2 * cos2_c * opposite) if with_derivative else None
 
 
 def sin(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar, c: Scalar,
@@ -302,10 +312,13 @@ def sin(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar, c: Scal
     − cos(x + y)` and `E[cos(w + k)] = cos(k)·exp(−Var(w)/2)` for Gaussian `w`,
     with `E± = exp(−b²·(var1 + var2 ± 2cov12)/2)`:
 
-        nngp   = a²/2 · (E₋ − cos(2c)·E₊)
-        d_nngp = a²b²/2 · (E₋ + cos(2c)·E₊)
+        nngp   = a²/2 · (E₋ − cos(2c)·E₊) = a²/2 · (E₋ − E₊ + 2sin²c·E₊)
+        d_nngp = a²b²/2 · (E₋ + cos(2c)·E₊) = a²b²/2 · (E₋ − E₊ + 2cos²c·E₊)
+
+    The second forms keep small inputs accurate: `E₋ − E₊` is formed without
+    cancellation, and `1 ∓ cos(2c)` is never a difference.
     """
-    return _sinusoid(cov12, var1, var2, a**2 / 2, b**2, _cos(2 * c), with_derivative)
+    return _sinusoid(cov12, var1, var2, a**2 / 2, b**2, _sin(c)**2, _cos(c)**2, with_derivative)
 
 
 def rbf(cov12: Tensor, var1: Tensor, var2: Tensor, gamma: Scalar,
@@ -316,7 +329,7 @@ def rbf(cov12: Tensor, var1: Tensor, var2: Tensor, gamma: Scalar,
         nngp   = exp(−γ·(var1 + var2 − 2cov12))
         d_nngp = 2γ·nngp
     """
-    return _sinusoid(cov12, var1, var2, 1., 2 * gamma, 0., with_derivative)
+    return _sinusoid(cov12, var1, var2, 1., 2 * gamma, .5, .5, with_derivative)
 
 
 def gabor(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> KernelMap:
