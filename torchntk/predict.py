@@ -307,11 +307,14 @@ def gradient_descent(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     _check_number(learning_rate, 'learning_rate', name, positive=True)
     if momentum is not None:
         _check_momentum(momentum, name)
-    from torchdiffeq._impl.odeint import SOLVERS  # imported here: only this solver needs it
     if not isinstance(method, str):
         raise TypeError(f"{name}: method must be a torchdiffeq method name, got "
                         f"{type(method).__name__}")
-    if method not in SOLVERS:
+    try:  # torchdiffeq lists its solvers in a private module; without it, torchdiffeq says
+        from torchdiffeq._impl.odeint import SOLVERS
+    except ImportError:
+        SOLVERS = None
+    if SOLVERS is not None and method not in SOLVERS:
         raise ValueError(f"{name}: method must be one of {tuple(SOLVERS)}, got {method!r}")
     for arg, value in (('rtol', rtol), ('atol', atol)):
         if value is not None:
