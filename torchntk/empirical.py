@@ -67,7 +67,7 @@ from .ops.products import einsum_pair
 from .stax.conv import Conv as StaxConv, pad_input
 from .stax.dropout import Dropout as StaxDropout
 from .stax.linear import Dense as StaxDense
-from .stax.module import _all_finite
+from .stax.module import check_input_values
 from .stax.normalization import LayerNorm as StaxLayerNorm
 
 logger = logging.getLogger(__name__)
@@ -496,18 +496,11 @@ def _check_inputs(x1: PyTree, x2: PyTree | None, caller: str, name1: str = 'x1')
         if others:
             raise TypeError(f"{caller}: {name} must be a tensor or a pytree of tensors, got "
                             f"{', '.join(others)} in it")
-        for leaf in leaves:
-            if leaf.is_complex():
-                raise TypeError(f"{caller}: {name} must be real, got a {leaf.dtype} tensor")
-            if leaf.is_meta:
-                raise ValueError(f"{caller}: {name} is on the meta device, which holds no "
-                                 "values; empirical kernels need the inputs' values")
     if not leaves1:
         raise ValueError(f"{caller}: {name1} holds no tensor")
-    readable = not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
-    for name, leaves in sides if readable else ():
-        if any(leaf.is_floating_point() and not _all_finite(leaf, None) for leaf in leaves):
-            raise ValueError(f"{caller}: {name} contains non-finite values (NaN or inf)")
+    for name, leaves in sides:
+        for leaf in leaves:
+            check_input_values(leaf, name, caller)
     if x2 is None:
         return
     leaves2, tree2 = pytree.tree_flatten(x2)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from torchntk import stax
-from torchntk.ops import conv_chain, extension
+from torchntk.ops import conv_chain
 
 from tests.strategies import gaussian
 
@@ -27,15 +27,6 @@ NETWORKS = {
     'cnn-global-pool': (lambda: stax.serial(conv(), stax.Gelu(), stax.GlobalAvgPool(),
                                             stax.Dense(1)), (3, 2, 5, 4)),
 }
-
-
-@pytest.fixture(params=['extension', 'torch'])
-def backend(request, monkeypatch):
-    if request.param == 'torch':
-        monkeypatch.setattr(extension, 'EXTENSION', None)
-    elif not conv_chain.available(torch.zeros(1, dtype=torch.float64)):
-        pytest.skip('needs the compiled extension')
-    return request.param
 
 
 def assert_empty_like(actual, expected):

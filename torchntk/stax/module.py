@@ -382,6 +382,27 @@ def _check_forward_input(x: Any, layer_name: str) -> None:
                              "padding, use forward_masked with a mask_constant")
 
 
+def check_input_values(x: torch.Tensor, name: str, caller: str,
+                       mask_constant: float | None = None) -> None:
+    """The one check of an input tensor's values at a public boundary (kernel_fn,
+    the empirical kernels, Monte Carlo): real, not on the `meta` device (but
+    while `estimate_memory` counts shapes), and finite where floating and not
+    masked — not while torch.compile traces or torch.func transforms run,
+    where values cannot be read."""
+    if x.is_complex():
+        raise TypeError(f"{caller}: {name} must be real, got a {x.dtype} tensor")
+    if x.is_meta:
+        if getattr(SHAPES_ONLY, 'active', False):
+            return
+        raise ValueError(f"{caller}: {name} is on the meta device, which holds no values; "
+                         "kernels need the inputs' values (a CPU or GPU tensor)")
+    if (x.is_floating_point() and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+            and not _all_finite(x, mask_constant)):
+        raise ValueError(f"{caller}: {name} contains non-finite values (NaN or inf)"
+                         + ("" if mask_constant is None else " that are not the mask_constant"))
+
+
 def _checked_inputs(x1: torch.Tensor, x2: torch.Tensor | None, layer_name: str,
                     mask_constant: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate inputs at the public boundary; integer inputs become floating.
@@ -389,17 +410,9 @@ def _checked_inputs(x1: torch.Tensor, x2: torch.Tensor | None, layer_name: str,
     for name, x in (('x1', x1), ('x2', x2)):
         if x is None:
             continue
-        if x.is_complex():
-            raise TypeError(f"{layer_name}: {name} must be real (floating or integer), got "
-                            f"{x.dtype}")
-        if x.device.type == 'meta' and not getattr(SHAPES_ONLY, 'active', False):
-            raise ValueError(f"{layer_name}: {name} is on the meta device, which holds no values; "
-                             "kernels need the inputs' values (a CPU or GPU tensor)")
+        check_input_values(x, name, layer_name, mask_constant)
         if x.ndim < 2:
             raise ValueError(f"{layer_name}: {name} must have shape (N, C, *spatial), got {tuple(x.shape)}")
-        if not torch.compiler.is_compiling() and not _all_finite(x, mask_constant):
-            raise ValueError(f"{layer_name}: {name} contains non-finite values (NaN or inf)"
-                             + ("" if mask_constant is None else " that are not the mask_constant"))
     if x2 is not None:
         if x1.shape[1:] != x2.shape[1:]:
             raise ValueError(f"{layer_name}: x1 and x2 must agree in all but the batch axis, got "
