@@ -1409,17 +1409,15 @@ class _LinearRule(_AffineRule):
 
 
 class _StaxRule(_AffineRule):
-    """stax `Dense` and `Conv`: scaled by `W_std/√fan_in` and `b_std` (NTK
-    parameterization) or `1/√s_in` and 1 (standard)."""
+    """stax `Dense` and `Conv`: scaled as their parameterization says
+    (`torchntk.stax.parameterization`)."""
 
     def weight_scale(self):
         module = self.module
-        if module.parameterization == 'ntk':
-            return module.W_std / math.sqrt(module.weight[0].numel())
-        return 1 / math.sqrt(module.s[0])
+        return module.parameterization.weight_multiplier(module.W_std, module.weight[0].numel())
 
     def bias_scale(self):
-        return self.module.b_std if self.module.parameterization == 'ntk' else 1.
+        return self.module.parameterization.bias_multiplier(self.module.b_std)
 
 
 class _ChannelsRule(_StaxRule):

@@ -127,11 +127,8 @@ class FusedRun:
                 continue
             W_var = _square(layer.W_std)
             b_var = 0. if layer.b_std is None else _square(layer.b_std)
-            if layer.parameterization == 'ntk':
-                gamma, delta = W_var, b_var
-            else:
-                gamma = layer.fan_in(in_chan) / layer.s[0]
-                delta = 0. if layer.b_std is None else 1.
+            gamma, delta = layer.parameterization.ntk_coefficients(
+                W_var, b_var, layer.fan_in(in_chan), layer.b_std is not None)
             steps.append(conv_chain.conv_step(W_var, b_var, gamma, delta, circular, windows))
             in_chan = layer.width
         return steps

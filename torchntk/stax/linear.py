@@ -10,9 +10,8 @@ from torch import nn
 
 from ..kernel import Kernel, Shape
 from .module import Layer, Scalar, check_nonnegative, check_positive_int
+from .parameterization import Parameterization, make_parameterization
 from .requirements import Diagonal, Requirements
-
-PARAMETERIZATIONS = ('ntk', 'standard')
 
 
 class Identity(Layer):
@@ -56,22 +55,15 @@ class Affine(Layer, abc.ABC):
         check_nonnegative(b_std, 'b_std', name, allow_none=True)
         for arg, std in (('W_std', W_std), ('b_std', b_std)):
             _check_finite_variance(std, arg, name)
-        if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"{name}: parameterization must be one of {PARAMETERIZATIONS}, "
-                             f"got {parameterization!r}")
-        if len(s) != 2:
-            raise ValueError(f"{name}: s must be a pair (s_in, s_out), got {s!r}")
-        for value in s:
-            check_positive_int(value, 's', name)
-        self.out_chan, self.W_std, self.b_std = out_chan, W_std, b_std
-        self.parameterization, self.s = parameterization, tuple(s)
+        self.parameterization: Parameterization = make_parameterization(parameterization, s, name)
+        self.out_chan, self.W_std, self.b_std, self.s = out_chan, W_std, b_std, tuple(s)
         self.weight = nn.parameter.UninitializedParameter()
         self.bias = None if b_std is None else nn.parameter.UninitializedParameter()
 
     @property
     def width(self) -> int:
         """Number of output channels of the finite network."""
-        return self.out_chan * (self.s[1] if self.parameterization == 'standard' else 1)
+        return self.parameterization.width(self.out_chan)
 
     @abc.abstractmethod
     def fan_in(self, in_chan: int) -> int:
@@ -106,9 +98,9 @@ class Affine(Layer, abc.ABC):
                              device=sample_device, dtype=dtype)
         bias = None if self.b_std is None else torch.randn(
             self.bias_shape(input_shape), generator=generator, device=sample_device, dtype=dtype)
-        if self.parameterization == 'standard':
-            weight = weight * float(self.W_std) / math.sqrt(self.fan_in(input_shape[1]) / self.s[0])
-            bias = None if bias is None else bias * float(self.b_std)
+        weight = weight * self.parameterization.weight_init_std(self.W_std,
+                                                                self.fan_in(input_shape[1]))
+        bias = None if bias is None else bias * self.parameterization.bias_init_std(self.b_std)
         self.weight = nn.Parameter(weight.to(device))
         self.bias = None if bias is None else nn.Parameter(bias.to(device))
         return output_shape
@@ -124,11 +116,8 @@ class Affine(Layer, abc.ABC):
         z = self.linear(x)
         bias = None if self.bias is None else \
             self.bias.view(*self.bias.shape, *[1] * (z.ndim - 1 - self.bias.ndim))
-        if self.parameterization == 'ntk':
-            z = z * (self.W_std / math.sqrt(self.fan_in(x.shape[1])))
-            return z if bias is None else z + self.b_std * bias
-        z = z / math.sqrt(self.s[0])
-        return z if bias is None else z + bias
+        z = z * self.parameterization.weight_multiplier(self.W_std, self.fan_in(x.shape[1]))
+        return z if bias is None else z + self.parameterization.bias_multiplier(self.b_std) * bias
 
     def kernel_rule(self, k: Kernel) -> Kernel:
         self.output_shape(k.shape1)
@@ -149,23 +138,16 @@ class Affine(Layer, abc.ABC):
         nngp = torch.addcmul(b_var, W_var, nngp_linear)
         ntk = k.ntk
         if ntk is not None:
-            ntk_linear = linear(ntk, 2)
-            if self.parameterization == 'ntk':
-                ntk = torch.addcmul(nngp, W_var, ntk_linear)
-            else:
-                fan_in = torch.as_tensor(self.fan_in(k.shape1[1]) / self.s[0], dtype=dtype,
-                                         device=device)
-                ntk = torch.addcmul(W_var * ntk_linear, fan_in, nngp_linear)
-                ntk = ntk if self.b_std is None else ntk + 1.
+            gamma, delta = (torch.as_tensor(c, dtype=dtype, device=device)
+                            for c in self.parameterization.ntk_coefficients(
+                                W_var, b_var, self.fan_in(k.shape1[1]), self.b_std is not None))
+            ntk = torch.addcmul(torch.addcmul(delta, gamma, nngp_linear), W_var, linear(ntk, 2))
         return k.replace(nngp=nngp, ntk=ntk, cov1=affine(k.cov1, cov_batch_ndim),
                          cov2=affine(k.cov2, cov_batch_ndim), is_gaussian=True, iid_channels=True,
                          shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
 
     def hyperparameters_repr(self) -> str:
-        text = f"W_std={self.W_std}, b_std={self.b_std}"
-        if self.parameterization == 'standard':
-            text += f", parameterization='standard', s={self.s}"
-        return text
+        return f"W_std={self.W_std}, b_std={self.b_std}" + self.parameterization.extra_repr()
 
 
 def _check_finite_variance(std: Scalar | None, arg: str, layer_name: str) -> None:
