@@ -45,8 +45,8 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from tqdm.auto import tqdm
 
-from .empirical import empirical_ntk_fn
-from .stax.module import check_nonnegative
+from ..empirical import empirical_ntk_fn
+from ..stax.module import check_nonnegative
 
 Params = dict[str, torch.Tensor]
 Times = Any  # None, a number, or a tensor of any shape
