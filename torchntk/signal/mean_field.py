@@ -50,11 +50,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .kernel import Kernel
-from .stax.conv import Conv, ConvLocal, ConvTranspose
-from .stax.linear import Affine
-from .stax.module import Layer, check_nonnegative
-from .stax.requirements import Bool, Diagonal, Requirements
+from ..kernel import Kernel
+from ..stax.conv import Conv, ConvLocal, ConvTranspose
+from ..stax.linear import Affine
+from ..stax.module import Layer, check_nonnegative
+from ..stax.requirements import Bool, Diagonal, Requirements
 
 Tensor = torch.Tensor
 
