@@ -109,9 +109,9 @@ NAN, INF = math.nan, math.inf
 LAYERS = [
     Case('Dense out_dim=0', lambda: stax.Dense(0), ValueError, names('Dense', 'out_dim')),
     Case('Dense out_dim=-3', lambda: stax.Dense(-3), ValueError, names('Dense', 'out_dim')),
-    Case('Dense out_dim="8"', lambda: stax.Dense('8'), (TypeError, ValueError),
+    Case('Dense out_dim="8"', lambda: stax.Dense('8'), TypeError,
          names('Dense', 'out_dim')),
-    Case('Dense out_dim=2.5', lambda: stax.Dense(2.5), (TypeError, ValueError),
+    Case('Dense out_dim=2.5', lambda: stax.Dense(2.5), TypeError,
          names('Dense', 'out_dim')),
     Case('Dense W_std=-1', lambda: stax.Dense(4, W_std=-1.), ValueError, names('Dense', 'W_std')),
     Case('Dense W_std=nan', lambda: stax.Dense(4, W_std=NAN), ValueError, names('Dense', 'W_std')),
@@ -195,7 +195,7 @@ LAYERS = [
          names('[Pp]arallel', 'int')),
     Case('repeat n=0', lambda: stax.repeat(stax.Dense(4), 0), ValueError,
          names('[Rr]epeat', r'\bn\b')),
-    Case('repeat n="a"', lambda: stax.repeat(stax.Dense(4), 'a'), (TypeError, ValueError),
+    Case('repeat n="a"', lambda: stax.repeat(stax.Dense(4), 'a'), TypeError,
          names('[Rr]epeat', r'\bn\b')),
 ]
 
@@ -209,7 +209,7 @@ KERNEL_FN = [
     Case('kernel_fn x1 1-D', lambda: mlp().kernel_fn(torch.ones(5)), ValueError,
          names('Serial', 'x1')),
     Case('kernel_fn x1 complex', lambda: mlp().kernel_fn(x().to(torch.complex128)),
-         (TypeError, ValueError), names('Serial', 'x1', 'complex')),
+         TypeError, names('Serial', 'x1', 'complex')),
     Case('kernel_fn x1 on meta', lambda: mlp().kernel_fn(x().to('meta')), ValueError,
          names('Serial', 'x1', 'meta')),
     Case('kernel_fn x1 nan', lambda: mlp().kernel_fn(with_value(x(), NAN)), ValueError,
@@ -272,7 +272,7 @@ BATCHING = [
     Case('batch batch_size=2.5', lambda: torchntk.batch(mlp().kernel_fn, batch_size=2.5),
          (TypeError, ValueError), names('batch', 'batch_size')),
     Case('batch device="nodevice"', lambda: torchntk.batch(mlp().kernel_fn, 2, device='nodevice'),
-         (TypeError, ValueError), names('batch', 'device')),
+         ValueError, names('batch', 'device')),
     Case('batch max_memory=-5', lambda: torchntk.batch(mlp().kernel_fn, 2, max_memory=-5),
          ValueError, names('batch', 'max_memory')),
     Case('batch memmap_dir=123', lambda: torchntk.batch(mlp().kernel_fn, 2, memmap_dir=123),
@@ -316,7 +316,7 @@ EMPIRICAL = [
     Case('empirical_ntk x1 nan', lambda: torchntk.empirical_ntk_fn(torch_mlp())(
         with_value(x(), NAN)), ValueError, names('empirical_ntk_fn', 'x1')),
     Case('empirical_ntk x1 float32 for a float64 model', lambda: torchntk.empirical_ntk_fn(
-        torch_mlp())(x().float()), (TypeError, ValueError),
+        torch_mlp())(x().float()), ValueError,
          names('empirical_ntk_fn', 'x1', 'dtype|float32')),
     Case('empirical_ntk x1 other features', lambda: torchntk.empirical_ntk_fn(torch_mlp())(
         x(4, 7)), ValueError, names('empirical_ntk_fn', 'x1')),
@@ -355,7 +355,7 @@ MONTE_CARLO = [
     Case('monte_carlo n_samples=[3, 0]', lambda: torchntk.monte_carlo_kernel_fn(mlp(), [3, 0]),
          ValueError, names('monte_carlo_kernel_fn', 'n_samples')),
     Case('monte_carlo n_samples=2.5', lambda: torchntk.monte_carlo_kernel_fn(mlp(), 2.5),
-         (TypeError, ValueError), names('monte_carlo_kernel_fn', 'n_samples')),
+         TypeError, names('monte_carlo_kernel_fn', 'n_samples')),
     Case('monte_carlo generator=5', lambda: torchntk.monte_carlo_kernel_fn(mlp(), 2, generator=5),
          TypeError, names('monte_carlo_kernel_fn', 'generator')),
     Case('monte_carlo x1 nan', lambda: torchntk.monte_carlo_kernel_fn(mlp(), 2, progress=False)(

@@ -126,14 +126,20 @@ def test_invalid_dense_arguments_raise_value_error(kwargs, message):
 
 
 @pytest.mark.parametrize('W_std', ['1.0', None, True])
-def test_non_numeric_w_std_raises(W_std):
-    with pytest.raises((TypeError, ValueError), match=r'Dense: W_std'):
+def test_non_numeric_w_std_raises_type_error(W_std):
+    with pytest.raises(TypeError, match=r'Dense: W_std'):
         stax.Dense(4, W_std=W_std)
 
 
-@pytest.mark.parametrize('out_dim', [0, -3, 2.5, True])
-def test_invalid_out_dim_raises(out_dim):
+@pytest.mark.parametrize('out_dim', [0, -3])
+def test_out_dim_below_one_raises_value_error(out_dim):
     with pytest.raises(ValueError, match=r'Dense: out_dim must be a positive integer'):
+        stax.Dense(out_dim)
+
+
+@pytest.mark.parametrize('out_dim', [2.5, True, '8'])
+def test_out_dim_that_is_not_an_int_raises_type_error(out_dim):
+    with pytest.raises(TypeError, match=r'Dense: out_dim must be a positive integer'):
         stax.Dense(out_dim)
 
 
@@ -203,7 +209,7 @@ def test_fan_in_concat_along_space_with_other_channel_counts_raises(images1):
 
 
 def test_unknown_get_raises(x):
-    with pytest.raises(ValueError, match=r"get: unknown kernel field 'ntks'"):
+    with pytest.raises(ValueError, match=r"Dense.kernel_fn: get must be .* got unknown kernel field 'ntks'"):
         stax.Dense(1).kernel_fn(x, get='ntks')
 
 

@@ -21,9 +21,14 @@ from typing import Any, Sequence, Union
 import torch
 from torch import nn
 
-from ..kernel import Kernel, Shape, canonical_get, get_fields, input_mask, kernel_from_inputs
+from ..checks import (all_finite, check_flag, check_input_values, check_mask_constant,
+                      type_name)
+# Still imported from here by modules that have not moved to torchntk.checks yet.
+from ..checks import SHAPES_ONLY, Scalar, check_nonnegative, check_positive_int  # noqa: F401
+from ..kernel import Kernel, Shape, input_mask, kernel_from_inputs
 from ..ops.heap import reuse_heap
-from .requirements import Requirements, resolve_layout
+from ..outputs import KERNEL_FIELDS
+from .requirements import Requirements, report_input_kernels, resolve_layout
 
 Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
 Kernels = Union[Kernel, Sequence[Kernel]]
@@ -32,9 +37,6 @@ Masks = Union[torch.Tensor, None, Sequence[Union[torch.Tensor, None]]]
 
 # Whether a layer's forward is running in this thread (its sublayers' calls are not outermost).
 _FORWARD = threading.local()
-# Whether torchntk.batching's memory count runs kernel functions on meta tensors
-# (shapes without values) in this thread: meta inputs are meant then.
-SHAPES_ONLY = threading.local()
 
 
 class Layer(nn.Module):
@@ -45,12 +47,6 @@ class Layer(nn.Module):
     inputs, `mask_rule` and `remask` when masks do not simply pass through,
     and `forward_with_mask` when the finite layer itself uses the mask.
     """
-
-    #: Set by layers (nonlinearities) whose rule needs zero-mean Gaussian
-    #: inputs, i.e. an affine layer right before them. The network's inputs
-    #: are not: they are fixed values, whose kernel after φ is not a function
-    #: of their Gram matrix (neural-tangents refuses them too).
-    requires_gaussian: bool = False
 
     #: Whether covariances (and, in `forward_with_mask`, outputs) at masked
     #: output positions are set to zero after this layer: true for layers that
@@ -89,8 +85,10 @@ class Layer(nn.Module):
 
     def propagate(self, k: Kernels) -> Kernels:
         """Check `k` against this layer's needs, apply `kernel_rule`, then the masks."""
-        if self.requires_gaussian:
-            for kernel in ([k] if isinstance(k, Kernel) else k):
+        kernels = [k] if isinstance(k, Kernel) else k
+        report_input_kernels(self, kernels)
+        if self.requirements.gaussian_input:
+            for kernel in kernels:
                 if not kernel.is_gaussian:
                     raise ValueError(
                         f"{self._name()}: the input kernel is not Gaussian; this layer needs "
@@ -211,11 +209,10 @@ class Layer(nn.Module):
     def _kernel_fn(self, x1: Tensors | Kernels, x2: Tensors | None,
                    get: str | Sequence[str] | None, diagonal_batch: bool | None,
                    diagonal_spatial: bool | None, mask_constant: float | None) -> Any:
-        names = canonical_get(get, f"{self._name()}.kernel_fn")
-        for arg, flag in (('diagonal_batch', diagonal_batch), ('diagonal_spatial', diagonal_spatial)):
-            if flag is not None and not isinstance(flag, bool):
-                raise TypeError(f"{self._name()}.kernel_fn: {arg} must be True, False or None, "
-                                f"got {flag!r}")
+        caller = f"{self._name()}.kernel_fn"
+        names = KERNEL_FIELDS.names(get, caller)
+        check_flag(diagonal_batch, 'diagonal_batch', caller, allow_none=True)
+        check_flag(diagonal_spatial, 'diagonal_spatial', caller, allow_none=True)
         empty1 = empty2 = False   # whether x1, x2 are batches of no examples
         same_inputs = False   # whether x2 was given equal to x1, entry for entry
         if isinstance(x1, Kernel) or _is_kernel_sequence(x1):
@@ -246,8 +243,8 @@ class Layer(nn.Module):
         if same_inputs:
             k = _with_x2_fields(k)
         if isinstance(k, Kernel):
-            return get_fields(k, get)
-        return type(k)(get_fields(kernel, get) for kernel in k)
+            return KERNEL_FIELDS.select(k, get, caller)
+        return type(k)(KERNEL_FIELDS.select(kernel, get, caller) for kernel in k)
 
     def _name(self) -> str:
         return type(self).__name__
@@ -292,31 +289,23 @@ def _is_kernel_sequence(x: Any) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(e, Kernel) for e in x)
 
 
-def _inputs_to_kernels(x1: Tensors, x2: Tensors | None, layer_name: str, **layout: Any) -> Kernels:
+def _inputs_to_kernels(x1: Tensors, x2: Tensors | None, caller: str, **layout: Any) -> Kernels:
     if isinstance(x1, torch.Tensor):
         if x2 is not None and not isinstance(x2, torch.Tensor):
-            raise TypeError(f"{layer_name}: x2 must be a torch.Tensor like x1 (or None), got "
-                            f"{_type_name(x2)}")
-        return kernel_from_inputs(*_checked_inputs(x1, x2, layer_name, layout['mask_constant']),
+            raise TypeError(f"{caller}: x2 must be a torch.Tensor like x1 (or None), got "
+                            f"{type_name(x2)}")
+        return kernel_from_inputs(*_checked_inputs(x1, x2, caller, layout['mask_constant']),
                                   **layout)
     if not isinstance(x1, (list, tuple)):
-        raise TypeError(f"{layer_name}: x1 must be a torch.Tensor (or a list or tuple of them for "
-                        f"a network with several inputs), got {_type_name(x1)}")
+        raise TypeError(f"{caller}: x1 must be a torch.Tensor (or a list or tuple of them for "
+                        f"a network with several inputs), got {type_name(x1)}")
     if x2 is not None and not isinstance(x2, (list, tuple)):
-        raise TypeError(f"{layer_name}: x2 must be a list or tuple of tensors like x1 (or None), "
-                        f"got {_type_name(x2)}")
+        raise TypeError(f"{caller}: x2 must be a list or tuple of tensors like x1 (or None), "
+                        f"got {type_name(x2)}")
     x2s = [None] * len(x1) if x2 is None else list(x2)
     if len(x2s) != len(x1):
-        raise ValueError(f"{layer_name}: x1 has {len(x1)} inputs but x2 has {len(x2s)}")
-    return type(x1)(_inputs_to_kernels(a, b, layer_name, **layout) for a, b in zip(x1, x2s))
-
-
-def _type_name(value: Any) -> str:
-    """`numpy.ndarray` for a numpy array, `list` for a list: what a user passed."""
-    kind = type(value)
-    if kind.__module__ == 'builtins':
-        return kind.__name__
-    return f"{kind.__module__}.{kind.__qualname__}"
+        raise ValueError(f"{caller}: x1 has {len(x1)} inputs but x2 has {len(x2s)}")
+    return type(x1)(_inputs_to_kernels(a, b, caller, **layout) for a, b in zip(x1, x2s))
 
 
 def _stand_in_for_empty_batch(x: Tensors | None, mask_constant: float | None) -> tuple[Any, bool]:
@@ -358,104 +347,36 @@ def _emptied(k: Kernels, empty1: bool, empty2: bool) -> Kernels:
                      mask2=None if k.mask2 is None else k.mask2[side2])
 
 
-def _all_finite(x: torch.Tensor, mask_constant: float | None) -> bool:
-    """Whether `x` is finite where it is not masked. Unmasked, its extremes say
-    so (NaN propagates through min and max) in one pass without a mask tensor."""
-    if x.numel() == 0:
-        return True
-    if mask_constant is None:
-        # Compared as Python numbers: torch.isfinite on the 0-dim extremes would be two more
-        # operator calls, most of the check's time on small inputs.
-        return all(-float('inf') < extreme.item() < float('inf') for extreme in torch.aminmax(x))
-    return bool((torch.isfinite(x) | input_mask(x, mask_constant)).all())
-
-
-def _check_forward_input(x: Any, layer_name: str) -> None:
+def _check_forward_input(x: Any, caller: str) -> None:
     """What `Layer.__call__` checks of the input of an outermost call."""
     tensors = [x] if isinstance(x, torch.Tensor) else x if isinstance(x, (list, tuple)) else None
     if tensors is None or not all(isinstance(t, torch.Tensor) for t in tensors):
-        raise TypeError(f"{layer_name}: x must be a torch.Tensor (or a list or tuple of them for a "
-                        f"network with several inputs), got {_type_name(x)}")
+        raise TypeError(f"{caller}: x must be a torch.Tensor (or a list or tuple of them for a "
+                        f"network with several inputs), got {type_name(x)}")
     for t in tensors:
-        if t.is_floating_point() and t.device.type != 'meta' and not _all_finite(t, None):
-            raise ValueError(f"{layer_name}: x contains non-finite values (NaN or inf); for "
+        if t.is_floating_point() and t.device.type != 'meta' and not all_finite(t):
+            raise ValueError(f"{caller}: x contains non-finite values (NaN or inf); for "
                              "padding, use forward_masked with a mask_constant")
 
 
-def check_input_values(x: torch.Tensor, name: str, caller: str,
-                       mask_constant: float | None = None) -> None:
-    """The one check of an input tensor's values at a public boundary (kernel_fn,
-    the empirical kernels, Monte Carlo): real, not on the `meta` device (but
-    while `estimate_memory` counts shapes), and finite where floating and not
-    masked — not while torch.compile traces or torch.func transforms run,
-    where values cannot be read."""
-    if x.is_complex():
-        raise TypeError(f"{caller}: {name} must be real, got a {x.dtype} tensor")
-    if x.is_meta:
-        if getattr(SHAPES_ONLY, 'active', False):
-            return
-        raise ValueError(f"{caller}: {name} is on the meta device, which holds no values; "
-                         "kernels need the inputs' values (a CPU or GPU tensor)")
-    if (x.is_floating_point() and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()
-            and not _all_finite(x, mask_constant)):
-        raise ValueError(f"{caller}: {name} contains non-finite values (NaN or inf)"
-                         + ("" if mask_constant is None else " that are not the mask_constant"))
-
-
-def _checked_inputs(x1: torch.Tensor, x2: torch.Tensor | None, layer_name: str,
+def _checked_inputs(x1: torch.Tensor, x2: torch.Tensor | None, caller: str,
                     mask_constant: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate inputs at the public boundary; integer inputs become floating.
     Masked entries may be non-finite (a NaN or infinite `mask_constant`)."""
     for name, x in (('x1', x1), ('x2', x2)):
         if x is None:
             continue
-        check_input_values(x, name, layer_name, mask_constant)
+        check_input_values(x, name, caller, mask_constant)
         if x.ndim < 2:
-            raise ValueError(f"{layer_name}: {name} must have shape (N, C, *spatial), got {tuple(x.shape)}")
+            raise ValueError(f"{caller}: {name} must have shape (N, C, *spatial), got {tuple(x.shape)}")
     if x2 is not None:
         if x1.shape[1:] != x2.shape[1:]:
-            raise ValueError(f"{layer_name}: x1 and x2 must agree in all but the batch axis, got "
+            raise ValueError(f"{caller}: x1 and x2 must agree in all but the batch axis, got "
                              f"x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)}")
         if x1.dtype != x2.dtype or x1.device != x2.device:
-            raise ValueError(f"{layer_name}: x1 and x2 must have the same dtype and device, got "
+            raise ValueError(f"{caller}: x1 and x2 must have the same dtype and device, got "
                              f"{x1.dtype}/{x1.device} and {x2.dtype}/{x2.device}")
     if not x1.is_floating_point():
         x1 = x1.to(torch.get_default_dtype())
         x2 = None if x2 is None else x2.to(x1.dtype)
     return x1, x2
-
-
-Scalar = Union[float, torch.Tensor]
-
-
-def check_nonnegative(value: Scalar | None, arg: str, layer_name: str,
-                      allow_none: bool = False) -> None:
-    """Raise a `ValueError` naming the layer unless `value` is a finite number ≥ 0."""
-    if value is None:
-        if allow_none:
-            return
-        raise ValueError(f"{layer_name}: {arg} must be a number >= 0, got None")
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{layer_name}: {arg} must be a scalar, got shape {tuple(value.shape)}")
-        number = float(value.detach())
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        raise TypeError(f"{layer_name}: {arg} must be a float or a scalar tensor, got {type(value).__name__}")
-    if not (number >= 0 and number != float('inf')):
-        raise ValueError(f"{layer_name}: {arg} must be finite and >= 0, got {number}")
-
-
-def check_mask_constant(value: Any, layer_name: str, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{layer_name}: mask_constant must be a float{' or None' if allow_none else ''}, "
-                        f"got {value!r}")
-
-
-def check_positive_int(value: Any, arg: str, layer_name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{layer_name}: {arg} must be a positive integer, got {value!r}")

@@ -6,8 +6,10 @@ from typing import Sequence
 
 import torch
 
+from ..checks import check_axes, check_nonnegative
 from ..kernel import Kernel, position_mask
-from .module import Layer, check_nonnegative
+from .module import Layer
+from .requirements import Requirements
 
 
 class LayerNorm(Layer):
@@ -23,15 +25,18 @@ class LayerNorm(Layer):
     masks, over the unmasked positions (masked ones count as zeros).
     """
 
-    requires_gaussian = True
-
     def __init__(self, axis: int | Sequence[int] = 1, eps: float = 1e-12) -> None:
         super().__init__()
-        axes = (axis,) if isinstance(axis, int) else tuple(axis)
-        if not axes or not all(isinstance(a, int) for a in axes):
-            raise ValueError(f"LayerNorm: axis must be an int or a tuple of ints, got {axis!r}")
+        axes = check_axes(axis, 'axis', 'LayerNorm')
+        if not axes:
+            raise ValueError("LayerNorm: axis must name at least one axis, got ()")
         check_nonnegative(eps, 'eps', 'LayerNorm')
         self.axis, self.eps = axes, eps
+
+    @property
+    def requirements(self) -> Requirements:
+        # Over the batch axis its statistics couple the examples of a batch.
+        return Requirements(gaussian_input=True, coupled_axes=self.axis)
 
     def _axes(self, ndim: int) -> tuple[int, ...]:
         axes = tuple(sorted({a % ndim for a in self.axis if -ndim <= a < ndim}))
