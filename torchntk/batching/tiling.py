@@ -52,11 +52,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
-from .empirical import _batch_mixing_modules
-from .kernel import Kernel
-from .ops.heap import reuse_heap
-from .stax.module import SHAPES_ONLY, Layer
-from .stax.normalization import LayerNorm
+from ..empirical import _batch_mixing_modules
+from ..kernel import Kernel
+from ..ops.heap import reuse_heap
+from ..stax.module import SHAPES_ONLY, Layer
+from ..stax.normalization import LayerNorm
 
 try:
     import fcntl
@@ -1408,7 +1408,7 @@ class _Lock:
 
 
 def _description(call: _Call, x1: Inputs, x2: Inputs | None, batch_size: int) -> dict[str, str]:
-    from . import __version__
+    from .. import __version__
     shapes = [tuple(_first_tensor(x).shape) for x in (x1, x2) if x is not None]
     return {'x1': _fingerprint(x1), 'x2': 'None' if x2 is None else _fingerprint(x2),
             'kernel_fn': _fingerprint(call.plain),
