@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from ..kernel import Kernel
 from .module import Layer
+from .requirements import Requirements
 
 
 class Dropout(Layer):
@@ -27,6 +28,11 @@ class Dropout(Layer):
         if not 0 <= p < 1:
             raise ValueError(f"Dropout: p (the drop probability) must be in [0, 1), got {p!r}")
         self.p = float(p)
+
+    @property
+    def requirements(self) -> Requirements:
+        # In training its masks are drawn for a whole batch at once.
+        return Requirements(coupled_axes=(0,) if self.training and self.p > 0 else ())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.p, self.training)

@@ -61,7 +61,6 @@ class Elementwise(Layer):
     NTK; when omitted it is derived from `nngp_fn` by forward-mode autograd.
     """
 
-    requires_gaussian = True
     # Masked positions have zero variance and get φ(0)² ≠ 0: zero them (neural-
     # tangents' choice per nonlinearity; those with φ(0) = 0 need not).
     remask = True
@@ -77,7 +76,7 @@ class Elementwise(Layer):
 
     @property
     def requirements(self) -> Requirements:
-        return Requirements(diagonal_spatial=Diagonal())
+        return Requirements(diagonal_spatial=Diagonal(), gaussian_input=True)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fn is None:

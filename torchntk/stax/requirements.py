@@ -1,15 +1,25 @@
-"""Declared requirements of layers on the layout of the incoming `Kernel`.
+"""What each layer needs of its input, declared once (`Requirements`).
 
-A layer states once what it needs (`Requirements`); containers fold their
-children's requirements, and `kernel_fn` picks the cheapest layout that every
-layer accepts (neural-tangents' `requires`/`Diagonal` system).
+A layer states its needs in its `requirements` property: the layout of the
+incoming `Kernel` (diagonal batch / spatial covariances), whether its rule
+needs a Gaussian input kernel, and which axes of its input its finite forward
+pass couples (so whether it mixes the examples of a batch). Containers fold
+their children's layout needs and `kernel_fn` picks the cheapest layout every
+layer accepts (neural-tangents' `requires`/`Diagonal` system);
+`Layer.propagate` checks a Gaussian input layer by layer; and
+`modules_mixing_examples` tells the empirical kernels (vmap over examples) and
+`batch` (tiling) which modules make an example's output depend on its batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
-from typing import Any, Callable, Iterable
+import threading
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
+
+from torch import nn
 
 
 class Bool(enum.IntEnum):
@@ -61,27 +71,53 @@ class Diagonal:
 
 @dataclasses.dataclass(frozen=True)
 class Requirements:
-    """What a layer (or a whole network) needs of its input kernel.
+    """What a layer (or a whole network) needs of its input.
 
     Attributes:
         diagonal_spatial: whether spatial covariances may be diagonal-only;
             `None` for a layer that works in either layout.
         diagonal_batch: whether `cov1`/`cov2` may hold only per-example
-            variances (`False` when the layer mixes examples).
+            variances (`False` for a rule that needs the covariances between
+            the examples of one side).
+        gaussian_input: whether the layer's rule needs a Gaussian input
+            kernel (nonlinearities, `LayerNorm`): an affine layer right before
+            it. The network's inputs are fixed values, not Gaussian: their
+            kernel after φ is not a function of their Gram matrix.
+        coupled_axes: axes of the layer's input (negative ones counted from
+            the end) whose entries its finite forward pass couples beyond the
+            channel axis: those `LayerNorm` takes its statistics over, or the
+            batch axis 0 for a layer that draws its random numbers for a whole
+            batch (`Dropout` in training). Coupling along axis 0 mixes the
+            examples of a batch (`mixes_examples`).
+
+    `gaussian_input` and `coupled_axes` are a layer's own: `Layer.propagate`
+    reads each layer's as it runs, and `modules_mixing_examples` asks each
+    module; so the requirements of a composition (`>>`) or of parallel
+    branches (`&`) fold only the layout fields and carry none of them.
     """
 
     diagonal_spatial: Diagonal | None = None
     diagonal_batch: bool = True
+    gaussian_input: bool = False
+    coupled_axes: tuple[int, ...] = ()
 
     def __rshift__(self, other: Requirements) -> Requirements:
-        """Requirements of `other(self(.))`."""
+        """Layout requirements of `other(self(.))`."""
         return Requirements(_fold(self.diagonal_spatial, other.diagonal_spatial, Diagonal.__rshift__),
                             self.diagonal_batch and other.diagonal_batch)
 
     def __and__(self, other: Requirements) -> Requirements:
-        """Requirements of two parallel branches."""
+        """Layout requirements of two parallel branches."""
         return Requirements(_fold(self.diagonal_spatial, other.diagonal_spatial, Diagonal.__and__),
                             self.diagonal_batch and other.diagonal_batch)
+
+    def mixes_examples(self, input_ranks: Collection[int] = ()) -> bool:
+        """Whether the output for one example depends on the other examples of
+        its batch: a coupled axis is the batch axis 0 for inputs of one of
+        `input_ranks` dimensions (those the layer was called on). Axis 0
+        itself needs no rank; a negative axis is 0 only for a rank it names."""
+        return any(axis == 0 or any(axis == -rank for rank in input_ranks)
+                   for axis in self.coupled_axes)
 
 
 def _fold(a: Diagonal | None, b: Diagonal | None, op) -> Diagonal | None:
@@ -91,7 +127,7 @@ def _fold(a: Diagonal | None, b: Diagonal | None, op) -> Diagonal | None:
 
 
 def resolve_layout(requirements: Requirements, diagonal_batch: bool | None,
-                   diagonal_spatial: bool | None, layer_name: str,
+                   diagonal_spatial: bool | None, caller: str,
                    layers: Iterable[Any] = ()) -> tuple[bool, bool]:
     """The `(diagonal_batch, diagonal_spatial)` flags a network runs with.
 
@@ -110,12 +146,12 @@ def resolve_layout(requirements: Requirements, diagonal_batch: bool | None,
     spatial = requirements.diagonal_spatial
     allowed_spatial = spatial is not None and spatial.allows_diagonal
     if diagonal_batch and not allowed_batch:
-        raise ValueError(f"{layer_name}: diagonal_batch=True is not possible: a layer in this "
+        raise ValueError(f"{caller}: diagonal_batch=True is not possible: a layer in this "
                          "network mixes examples and needs the full batch covariance"
                          + _named(layers, lambda r: not r.diagonal_batch))
     if diagonal_spatial and not (spatial is None or spatial.input == Bool.YES):
         raise ValueError(
-            f"{layer_name}: diagonal_spatial=True is not possible: a layer in this network mixes "
+            f"{caller}: diagonal_spatial=True is not possible: a layer in this network mixes "
             "spatial positions and needs covariances between different positions"
             + _named(layers, lambda r: r.diagonal_spatial is not None
                      and r.diagonal_spatial.input < Bool.YES))
@@ -133,3 +169,75 @@ def _named(layers: Iterable[Any], needs: Callable[[Requirements], bool]) -> str:
         if type(layer).__name__ not in names:
             names.append(type(layer).__name__)
     return f" ({', '.join(names)})" if names else ""
+
+
+def modules_mixing_examples(modules: Mapping[str, nn.Module],
+                            input_ranks: Mapping[str, Collection[int]] | None = None) -> list[str]:
+    """Names of `modules` whose output for one example depends on the other
+    examples of its batch, or on random numbers drawn per batch.
+
+    These are the stax layers whose `Requirements.mixes_examples` (given the
+    ranks of the inputs the module was called on, `input_ranks[name]`, see
+    `recorded_input_ranks`) says so, torch's batch normalization in training
+    mode or without running statistics, and torch's dropout in training mode
+    with `p > 0`. A module named `''` (a model's root) is named by its type.
+    """
+    input_ranks = input_ranks or {}
+    mixing = []
+    for name, module in modules.items():
+        requirements = getattr(module, 'requirements', None)
+        if isinstance(requirements, Requirements):
+            mixes = requirements.mixes_examples(input_ranks.get(name, ()))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            mixes = module.training or module.running_mean is None
+        elif isinstance(module, nn.modules.dropout._DropoutNd):
+            mixes = module.training and module.p > 0
+        else:
+            mixes = False
+        if mixes:
+            mixing.append(name or type(module).__name__)
+    return mixing
+
+
+# The recorders `recorded_input_ranks` has open in this thread; `Layer.propagate`
+# reports the kernels it is given to them (a kernel rule runs no forward hooks).
+_RECORDERS = threading.local()
+
+
+@contextlib.contextmanager
+def recorded_input_ranks(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, set[int]]]:
+    """Within the block, `{name: ranks}`: the numbers of dimensions of the
+    inputs each of `modules` is called on, in its forward (the first tensor
+    argument, through a forward pre-hook) or, for a stax layer, in its kernel
+    rule (its input kernel's activations `(N, C, *S)`), as
+    `modules_mixing_examples` reads them."""
+    ranks: dict[str, set[int]] = {name: set() for name in modules}
+    names_by_id: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        names_by_id.setdefault(id(module), []).append(name)
+
+    def record(module: nn.Module, ndims: Iterable[int]) -> None:
+        for name in names_by_id.get(id(module), ()):
+            ranks[name].update(ndims)
+
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        if args and hasattr(args[0], 'ndim'):
+            record(module, (args[0].ndim,))
+
+    handles = [module.register_forward_pre_hook(pre_hook)
+               for module in {id(m): m for m in modules.values()}.values()]
+    recorders = getattr(_RECORDERS, 'active', ())
+    _RECORDERS.active = (*recorders, record)
+    try:
+        yield ranks
+    finally:
+        _RECORDERS.active = recorders
+        for handle in handles:
+            handle.remove()
+
+
+def report_input_kernels(layer: nn.Module, kernels: Sequence[Any]) -> None:
+    """Tell the open `recorded_input_ranks` blocks the ranks of the
+    activations whose kernels `layer`'s rule is given (`Layer.propagate`)."""
+    for record in getattr(_RECORDERS, 'active', ()):
+        record(layer, [len(k.shape1) for k in kernels])
