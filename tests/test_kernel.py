@@ -229,3 +229,71 @@ def test_replace_returns_changed_copy(x1):
 def test_shapes_track_finite_activations(x1, x2):
     kernel = stax.serial(stax.Dense(16), stax.Relu(), stax.Dense(3)).kernel_fn(x1, x2)
     assert kernel.shape1 == (4, 3) and kernel.shape2 == (3, 3)
+
+
+# --- layout operations ------------------------------------------------------------------------
+
+def conv_network():
+    return stax.serial(stax.Conv(8, (3,), padding='SAME', b_std=0.1), stax.Relu(),
+                       stax.Conv(8, (2,), b_std=0.2))
+
+
+@pytest.fixture
+def images1():
+    return torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+@pytest.fixture
+def images2():
+    return torch.randn(3, 3, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+def assert_kernels_equal(actual, expected):
+    for name in ('nngp', 'ntk', 'cov1', 'cov2'):
+        torch.testing.assert_close(getattr(actual, name), getattr(expected, name),
+                                   rtol=1e-14, atol=1e-14, msg=name)
+    assert (actual.shape1, actual.shape2) == (expected.shape1, expected.shape2)
+    assert bool(actual.x1_is_x2) == bool(expected.x1_is_x2)
+
+
+def test_transpose_is_the_kernel_of_swapped_inputs(images1, images2):
+    """Full spatial layout: the pairs of spatial axes swap with the batch axes."""
+    forward = conv_network().kernel_fn(images1, images2, diagonal_batch=False)
+    assert forward.nngp.shape == (4, 3, 4, 4)
+    assert_kernels_equal(forward.transpose(),
+                         conv_network().kernel_fn(images2, images1, diagonal_batch=False))
+
+
+def test_transpose_of_x2_none_kernel_keeps_cov2_none(images1):
+    kernel = conv_network().kernel_fn(images1)
+    transposed = kernel.transpose()
+    assert transposed.cov2 is None
+    torch.testing.assert_close(transposed.nngp, kernel.nngp, rtol=0, atol=0)
+
+
+def test_slice_examples_is_the_kernel_of_sliced_inputs(images1, images2):
+    kernel = conv_network().kernel_fn(images1, images2, diagonal_batch=False)
+    assert_kernels_equal(kernel.slice_examples(slice(1, 3), slice(0, 2)),
+                         conv_network().kernel_fn(images1[1:3], images2[0:2], diagonal_batch=False))
+
+
+def test_slice_examples_of_x2_none_kernel_takes_x2_rows_from_x1(images1):
+    kernel = conv_network().kernel_fn(images1)
+    sliced = kernel.slice_examples(slice(0, 2), slice(2, 4))
+    assert sliced.cov2 is not None and not bool(sliced.x1_is_x2)
+    assert_kernels_equal(sliced, conv_network().kernel_fn(images1[0:2], images1[2:4]))
+
+
+def test_map_covariances_gives_each_field_its_batch_axes_and_passes_scalar_ntk(x1):
+    kernel = stax.Identity().kernel_fn(x1, diagonal_batch=False)
+    assert kernel.ntk.ndim == 0 and kernel.cov2 is None
+    seen = []
+
+    def rule(cov, batch_ndim):
+        seen.append((cov.shape, batch_ndim))
+        return 2 * cov
+
+    mapped = kernel.map_covariances(rule)
+    assert seen == [((4, 4), 2), ((4, 4), 2)]   # nngp and cov1; not the scalar NTK, not None
+    torch.testing.assert_close(mapped.nngp, 2 * x1 @ x1.T / 6, rtol=1e-14, atol=0)
+    assert mapped.ntk is kernel.ntk and mapped.cov2 is None

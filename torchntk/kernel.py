@@ -24,17 +24,17 @@ says so (`torchntk.stax.Layer.remask`).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import itertools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .ops.extension import empty_huge_pages
 
 Shape = tuple[int, ...]
+# The covariance fields of a `Kernel`, which layers' rules map.
+COVARIANCES = ('nngp', 'ntk', 'cov1', 'cov2')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +84,63 @@ class Kernel:
 
     def replace(self, **changes: Any) -> Kernel:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def cov_batch_ndim(self) -> int:
+        """Number of batch axes of `cov1`/`cov2`: 1 with `diagonal_batch`, else 2."""
+        return 1 if self.diagonal_batch else 2
+
+    def map_covariances(self, rule: Callable[[torch.Tensor, int], torch.Tensor],
+                        fields: Sequence[str] = COVARIANCES) -> Kernel:
+        """The kernel with `rule(cov, batch_ndim)` applied to each covariance
+        field in `fields`: `nngp` and `ntk` have 2 leading batch axes,
+        `cov1` and `cov2` `cov_batch_ndim`. Absent fields (`None`) stay absent,
+        and a 0-dim field (the scalar zero NTK of the inputs) passes through:
+        every linear map of a layer leaves that zero a zero."""
+        def apply(t: torch.Tensor | None, batch_ndim: int) -> torch.Tensor | None:
+            return t if t is None or t.ndim == 0 else rule(t, batch_ndim)
+
+        return self.replace(**{name: apply(getattr(self, name),
+                                           2 if name in ('nngp', 'ntk') else self.cov_batch_ndim)
+                               for name in fields})
+
+    def slice_examples(self, rows1: slice, rows2: slice) -> Kernel:
+        """The kernel of the examples `x1[rows1]` and `x2[rows2]`. A mask whose
+        batch axis broadcasts (size 1) keeps it while examples are left; the
+        slices are the same inputs where the whole batches were and
+        `rows1 == rows2`, else not."""
+        n1, n2 = len(range(self.shape1[0])[rows1]), len(range(self.shape2[0])[rows2])
+
+        def own(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+            return None if t is None else t[rows] if self.diagonal_batch else t[rows, rows]
+
+        def side(mask: torch.Tensor | None, rows: slice, n: int) -> torch.Tensor | None:
+            if mask is None:
+                return None
+            return mask[:min(n, 1)] if mask.shape[0] == 1 else mask[rows]
+
+        same = rows1 == rows2
+        pairs = self.map_covariances(lambda t, _: t[rows1, rows2], ('nngp', 'ntk'))
+        cov2, mask2 = self.cov2, self.mask2
+        if not same and cov2 is None:  # x2 is x1: its side is x1's
+            cov2, mask2 = self.cov1, self.mask1
+        return pairs.replace(cov1=own(self.cov1, rows1), cov2=own(cov2, rows2),
+                             mask1=side(self.mask1, rows1, n1), mask2=side(mask2, rows2, n2),
+                             shape1=(n1, *self.shape1[1:]), shape2=(n2, *self.shape2[1:]),
+                             x1_is_x2=self.x1_is_x2 if same else torch.zeros_like(self.x1_is_x2))
+
+    def transpose(self) -> Kernel:
+        """The kernel of `(x2, x1)`: `nngp`/`ntk` by `transpose_pair`, and the
+        fields of the two sides swapped (`cov2 = None` meant `cov1` for both)."""
+        ntk = self.ntk if self.ntk is None or self.ntk.ndim == 0 else \
+            transpose_pair(self.ntk, self.diagonal_spatial)
+        return self.replace(
+            nngp=transpose_pair(self.nngp, self.diagonal_spatial), ntk=ntk,
+            cov1=self.cov1 if self.cov2 is None else self.cov2,
+            cov2=None if self.cov2 is None else self.cov1,
+            shape1=self.shape2, shape2=self.shape1,
+            mask1=self.mask1 if self.mask2 is None else self.mask2,
+            mask2=None if self.mask2 is None else self.mask1)
 
     @property
     def n_spatial(self) -> int:
@@ -148,6 +205,20 @@ class Kernel:
                          cov2=zero(k.cov2, k.outer_self(mask2)))
 
 
+def transpose_pair(t: torch.Tensor, diagonal_spatial: bool | None) -> torch.Tensor:
+    """`K(x2, x1)` from a pair field `K(x1, x2)`: swap the batch axes and, in
+    the full spatial layout `(N1, N2, X, X', Y, Y', …)`, each pair of spatial
+    axes (`None` for `diagonal_spatial` is read as the full layout)."""
+    order = [1, 0]
+    n_spatial = t.ndim - 2
+    if diagonal_spatial or not n_spatial:
+        order += range(2, t.ndim)
+    else:
+        for d in range(n_spatial // 2):
+            order += [3 + 2 * d, 2 + 2 * d]
+    return t.permute(order)
+
+
 def position_mask(mask: torch.Tensor, shape: Shape, layer_name: str) -> torch.Tensor:
     """The `(N, *S)` mask of positions of activations of `shape` `(N, C, *S)`.
 
@@ -196,70 +267,6 @@ def _spread(var: torch.Tensor, side: int, diagonal_spatial: bool) -> torch.Tenso
     """Place per-example variances on batch axis `side` of a pair layout."""
     var = var if diagonal_spatial else _spread_spatial(var, side)
     return var.unsqueeze(1) if side == 0 else var.unsqueeze(0)
-
-
-_FIELDS = tuple(f.name for f in dataclasses.fields(Kernel))
-
-
-def get_fields(kernel: Kernel, get: str | Sequence[str] | None, caller: str = 'get_fields') -> Any:
-    """Select fields of `kernel` with neural-tangents' `get` semantics.
-
-    `None` returns the whole record, a string one field, and a tuple of strings
-    a named tuple of those fields in that order. Names are case-insensitive.
-    """
-    if get is None:
-        return kernel
-    names = canonical_get(get, caller)
-    if isinstance(get, str):
-        return getattr(kernel, names[0])
-    return _namedtuple(names)(*(getattr(kernel, name) for name in names))
-
-
-def canonical_get(get: str | Sequence[str] | None,
-                  caller: str = 'get_fields') -> tuple[str, ...] | None:
-    """Validate `get` and return its lower-cased names (`None` for the record);
-    errors name `caller` and the argument."""
-    if get is None:
-        return None
-    if not isinstance(get, (str, list, tuple)):
-        raise TypeError(f"{caller}: get must be None, a kernel field name or a tuple of names, "
-                        f"got {get!r} ({type(get).__name__})")
-    names = (get,) if isinstance(get, str) else tuple(get)
-    if not names:
-        raise ValueError(f"{caller}: get must be a field name or a non-empty tuple of names, "
-                         "got ()")
-    lowered = []
-    for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"{caller}: get must hold field names as strings, got {name!r} in "
-                            f"{get!r}")
-        if name.lower() not in _FIELDS:
-            raise ValueError(f"{caller}: get: unknown kernel field {name!r}; expected one of "
-                             f"{_FIELDS}")
-        lowered.append(name.lower())
-    if len(set(lowered)) != len(lowered):
-        raise ValueError(f"{caller}: get has duplicate field names in {names!r}")
-    return tuple(lowered)
-
-
-def _make_namedtuple(names: tuple[str, ...]) -> type:
-    return collections.namedtuple('AnalyticKernel', names)
-
-
-# torch.compile cannot create classes while tracing: the selections of the
-# kernel tensors are made up front, any other selection on first eager use.
-_NAMEDTUPLES: dict[tuple[str, ...], type] = {
-    names: _make_namedtuple(names)
-    for r in range(1, 5) for names in itertools.permutations(('nngp', 'ntk', 'cov1', 'cov2'), r)}
-
-
-def _namedtuple(names: tuple[str, ...]) -> type:
-    if names not in _NAMEDTUPLES:
-        if torch.compiler.is_compiling():
-            raise ValueError(f"get={names}: under torch.compile, call kernel_fn once without "
-                             "compiling with this get first")
-        _NAMEDTUPLES[names] = _make_namedtuple(names)
-    return _NAMEDTUPLES[names]
 
 
 def kernel_from_inputs(x1: torch.Tensor, x2: torch.Tensor | None, *, diagonal_batch: bool,
