@@ -313,17 +313,17 @@ def test_cnn21_builds_and_runs(readout):
 
 # --- errors -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('kwargs, match', [
-    (dict(filter_shape=(3, 3), padding='FULL'), 'padding'),
-    (dict(filter_shape=(3, 3), strides=(1,)), 'strides'),
-    (dict(filter_shape=3), 'filter_shape'),
-    (dict(filter_shape=(0, 3)), 'filter_shape'),
-    (dict(filter_shape=(3, 3), W_std=-1.), 'W_std'),
-    (dict(filter_shape=(3, 3), parameterization='mup'), 'parameterization'),
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(filter_shape=(3, 3), padding='FULL'), ValueError, 'padding'),
+    (dict(filter_shape=(3, 3), strides=(1,)), ValueError, 'strides'),
+    (dict(filter_shape=3), TypeError, 'filter_shape'),
+    (dict(filter_shape=(0, 3)), ValueError, 'filter_shape'),
+    (dict(filter_shape=(3, 3), W_std=-1.), ValueError, 'W_std'),
+    (dict(filter_shape=(3, 3), parameterization='mup'), ValueError, 'parameterization'),
 ])
 @pytest.mark.parametrize('layer_type', CONV_LAYERS)
-def test_conv_rejects_bad_arguments(layer_type, kwargs, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+def test_conv_rejects_bad_arguments(layer_type, kwargs, error, match):
+    with pytest.raises(error, match=match):
         layer_type(3, **kwargs)
 
 
