@@ -26,6 +26,7 @@ from ..checks import (all_finite, check_flag, check_input_values, check_mask_con
 # Still imported from here by modules that have not moved to torchntk.checks yet.
 from ..checks import SHAPES_ONLY, Scalar, check_nonnegative, check_positive_int  # noqa: F401
 from ..kernel import Kernel, Shape, input_mask, kernel_from_inputs
+from ..ops.conv_chain import ChainStep
 from ..ops.heap import reuse_heap
 from ..outputs import KERNEL_FIELDS
 from .requirements import Requirements, report_input_kernels, resolve_layout
@@ -82,6 +83,19 @@ class Layer(nn.Module):
         both broadcastable to the activations (for fan-in layers lists, with
         `None` for a branch without a mask); by default it passes unchanged."""
         return mask
+
+    @property
+    def chain_step_kind(self) -> type[ChainStep] | None:
+        """The record class of this layer's step in a fused chain
+        (`torchntk.ops.conv_chain`; `torchntk.stax.fusion` runs them), or
+        `None` (the default) where the layer never joins one."""
+        return None
+
+    def chain_step(self, input_shape: Shape) -> ChainStep | None:
+        """This layer's rule as a step of a fused chain, a record of
+        `chain_step_kind`, for inputs of `input_shape`; `None` where it cannot
+        join for these inputs (its own `kernel_rule` runs instead)."""
+        return None
 
     def propagate(self, k: Kernels) -> Kernels:
         """Check `k` against this layer's needs, apply `kernel_rule`, then the masks."""
@@ -327,24 +341,7 @@ def _emptied(k: Kernels, empty1: bool, empty2: bool) -> Kernels:
     on the sides that were empty: `(0, N2, …)`, `(N1, 0, …)` or `(0, 0, …)`."""
     if not isinstance(k, Kernel):
         return type(k)(_emptied(kernel, empty1, empty2) for kernel in k)
-    side1, side2 = slice(0 if empty1 else None), slice(0 if empty2 else None)
-
-    def pairs(t: torch.Tensor | None) -> torch.Tensor | None:
-        return t if t is None or t.ndim < 2 else t[side1, side2]   # a scalar NTK broadcasts
-
-    def own(t: torch.Tensor | None, side: slice) -> torch.Tensor | None:
-        return None if t is None else t[side] if k.diagonal_batch else t[side, side]
-
-    def shape(s: Shape, empty: bool) -> Shape:
-        return (0, *s[1:]) if empty else s
-
-    return k.replace(nngp=pairs(k.nngp), ntk=pairs(k.ntk), cov1=own(k.cov1, side1),
-                     cov2=own(k.cov2, side2), shape1=shape(k.shape1, empty1),
-                     shape2=shape(k.shape2, empty2),
-                     # One side empty: batches of different sizes, never the same inputs.
-                     x1_is_x2=k.x1_is_x2 if empty1 == empty2 else torch.zeros_like(k.x1_is_x2),
-                     mask1=None if k.mask1 is None else k.mask1[side1],
-                     mask2=None if k.mask2 is None else k.mask2[side2])
+    return k.slice_examples(slice(0 if empty1 else None), slice(0 if empty2 else None))
 
 
 def _check_forward_input(x: Any, caller: str) -> None:
