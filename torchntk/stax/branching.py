@@ -190,7 +190,6 @@ class FanInConcat(_FanIn):
             return self._concat_channels(ks).replace(shape1=shape1, shape2=shape2)
         _require_gaussian(ks, 'FanInConcat')
         first = ks[0]
-        cov_batch_ndim = 1 if first.diagonal_batch else 2
 
         def concat(tensors: Sequence[torch.Tensor | None], batch_ndim: int,
                    like: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -203,8 +202,8 @@ class FanInConcat(_FanIn):
         nngps = [k.nngp for k in ks]
         return first.replace(
             nngp=concat(nngps, 2, nngps), ntk=concat([k.ntk for k in ks], 2, nngps),
-            cov1=concat([k.cov1 for k in ks], cov_batch_ndim, [k.cov1 for k in ks]),
-            cov2=concat([k.cov2 for k in ks], cov_batch_ndim, [k.cov2 for k in ks]),
+            cov1=concat([k.cov1 for k in ks], first.cov_batch_ndim, [k.cov1 for k in ks]),
+            cov2=concat([k.cov2 for k in ks], first.cov_batch_ndim, [k.cov2 for k in ks]),
             x1_is_x2=functools.reduce(torch.logical_and, [k.x1_is_x2 for k in ks]),
             is_gaussian=True, shape1=shape1, shape2=shape2)
 

@@ -45,12 +45,14 @@ class Affine(Layer, abc.ABC):
     """
 
     remask = True
+    # The name of the width argument (`out_chan`) in a subclass's signature, for errors.
+    width_arg = 'out_chan'
 
     def __init__(self, out_chan: int, W_std: Scalar = 1., b_std: Scalar | None = None,
                  parameterization: str = 'ntk', s: tuple[int, int] = (1, 1)) -> None:
         super().__init__()
         name = self._name()
-        check_positive_int(out_chan, 'out_chan' if name != 'Dense' else 'out_dim', name)
+        check_positive_int(out_chan, self.width_arg, name)
         check_nonnegative(W_std, 'W_std', name)
         check_nonnegative(b_std, 'b_std', name, allow_none=True)
         for arg, std in (('W_std', W_std), ('b_std', b_std)):
@@ -125,39 +127,32 @@ class Affine(Layer, abc.ABC):
         W_var = torch.as_tensor(self.W_std, dtype=dtype, device=device)**2
         b_var = torch.as_tensor(0. if self.b_std is None else self.b_std, dtype=dtype,
                                 device=device)**2
-        cov_batch_ndim = 1 if k.diagonal_batch else 2
-
-        def linear(cov: torch.Tensor | None, batch_ndim: int) -> torch.Tensor | None:
-            return None if cov is None else self.cov_map(cov, batch_ndim, k.diagonal_spatial)
-
-        def affine(cov: torch.Tensor | None, batch_ndim: int) -> torch.Tensor | None:
-            cov = linear(cov, batch_ndim)
-            return None if cov is None else torch.addcmul(b_var, W_var, cov)
-
-        nngp_linear = linear(k.nngp, 2)
-        nngp = torch.addcmul(b_var, W_var, nngp_linear)
-        ntk = k.ntk
+        linear = k.map_covariances(
+            lambda cov, batch_ndim: self.cov_map(cov, batch_ndim, k.diagonal_spatial))
+        ntk = linear.ntk
         if ntk is not None:
             gamma, delta = (torch.as_tensor(c, dtype=dtype, device=device)
                             for c in self.parameterization.ntk_coefficients(
                                 W_var, b_var, self.fan_in(k.shape1[1]), self.b_std is not None))
-            ntk = torch.addcmul(torch.addcmul(delta, gamma, nngp_linear), W_var, linear(ntk, 2))
-        return k.replace(nngp=nngp, ntk=ntk, cov1=affine(k.cov1, cov_batch_ndim),
-                         cov2=affine(k.cov2, cov_batch_ndim), is_gaussian=True, iid_channels=True,
-                         shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
+            ntk = torch.addcmul(torch.addcmul(delta, gamma, linear.nngp), W_var, ntk)
+        affine = linear.map_covariances(lambda cov, _: torch.addcmul(b_var, W_var, cov),
+                                        ('nngp', 'cov1', 'cov2'))
+        return affine.replace(ntk=ntk, is_gaussian=True, iid_channels=True,
+                              shape1=self.output_shape(k.shape1),
+                              shape2=self.output_shape(k.shape2))
 
     def hyperparameters_repr(self) -> str:
         return f"W_std={self.W_std}, b_std={self.b_std}" + self.parameterization.extra_repr()
 
 
-def _check_finite_variance(std: Scalar | None, arg: str, layer_name: str) -> None:
+def _check_finite_variance(std: Scalar | None, arg: str, caller: str) -> None:
     """Raise a `ValueError` unless the variance `std²` is finite in float64:
     the kernels scale with it, and past ~1.3e154 every kernel would be inf."""
     if std is None:
         return
     value = float(std.detach()) if isinstance(std, torch.Tensor) else float(std)
     if not math.isfinite(value * value):
-        raise ValueError(f"{layer_name}: {arg} must be below ~1.34e154 (its square, the "
+        raise ValueError(f"{caller}: {arg} must be below ~1.34e154 (its square, the "
                          f"variance, overflows float64 and every kernel would be inf), "
                          f"got {value:g}")
 
@@ -189,6 +184,8 @@ class Dense(Affine):
     Shape:
         Input `(N, C_in, *S)`, output `(N, out_dim, *S)`.
     """
+
+    width_arg = 'out_dim'
 
     def __init__(self, out_dim: int, W_std: Scalar = 1., b_std: Scalar | None = None,
                  parameterization: str = 'ntk', s: tuple[int, int] = (1, 1)) -> None:

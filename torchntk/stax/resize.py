@@ -11,7 +11,6 @@ from ..kernel import Kernel, Shape
 from .module import Layer
 from .requirements import Bool, Diagonal, Requirements
 
-Tensor = torch.Tensor
 METHODS = ('linear', 'nearest')
 _METHOD_ALIASES = {'linear': 'linear', 'bilinear': 'linear', 'trilinear': 'linear',
                    'triangle': 'linear', 'nearest': 'nearest'}
@@ -68,19 +67,19 @@ class ImageResize(Layer):
                              f"input has shape {tuple(input_shape)}")
         return tuple(old if new == -1 else new for old, new in zip(input_shape, self.shape))
 
-    def _matrices(self, input_shape: Shape, like: Tensor) -> list[Tensor | None]:
+    def _matrices(self, input_shape: Shape, like: torch.Tensor) -> list[torch.Tensor | None]:
         out_shape = self.output_shape(input_shape)
         return [None if old == new else
                 conv_maps.resize_matrix(old, new, self.method, self.antialias, like)
                 for old, new in zip(input_shape[2:], out_shape[2:])]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         for d, matrix in enumerate(self._matrices(x.shape, x)):
             if matrix is not None:
                 x = conv_maps.apply_along(x, 2 + d, matrix)
         return x
 
-    def mask_rule(self, mask: Tensor, input_shape: Shape) -> Tensor:
+    def mask_rule(self, mask: torch.Tensor, input_shape: Shape) -> torch.Tensor:
         unmasked = (~mask).expand(*mask.shape[:2], *input_shape[2:]).to(torch.float32)
         for d, matrix in enumerate(self._matrices(input_shape, unmasked)):
             if matrix is not None:
@@ -89,15 +88,9 @@ class ImageResize(Layer):
 
     def kernel_rule(self, k: Kernel) -> Kernel:
         matrices = self._matrices(k.shape1, k.nngp)
-
-        def resize(cov: Tensor | None, batch_ndim: int) -> Tensor | None:
-            return None if cov is None else conv_maps.resize(cov, batch_ndim, k.diagonal_spatial,
-                                                              matrices)
-
-        cov_batch_ndim = 1 if k.diagonal_batch else 2
-        return k.replace(nngp=resize(k.nngp, 2), ntk=resize(k.ntk, 2),
-                         cov1=resize(k.cov1, cov_batch_ndim), cov2=resize(k.cov2, cov_batch_ndim),
-                         shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
+        return k.map_covariances(
+            lambda cov, batch_ndim: conv_maps.resize(cov, batch_ndim, k.diagonal_spatial, matrices)
+        ).replace(shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, method={self.method!r}, antialias={self.antialias}"
