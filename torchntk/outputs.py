@@ -13,6 +13,13 @@ raises `ValueError`; a `get` that is not a string or a sequence of strings
 `TypeError`. The named-tuple classes are made once per (type name, fields):
 torch.compile cannot create classes while it traces, and a class made anew per
 call would give equal results of different types.
+
+A function that computes only what is asked for reads the names first and
+selects from a dict of its results::
+
+    PAIR = Outputs('EmpiricalKernel', ('nngp', 'ntk'), 'kernel', default=('nngp', 'ntk'))
+    names = PAIR.names(get, caller)                 # ('nngp', 'ntk') for get=None
+    return PAIR.select({n: compute(n) for n in names}, get, caller)
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ class Outputs:
     """The outputs a function can return, and its reading of `get`.
 
     Args:
-        type_name: the class name of the named tuples returned for a tuple `get`.
+        tuple_name: the class name of the named tuples it returns.
         names: the names `get` may ask for, lower case.
         noun: what a name denotes, for error messages (`'kernel field'`).
         default: the names `get=None` returns, as a named tuple; `None` when
@@ -56,13 +63,13 @@ class Outputs:
             are made now, so that they are there when torch.compile traces.
     """
 
-    def __init__(self, type_name: str, names: Sequence[str], noun: str,
+    def __init__(self, tuple_name: str, names: Sequence[str], noun: str,
                  default: tuple[str, ...] | None = None, prebuilt: Sequence[str] = ()) -> None:
-        self.type_name, self.allowed, self.noun, self.default = (
-            type_name, tuple(names), noun, default)
+        self.tuple_name, self.allowed, self.noun, self.default = (
+            tuple_name, tuple(names), noun, default)
         for r in range(1, len(prebuilt) + 1):
             for fields in itertools.permutations(prebuilt, r):
-                namedtuple_type(type_name, fields)
+                namedtuple_type(tuple_name, fields)
 
     def names(self, get: Get, caller: str) -> tuple[str, ...] | None:
         """The lower-cased names `get` asks for: `default` for `None`; errors name `caller`."""
@@ -100,7 +107,7 @@ class Outputs:
                   else [getattr(values, name) for name in names])
         if isinstance(get, str):
             return picked[0]
-        return namedtuple_type(self.type_name, names)(*picked)
+        return namedtuple_type(self.tuple_name, names)(*picked)
 
 
 #: `kernel_fn`'s `get`: any field of `Kernel`; `None` for the whole `Kernel`.
