@@ -64,7 +64,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .ops.heap import reuse_heap
 from .ops.products import einsum_pair
-from .stax.conv import Conv as StaxConv, pad_input
+from .stax.conv import Conv as StaxConv
+from .stax.finite_conv import pad_input
 from .stax.dropout import Dropout as StaxDropout
 from .stax.linear import Dense as StaxDense
 from .stax.module import check_input_values

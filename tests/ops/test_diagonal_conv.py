@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from torchntk import ops
+from torchntk.functional.conv import same_padding
 from torchntk.ops.diagonal_conv import (diagonal_conv_output_size, diagonal_conv_torch,
-                                        diagonal_conv_transpose_torch, same_padding)
+                                        diagonal_conv_transpose_torch)
 
 try:
     import torchntk._C as extension

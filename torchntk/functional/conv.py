@@ -5,8 +5,9 @@ Every function here maps a covariance tensor in the `Kernel` layout (see
 1 or 2 for `cov1`/`cov2`) to the covariance of the layer's outputs, in the
 same layout. A layer `z = A x` that is linear in its input has output
 covariance `A K Aᵀ`, applied to the `(X, X')` axes of each spatial dimension;
-with `diagonal_spatial=True` only the same-position entries are kept. A
-0-dim tensor (the NTK at the network input, a scalar zero) passes through.
+with `diagonal_spatial=True` only the same-position entries are kept. Layers
+apply them through `Kernel.map_covariances`, which passes the scalar zero NTK
+of the inputs by.
 
 Padding names are neural-tangents': `'VALID'` (none), `'SAME'` (zeros, output
 size `ceil(X / stride)`), `'CIRCULAR'` (`'SAME'` sizes, wrapping around).
@@ -23,22 +24,30 @@ from typing import Sequence
 
 import torch
 
-from ..ops import diagonal_conv, same_padding
+from ..ops import diagonal_conv, diagonal_conv_output_size
 
-Tensor = torch.Tensor
 PADDINGS = ('VALID', 'SAME', 'CIRCULAR')
 
 
-# --- sizes and paddings -----------------------------------------------------------------------
+# --- sizes and paddings: the one place that computes them -------------------------------------
+
+def same_padding(size: int, k: int, stride: int) -> tuple[int, int]:
+    """`(low, high)` zero padding of `'SAME'` windows (as TensorFlow, JAX and
+    PyTorch's `padding='same'`): the output has `ceil(size / stride)` entries,
+    the odd entry of padding goes high."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2
+
 
 def conv_padding(size: int, k: int, stride: int, padding: str) -> tuple[int, int]:
-    """`(low, high)` padding of a convolution or pooling window along one axis."""
+    """`(low, high)` padding of a convolution or pooling window along one axis
+    (`'CIRCULAR'` pads as much as `'SAME'`, by wrapping around)."""
     return (0, 0) if padding == 'VALID' else same_padding(size, k, stride)
 
 
 def conv_output_size(size: int, k: int, stride: int, padding: str) -> int:
-    low, high = conv_padding(size, k, stride, padding)
-    return (size + low + high - k) // stride + 1
+    return diagonal_conv_output_size(size, k, stride, conv_padding(size, k, stride, padding))
 
 
 def transpose_padding(k: int, stride: int, padding: str) -> tuple[int, int]:
@@ -62,7 +71,8 @@ def transpose_output_size(size: int, k: int, stride: int, padding: str) -> int:
 
 # --- one-axis linear maps ---------------------------------------------------------------------
 
-def pad_axis(t: Tensor, axis: int, low: int, high: int, circular: bool = False) -> Tensor:
+def pad_axis(t: torch.Tensor, axis: int, low: int, high: int,
+             circular: bool = False) -> torch.Tensor:
     """Pad (or, for negative amounts, crop) axis `axis` of `t` with zeros or by wrapping."""
     if circular:
         size = t.shape[axis]
@@ -84,7 +94,7 @@ def pad_axis(t: Tensor, axis: int, low: int, high: int, circular: bool = False) 
     return torch.cat([parts[0], t, parts[1]], dim=axis)
 
 
-def box_sum(t: Tensor, axis: int, k: int, stride: int) -> Tensor:
+def box_sum(t: torch.Tensor, axis: int, k: int, stride: int) -> torch.Tensor:
     """`out[p] = Σ_{i<k} t[stride·p + i]` along `axis` (a VALID window sum)."""
     size = (t.shape[axis] - k) // stride + 1
     span = stride * (size - 1) + 1
@@ -97,7 +107,7 @@ def box_sum(t: Tensor, axis: int, k: int, stride: int) -> Tensor:
     return out
 
 
-def dilate_axis(t: Tensor, axis: int, stride: int) -> Tensor:
+def dilate_axis(t: torch.Tensor, axis: int, stride: int) -> torch.Tensor:
     """Insert `stride − 1` zeros between consecutive entries along `axis`."""
     if stride == 1:
         return t
@@ -107,7 +117,7 @@ def dilate_axis(t: Tensor, axis: int, stride: int) -> Tensor:
     return t.new_zeros(shape).index_copy(axis, index, t)
 
 
-def fold_circular(t: Tensor, axis: int, size: int) -> Tensor:
+def fold_circular(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
     """Wrap axis `axis` of length `L` onto `size` entries around its centre:
     `out[q] = Σ_m t[q + (L − size)//2 + m·size]` (circular transposed convolution)."""
     length = t.shape[axis]
@@ -119,7 +129,7 @@ def fold_circular(t: Tensor, axis: int, size: int) -> Tensor:
     return torch.roll(t, -((length - size) // 2), axis)
 
 
-def window_counts(size: int, k: int, stride: int, padding: str, like: Tensor) -> Tensor:
+def window_counts(size: int, k: int, stride: int, padding: str, like: torch.Tensor) -> torch.Tensor:
     """Number of non-padding entries in each pooling window along one axis."""
     ones = like.new_ones(size)
     low, high = conv_padding(size, k, stride, padding)
@@ -128,7 +138,7 @@ def window_counts(size: int, k: int, stride: int, padding: str, like: Tensor) ->
 
 # --- layout helpers ---------------------------------------------------------------------------
 
-def _pairs(cov: Tensor, batch_ndim: int, diagonal_spatial: bool) -> list[tuple[int, ...]]:
+def _pairs(cov: torch.Tensor, batch_ndim: int, diagonal_spatial: bool) -> list[tuple[int, ...]]:
     """The axes of each spatial dimension: `(X,)` or `(X, X')`."""
     n_spatial = cov.ndim - batch_ndim
     if diagonal_spatial:
@@ -136,19 +146,15 @@ def _pairs(cov: Tensor, batch_ndim: int, diagonal_spatial: bool) -> list[tuple[i
     return [(batch_ndim + 2 * d, batch_ndim + 2 * d + 1) for d in range(n_spatial // 2)]
 
 
-def spatial_diagonal(cov: Tensor, batch_ndim: int) -> Tensor:
+def spatial_diagonal(cov: torch.Tensor, batch_ndim: int) -> torch.Tensor:
     """`(B…, X, X', Y, Y', …) -> (B…, X, Y, …)`: the same-position entries."""
-    if cov.ndim == 0:
-        return cov
     for _ in range((cov.ndim - batch_ndim) // 2):
         cov = torch.diagonal(cov, dim1=batch_ndim, dim2=batch_ndim + 1)
     return cov
 
 
-def embed_spatial_diagonal(cov: Tensor, batch_ndim: int) -> Tensor:
+def embed_spatial_diagonal(cov: torch.Tensor, batch_ndim: int) -> torch.Tensor:
     """`(B…, X, Y, …) -> (B…, X, X', Y, Y', …)`, zero off the spatial diagonal."""
-    if cov.ndim == 0:
-        return cov
     n_spatial = cov.ndim - batch_ndim
     for d in range(n_spatial):
         axis = batch_ndim + 2 * d
@@ -158,8 +164,8 @@ def embed_spatial_diagonal(cov: Tensor, batch_ndim: int) -> Tensor:
 
 # --- kernel rules -----------------------------------------------------------------------------
 
-def conv(cov: Tensor, batch_ndim: int, diagonal_spatial: bool, filter_shape: Sequence[int],
-         strides: Sequence[int], padding: str) -> Tensor:
+def conv(cov: torch.Tensor, batch_ndim: int, diagonal_spatial: bool, filter_shape: Sequence[int],
+         strides: Sequence[int], padding: str) -> torch.Tensor:
     r"""Covariance after a shared-weight convolution with unit-variance filters
     averaged over the window (Novak et al. 2019, eq. 7), per spatial dimension
 
@@ -168,8 +174,6 @@ def conv(cov: Tensor, batch_ndim: int, diagonal_spatial: bool, filter_shape: Seq
     and with `diagonal_spatial` its same-position form
     `out[p] = (1/k) Σ_i cov_pad[s·p + i]` (a box average).
     """
-    if cov.ndim == 0:
-        return cov
     circular = padding == 'CIRCULAR'
     for axes, k, stride in zip(_pairs(cov, batch_ndim, diagonal_spatial), filter_shape, strides):
         size = cov.shape[axes[0]]
@@ -182,7 +186,7 @@ def conv(cov: Tensor, batch_ndim: int, diagonal_spatial: bool, filter_shape: Seq
     return cov
 
 
-def _along_pair(cov: Tensor, axes: tuple[int, int], fn) -> Tensor:
+def _along_pair(cov: torch.Tensor, axes: tuple[int, int], fn) -> torch.Tensor:
     """Apply `fn: (B, X, X', R) -> (B, P, P', R)` to the adjacent pair `axes`:
     the axes before it form `B`, those after it `R` (a view, no copy)."""
     shape = cov.shape
@@ -191,8 +195,9 @@ def _along_pair(cov: Tensor, axes: tuple[int, int], fn) -> Tensor:
     return out.reshape(*shape[:axes[0]], out.shape[1], out.shape[2], *shape[axes[1] + 1:])
 
 
-def conv_transpose(cov: Tensor, batch_ndim: int, diagonal_spatial: bool,
-                   filter_shape: Sequence[int], strides: Sequence[int], padding: str) -> Tensor:
+def conv_transpose(cov: torch.Tensor, batch_ndim: int, diagonal_spatial: bool,
+                   filter_shape: Sequence[int], strides: Sequence[int],
+                   padding: str) -> torch.Tensor:
     r"""Covariance after a shared-weight transposed convolution: the
     convolution rule with stride 1 on the stride-dilated, padded input
     (`transpose_padding`),
@@ -201,8 +206,6 @@ def conv_transpose(cov: Tensor, batch_ndim: int, diagonal_spatial: bool,
 
     folded circularly for `'CIRCULAR'` (`fold_circular`, on each axis).
     """
-    if cov.ndim == 0:
-        return cov
     for axes, k, stride in zip(_pairs(cov, batch_ndim, diagonal_spatial), filter_shape, strides):
         size = cov.shape[axes[0]]
         low, high = transpose_padding(k, stride, 'VALID' if padding == 'CIRCULAR' else padding)
@@ -218,9 +221,9 @@ def conv_transpose(cov: Tensor, batch_ndim: int, diagonal_spatial: bool,
     return cov
 
 
-def pool(cov: Tensor, batch_ndim: int, diagonal_spatial: bool, window_shape: Sequence[int],
+def pool(cov: torch.Tensor, batch_ndim: int, diagonal_spatial: bool, window_shape: Sequence[int],
          strides: Sequence[int], padding: str, average: bool = True,
-         normalize_edges: bool = False) -> Tensor:
+         normalize_edges: bool = False) -> torch.Tensor:
     r"""Covariance after sum or average pooling: the window is a box on both
     axes of each pair (Novak et al. 2019, §3.2),
 
@@ -231,8 +234,6 @@ def pool(cov: Tensor, batch_ndim: int, diagonal_spatial: bool, window_shape: Seq
     input must have zero covariance between different positions, so
     `out[p] = Σ_i cov_pad[s·p + i] / n_p²`.
     """
-    if cov.ndim == 0:
-        return cov
     circular = padding == 'CIRCULAR'
     for axes, k, stride in zip(_pairs(cov, batch_ndim, diagonal_spatial), window_shape, strides):
         size = cov.shape[axes[0]]
@@ -250,7 +251,7 @@ def pool(cov: Tensor, batch_ndim: int, diagonal_spatial: bool, window_shape: Seq
     return cov
 
 
-def _along(vector: Tensor, axis: int, ndim: int) -> Tensor:
+def _along(vector: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
     """View a 1-d (or 0-d) tensor so that it broadcasts along `axis` of an `ndim`-d tensor."""
     if vector.ndim == 0:
         return vector
@@ -259,13 +260,11 @@ def _along(vector: Tensor, axis: int, ndim: int) -> Tensor:
     return vector.reshape(shape)
 
 
-def global_pool(cov: Tensor, batch_ndim: int, diagonal_spatial: bool,
-                average: bool = True) -> Tensor:
+def global_pool(cov: torch.Tensor, batch_ndim: int, diagonal_spatial: bool,
+                average: bool = True) -> torch.Tensor:
     r"""Covariance after summing (or averaging) over all positions:
     `Σ_{p, q} cov[p, q]` (divided by `|S|²`); with `diagonal_spatial` the
     off-diagonal covariances are zero and it is `Σ_p cov[p]` (divided by `|S|²`)."""
-    if cov.ndim == 0:
-        return cov
     axes = tuple(range(batch_ndim, cov.ndim))
     out = cov.sum(axes)
     if average:
@@ -274,18 +273,16 @@ def global_pool(cov: Tensor, batch_ndim: int, diagonal_spatial: bool,
     return out
 
 
-def flatten(cov: Tensor, batch_ndim: int, diagonal_spatial: bool) -> Tensor:
+def flatten(cov: torch.Tensor, batch_ndim: int, diagonal_spatial: bool) -> torch.Tensor:
     r"""Covariance of the flattened features `(C·|S|)`: the mean over positions
     of the same-position covariances, `(1/|S|) Σ_p cov[p, p]`."""
-    if cov.ndim == 0:
-        return cov
     if not diagonal_spatial:
         cov = spatial_diagonal(cov, batch_ndim)
     return cov.mean(tuple(range(batch_ndim, cov.ndim))) if cov.ndim > batch_ndim else cov
 
 
 def resize_matrix(in_size: int, out_size: int, method: str, antialias: bool,
-                  like: Tensor) -> Tensor:
+                  like: torch.Tensor) -> torch.Tensor:
     """The `(out_size, in_size)` matrix of `jax.image.resize` along one axis.
 
     `'linear'`: triangle-kernel weights at half-pixel centres, widened by the
@@ -311,18 +308,16 @@ def resize_matrix(in_size: int, out_size: int, method: str, antialias: bool,
     return weights.to(device=like.device, dtype=like.dtype)
 
 
-def apply_along(t: Tensor, axis: int, matrix: Tensor) -> Tensor:
+def apply_along(t: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
     """`out[..., p, ...] = Σ_x matrix[p, x] t[..., x, ...]` along `axis`."""
     return torch.tensordot(t.movedim(axis, -1), matrix, dims=([-1], [1])).movedim(-1, axis)
 
 
-def resize(cov: Tensor, batch_ndim: int, diagonal_spatial: bool,
-           matrices: Sequence[Tensor | None]) -> Tensor:
+def resize(cov: torch.Tensor, batch_ndim: int, diagonal_spatial: bool,
+           matrices: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """Covariance after a per-axis linear resize `z = M x`: `M cov Mᵀ` on each
     pair of axes (`None` leaves a spatial dimension unchanged). Resizing
     mixes positions, so it needs full spatial covariances."""
-    if cov.ndim == 0:
-        return cov
     for axes, matrix in zip(_pairs(cov, batch_ndim, diagonal_spatial), matrices):
         if matrix is None:
             continue

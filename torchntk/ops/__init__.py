@@ -9,8 +9,9 @@ along one spatial dimension (Novak et al. 2019, arXiv:1810.05148, eq. 7):
 (neural-tangents spends O(k²) on a dense k×k depthwise convolution). A
 D-dimensional convolution applies it once per spatial dimension; a trailing
 axis `(B, X, X, R)` carries the other dimensions' pairs, so no permuted copies
-are needed. `diagonal_conv_transpose` is its adjoint: its gradient, and the
-covariance rule of a transposed convolution.
+are needed. `diagonal_conv_transpose` is its adjoint, which gives its gradient;
+the rule of a transposed convolution is not that adjoint but `diagonal_conv`
+on the stride-dilated covariance (`torchntk.functional.conv.conv_transpose`).
 
 The backend is the C++/CUDA extension `torchntk._C` (csrc/) when it was built,
 else pure torch; `TORCHNTK_BACKEND=torch|extension` forces one, and `backend()`
@@ -20,9 +21,7 @@ was built without CUDA, dtypes other than float32/float64) go to torch.
 
 from __future__ import annotations
 
-from .diagonal_conv import (diagonal_conv, diagonal_conv_output_size, diagonal_conv_transpose,
-                            same_padding)
+from .diagonal_conv import diagonal_conv, diagonal_conv_output_size, diagonal_conv_transpose
 from .extension import backend
 
-__all__ = ['backend', 'diagonal_conv', 'diagonal_conv_output_size', 'diagonal_conv_transpose',
-           'same_padding']
+__all__ = ['backend', 'diagonal_conv', 'diagonal_conv_output_size', 'diagonal_conv_transpose']

@@ -6,13 +6,6 @@ import torch
 
 from .extension import EXTENSION, takes
 
-def same_padding(size: int, k: int, stride: int) -> tuple[int, int]:
-    """(low, high) zero padding of 'SAME' convolutions (as TensorFlow, JAX and
-    PyTorch's padding='same'): the output has ceil(size / stride) entries."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + k - size, 0)
-    return total // 2, total - total // 2
-
 
 def diagonal_conv_output_size(size: int, k: int, stride: int, padding: tuple[int, int]) -> int:
     return (size + padding[0] + padding[1] - k) // stride + 1
@@ -59,8 +52,10 @@ def diagonal_conv_transpose(grad: torch.Tensor, size: int, k: int, stride: int,
     """The adjoint of `diagonal_conv` on inputs of size `size`: for every `grad`,
     `<diagonal_conv(cov), grad> = <cov, diagonal_conv_transpose(grad)>`.
 
-    It is the gradient of `diagonal_conv` and the covariance rule of a
-    transposed convolution. Differentiable in both backends.
+    It is the backward of `diagonal_conv` (its gradient), not the rule of a
+    transposed convolution, which dilates the covariance and calls
+    `diagonal_conv` (`torchntk.functional.conv.conv_transpose`).
+    Differentiable in both backends.
 
     Shape:
         - grad: `(B, Xo, Xo)` or `(B, Xo, Xo, R)`, `Xo` as in `diagonal_conv`.

@@ -11,20 +11,19 @@ layout from the layers' `requirements`.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..functional import conv as conv_maps
 from ..kernel import Kernel, Shape
+from .finite_conv import conv_transpose, pad_input, window_centre_mask
 from .linear import Affine
 from .module import Scalar
 from .requirements import Bool, Diagonal, Requirements
 
-Tensor = torch.Tensor
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_TRANSPOSE_FNS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def check_window(values: Sequence[int] | None, arg: str, layer_name: str,
@@ -56,44 +55,6 @@ def check_input_rank(shape: Shape, n_spatial: int, layer_name: str) -> None:
     if len(shape) != n_spatial + 2:
         raise ValueError(f"{layer_name}: a {n_spatial}-d window needs inputs of shape "
                          f"(N, C, {', '.join('XYZ'[:n_spatial])}), got shape {tuple(shape)}")
-
-
-def pad_input(x: Tensor, window: Sequence[int], strides: Sequence[int], padding: str) -> Tensor:
-    """Pad the spatial axes of `(N, C, *S)` inputs as `padding` prescribes for a VALID window."""
-    for d, (k, stride) in enumerate(zip(window, strides)):
-        low, high = conv_maps.conv_padding(x.shape[2 + d], k, stride, padding)
-        x = conv_maps.pad_axis(x, 2 + d, low, high, circular=padding == 'CIRCULAR')
-    return x
-
-
-def window_centre_mask(mask: Tensor, spatial: Shape, window: Sequence[int],
-                       strides: Sequence[int], padding: str) -> Tensor:
-    """Mask of a windowed layer's outputs `(N, 1, *S_out)` from the mask of its
-    input positions `(N, 1, *S)` (size-1 axes broadcast to `spatial`): an
-    output is masked when the centre of its window (the entry left of it for
-    even windows) is, as in neural-tangents."""
-    mask = mask.expand(*mask.shape[:2], *spatial)
-    for d, (size, k, stride) in enumerate(zip(spatial, window, strides)):
-        low, _ = conv_maps.conv_padding(size, k, stride, padding)
-        out = conv_maps.conv_output_size(size, k, stride, padding)
-        index = (k - 1) // 2 - low + stride * torch.arange(out, device=mask.device)
-        mask = mask.index_select(2 + d, index)
-    return mask
-
-
-def conv_transpose(x: Tensor, weight: Tensor, strides: Sequence[int], padding: str) -> Tensor:
-    """`F.conv_transpose{n}d` cropped or zero-padded to `jax.lax.conv_transpose`'s
-    output (see `ConvTranspose`); `'CIRCULAR'` folds the `'VALID'` output."""
-    n_spatial = x.ndim - 2
-    z = _CONV_TRANSPOSE_FNS[n_spatial](x, weight, stride=tuple(strides))
-    apply_padding = 'VALID' if padding == 'CIRCULAR' else padding
-    for d, (size, k, stride) in enumerate(zip(x.shape[2:], weight.shape[2:], strides)):
-        # PyTorch's output is the full one, padded by k − 1 on both sides.
-        low, high = conv_maps.transpose_padding(k, stride, apply_padding)
-        z = conv_maps.pad_axis(z, 2 + d, low - (k - 1), high - (k - 1))
-        if padding == 'CIRCULAR':
-            z = conv_maps.fold_circular(z, 2 + d, size * stride)
-    return z
 
 
 class _Conv(Affine):
@@ -129,7 +90,7 @@ class _Conv(Affine):
     def weight_shape(self, input_shape: Shape) -> Shape:
         return (self.width, input_shape[1], *self.filter_shape)
 
-    def mask_rule(self, mask: Tensor, input_shape: Shape) -> Tensor:
+    def mask_rule(self, mask: torch.Tensor, input_shape: Shape) -> torch.Tensor:
         return window_centre_mask(mask.all(dim=1, keepdim=True), input_shape[2:],
                                   self.filter_shape, self.strides, self.padding)
 
@@ -171,11 +132,11 @@ class Conv(_Conv):
         `S_out = (S + pads − filter_shape) // strides + 1`.
     """
 
-    def linear(self, x: Tensor) -> Tensor:
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_input(x, self.filter_shape, self.strides, self.padding)
         return _CONV_FNS[self.n_spatial](x, self.weight, stride=self.strides)
 
-    def cov_map(self, cov: Tensor, batch_ndim: int, diagonal_spatial: bool) -> Tensor:
+    def cov_map(self, cov: torch.Tensor, batch_ndim: int, diagonal_spatial: bool) -> torch.Tensor:
         return conv_maps.conv(cov, batch_ndim, diagonal_spatial, self.filter_shape, self.strides,
                               self.padding)
 
@@ -206,10 +167,10 @@ class ConvTranspose(_Conv):
         return tuple(conv_maps.transpose_output_size(size, k, stride, self.padding)
                      for size, k, stride in zip(spatial, self.filter_shape, self.strides))
 
-    def linear(self, x: Tensor) -> Tensor:
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
         return conv_transpose(x, self.weight, self.strides, self.padding)
 
-    def mask_rule(self, mask: Tensor, input_shape: Shape) -> Tensor:
+    def mask_rule(self, mask: torch.Tensor, input_shape: Shape) -> torch.Tensor:
         # As neural-tangents: masked where any input of the (transposed) window
         # is, with 'SAME' windows for 'CIRCULAR'.
         mask = mask.all(dim=1, keepdim=True)
@@ -218,7 +179,7 @@ class ConvTranspose(_Conv):
         padding = 'SAME' if self.padding == 'CIRCULAR' else self.padding
         return conv_transpose(mask, ones, self.strides, padding) > 0
 
-    def cov_map(self, cov: Tensor, batch_ndim: int, diagonal_spatial: bool) -> Tensor:
+    def cov_map(self, cov: torch.Tensor, batch_ndim: int, diagonal_spatial: bool) -> torch.Tensor:
         return conv_maps.conv_transpose(cov, batch_ndim, diagonal_spatial, self.filter_shape,
                                         self.strides, self.padding)
 
@@ -251,14 +212,14 @@ class ConvLocal(_Conv):
     def bias_shape(self, input_shape: Shape) -> Shape:
         return (self.width, *self.output_spatial(input_shape[2:]))
 
-    def linear(self, x: Tensor) -> Tensor:
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_input(x, self.filter_shape, self.strides, self.padding)
         for d, (k, stride) in enumerate(zip(self.filter_shape, self.strides)):
             x = x.unfold(2 + d, k, stride)  # (N, C, *S_out, *filter)
         out, window = 'xyz'[:self.n_spatial], 'ijk'[:self.n_spatial]
         return torch.einsum(f'nc{out}{window},wc{window}{out}->nw{out}', x, self.weight)
 
-    def cov_map(self, cov: Tensor, batch_ndim: int, diagonal_spatial: bool) -> Tensor:
+    def cov_map(self, cov: torch.Tensor, batch_ndim: int, diagonal_spatial: bool) -> torch.Tensor:
         if not diagonal_spatial:
             raise ValueError("ConvLocal: cov_map works on same-position covariances only")
         return conv_maps.conv(cov, batch_ndim, True, self.filter_shape, self.strides,
@@ -269,17 +230,7 @@ class ConvLocal(_Conv):
             return super().kernel_rule(k)
         # The bias too is independent across positions: the whole rule runs on
         # the spatial diagonal, and the off-diagonal covariances are zero.
-        cov_batch_ndim = 1 if k.diagonal_batch else 2
-        on_diagonal = super().kernel_rule(_map_fields(
-            k, lambda cov, b: conv_maps.spatial_diagonal(cov, b), cov_batch_ndim
-        ).replace(diagonal_spatial=True))
-        return _map_fields(on_diagonal, lambda cov, b: conv_maps.embed_spatial_diagonal(cov, b),
-                           cov_batch_ndim).replace(diagonal_spatial=False)
-
-
-def _map_fields(k: Kernel, fn: Callable[[Tensor, int], Tensor], cov_batch_ndim: int) -> Kernel:
-    """Apply `fn(tensor, batch_ndim)` to `nngp`, `ntk`, `cov1` and `cov2`."""
-    def apply(t: Tensor | None, batch_ndim: int) -> Tensor | None:
-        return None if t is None else fn(t, batch_ndim)
-    return k.replace(nngp=apply(k.nngp, 2), ntk=apply(k.ntk, 2),
-                     cov1=apply(k.cov1, cov_batch_ndim), cov2=apply(k.cov2, cov_batch_ndim))
+        on_diagonal = super().kernel_rule(
+            k.map_covariances(conv_maps.spatial_diagonal).replace(diagonal_spatial=True))
+        return on_diagonal.map_covariances(conv_maps.embed_spatial_diagonal).replace(
+            diagonal_spatial=False)

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 
 from ..functional import conv as conv_maps
 from ..kernel import Kernel, Shape, position_mask
-from .conv import check_input_rank, check_padding, check_window, pad_input, window_centre_mask
+from .conv import check_input_rank, check_padding, check_window
+from .finite_conv import pad_input, window_centre_mask
 from .module import Layer
 from .requirements import Bool, Diagonal, Requirements
 
-Tensor = torch.Tensor
 _AVG_POOL_FNS = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
@@ -58,7 +58,7 @@ class _Pool(Layer):
                                     for size, k, stride in zip(input_shape[2:], self.window_shape,
                                                                self.strides)))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_rank(x.shape, self.n_spatial, self._name())
         pool = _AVG_POOL_FNS[self.n_spatial]
         out = pool(pad_input(x, self.window_shape, self.strides, self.padding),
@@ -73,19 +73,13 @@ class _Pool(Layer):
 
     def kernel_rule(self, k: Kernel) -> Kernel:
         check_input_rank(k.shape1, self.n_spatial, self._name())
+        return k.map_covariances(
+            lambda cov, batch_ndim: conv_maps.pool(cov, batch_ndim, k.diagonal_spatial,
+                                                   self.window_shape, self.strides, self.padding,
+                                                   self.average, self.normalize_edges)
+        ).replace(shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
 
-        def pool(cov: Tensor | None, batch_ndim: int) -> Tensor | None:
-            if cov is None:
-                return None
-            return conv_maps.pool(cov, batch_ndim, k.diagonal_spatial, self.window_shape,
-                                  self.strides, self.padding, self.average, self.normalize_edges)
-
-        cov_batch_ndim = 1 if k.diagonal_batch else 2
-        return k.replace(nngp=pool(k.nngp, 2), ntk=pool(k.ntk, 2),
-                         cov1=pool(k.cov1, cov_batch_ndim), cov2=pool(k.cov2, cov_batch_ndim),
-                         shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
-
-    def mask_rule(self, mask: Tensor, input_shape: Shape) -> Tensor:
+    def mask_rule(self, mask: torch.Tensor, input_shape: Shape) -> torch.Tensor:
         positions = position_mask(mask, input_shape, self._name()).unsqueeze(1)
         return window_centre_mask(positions, input_shape[2:], self.window_shape, self.strides,
                                   self.padding)
@@ -158,11 +152,12 @@ class _GlobalPool(Layer):
     def output_shape(self, input_shape: Shape) -> Shape:
         return tuple(input_shape[:2])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         axes = tuple(range(2, x.ndim))
         return x.mean(axes) if self.average else x.sum(axes)
 
-    def forward_with_mask(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def forward_with_mask(self, x: torch.Tensor,
+                          mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if mask is None:
             return self(x), None
         out_mask = self.mask_rule(mask, x.shape)
@@ -172,26 +167,20 @@ class _GlobalPool(Layer):
         return x.sum(tuple(range(2, x.ndim))) / count.unsqueeze(1), out_mask
 
     @staticmethod
-    def _unmasked_count(positions: Tensor) -> Tensor:
+    def _unmasked_count(positions: torch.Tensor) -> torch.Tensor:
         """Number of unmasked positions of each example, at least 1."""
         return (~positions).flatten(1).sum(1).clamp_min(1)
 
     def kernel_rule(self, k: Kernel) -> Kernel:
         masks = k.position_masks(self._name()) if self.average else None
         average = self.average and masks is None
-
-        def pool(cov: Tensor | None, batch_ndim: int) -> Tensor | None:
-            if cov is None:
-                return None
-            return conv_maps.global_pool(cov, batch_ndim, k.diagonal_spatial, average)
-
-        cov_batch_ndim = 1 if k.diagonal_batch else 2
-        nngp, ntk = pool(k.nngp, 2), pool(k.ntk, 2)
-        cov1, cov2 = pool(k.cov1, cov_batch_ndim), pool(k.cov2, cov_batch_ndim)
+        pooled = k.map_covariances(lambda cov, batch_ndim: conv_maps.global_pool(
+            cov, batch_ndim, k.diagonal_spatial, average))
+        nngp, ntk, cov1, cov2 = pooled.nngp, pooled.ntk, pooled.cov1, pooled.cov2
         if masks is not None:
             count1, count2 = (self._unmasked_count(m).to(nngp.dtype) for m in masks)
 
-            def per_pair(n_a: Tensor, n_b: Tensor, pairwise: bool) -> Tensor:
+            def per_pair(n_a: torch.Tensor, n_b: torch.Tensor, pairwise: bool) -> torch.Tensor:
                 return n_a[:, None] * n_b[None, :] if pairwise else n_a * n_b
 
             nngp = nngp / per_pair(count1, count2, True)
@@ -201,7 +190,7 @@ class _GlobalPool(Layer):
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
                          shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
 
-    def mask_rule(self, mask: Tensor, input_shape: Shape) -> Tensor:
+    def mask_rule(self, mask: torch.Tensor, input_shape: Shape) -> torch.Tensor:
         positions = position_mask(mask, input_shape, self._name())
         return positions.flatten(1).all(1, keepdim=True)
 
@@ -246,20 +235,16 @@ class Flatten(Layer):
     def output_shape(self, input_shape: Shape) -> Shape:
         return (input_shape[0], math.prod(input_shape[1:]))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)   # reshape(N, -1) is ambiguous for N = 0
 
-    def mask_rule(self, mask: Tensor, input_shape: Shape) -> Tensor:
+    def mask_rule(self, mask: torch.Tensor, input_shape: Shape) -> torch.Tensor:
         return mask.expand(input_shape).reshape(input_shape[0], -1)
 
     def kernel_rule(self, k: Kernel) -> Kernel:
-        def flatten(cov: Tensor | None, batch_ndim: int) -> Tensor | None:
-            return None if cov is None else conv_maps.flatten(cov, batch_ndim, k.diagonal_spatial)
-
-        cov_batch_ndim = 1 if k.diagonal_batch else 2
-        return k.replace(nngp=flatten(k.nngp, 2), ntk=flatten(k.ntk, 2),
-                         cov1=flatten(k.cov1, cov_batch_ndim), cov2=flatten(k.cov2, cov_batch_ndim),
-                         is_gaussian=False, diagonal_spatial=False,
-                         # Features at different positions have different kernels.
-                         iid_channels=k.iid_channels and math.prod(k.spatial1) == 1,
-                         shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
+        flat = k.map_covariances(lambda cov, batch_ndim: conv_maps.flatten(cov, batch_ndim,
+                                                                          k.diagonal_spatial))
+        return flat.replace(is_gaussian=False, diagonal_spatial=False,
+                            # Features at different positions have different kernels.
+                            iid_channels=k.iid_channels and math.prod(k.spatial1) == 1,
+                            shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
