@@ -10,6 +10,7 @@ from torch import nn
 
 import torchntk
 from torchntk import predict, stax
+from torchntk.predict.layout import kernel_matrix
 
 DTYPE = torch.float64
 N_TRAIN, N_TEST, N_OUT = 12, 5, 3
@@ -120,7 +121,7 @@ def test_mse_zipped_kernel_of_coupled_outputs_matches_matrix_exponential():
     predict_fn = predict.gradient_descent_mse(k_train, y, learning_rate=0.5, trace_axes=())
     for t in (0.3, 4., 50.):
         train, test = predict_fn(t, fx_train, fx_test, k_test)
-        expected = explicit_mse_flow(predict.mse._matrix(k_train), predict.mse._matrix(k_test), y,
+        expected = explicit_mse_flow(kernel_matrix(k_train), kernel_matrix(k_test), y,
                                      fx_train, fx_test, 0.5 * t)
         torch.testing.assert_close((train, test), expected, rtol=1e-9, atol=1e-9)
 
