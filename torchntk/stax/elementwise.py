@@ -27,8 +27,7 @@ from ..kernel import Kernel
 from .module import Layer, Scalar, check_nonnegative, check_positive_int
 from .requirements import Diagonal, Requirements
 
-Tensor = torch.Tensor
-NngpFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+NngpFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _check_real(value: Scalar, arg: str, layer_name: str) -> None:
@@ -65,7 +64,7 @@ class Elementwise(Layer):
     # tangents' choice per nonlinearity; those with φ(0) = 0 need not).
     remask = True
 
-    def __init__(self, fn: Callable[[Tensor], Tensor] | None = None,
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  nngp_fn: NngpFn | None = None, d_nngp_fn: NngpFn | None = None) -> None:
         super().__init__()
         for arg, value in (('fn', fn), ('nngp_fn', nngp_fn), ('d_nngp_fn', d_nngp_fn)):
@@ -78,12 +77,12 @@ class Elementwise(Layer):
     def requirements(self) -> Requirements:
         return Requirements(diagonal_spatial=Diagonal(), gaussian_input=True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fn is None:
             raise ValueError(f"{self._name()}: no fn given, so there is no finite network to apply")
         return self.fn(x)
 
-    def kernel_map(self, cov12: Tensor, var1: Tensor, var2: Tensor,
+    def kernel_map(self, cov12: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor,
                    with_derivative: bool) -> KernelMap:
         """`(E[φ(u)φ(v)], E[φ'(u)φ'(v)] or None)` for covariance `cov12`."""
         if self.nngp_fn is None:
@@ -115,8 +114,8 @@ class Elementwise(Layer):
                 _same_example(ntk, True).copy_(_same_example(d_cov1, cov1_is_pairs) * ntk_in)
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False)
 
-    def _map_in_row_blocks(self, nngp: Tensor, ntk: Tensor | None, var1: Tensor,
-                           var2: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _map_in_row_blocks(self, nngp: torch.Tensor, ntk: torch.Tensor | None, var1: torch.Tensor,
+                           var2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`kernel_map` of `nngp` and `ntk' = d_nngp ⊙ ntk`, a block of rows at a time.
 
         The dozen tensor passes of a kernel map then run on a block that stays
@@ -138,7 +137,7 @@ class Elementwise(Layer):
         return new_nngp, new_ntk
 
 
-def _same_example(t: Tensor, is_pairs: bool) -> Tensor:
+def _same_example(t: torch.Tensor, is_pairs: bool) -> torch.Tensor:
     """View of the same-example entries `(N, …)` of `t`: its batch diagonal if
     `t` is laid out in pairs `(N, N, …)`, else `t` itself."""
     return torch.diagonal(t, 0, 0, 1).movedim(-1, 0) if is_pairs else t
@@ -163,7 +162,7 @@ class ABRelu(Elementwise):
             _check_real(value, arg, self._name())
         self.a, self.b, self.do_stabilize = a, b, do_stabilize
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.a * torch.clamp(x, max=0) + self.b * torch.clamp(x, min=0)
 
     def kernel_map(self, cov12, var1, var2, with_derivative):
@@ -209,7 +208,7 @@ class Erf(Elementwise):
             _check_real(value, arg, self._name())
         self.a, self.b, self.c = a, b, c
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.a * torch.special.erf(self.b * x) + self.c
 
     def kernel_map(self, cov12, var1, var2, with_derivative):
@@ -229,7 +228,7 @@ class Sign(Elementwise):
 
     remask = False  # φ(0) = 0
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sign(x)
 
     def kernel_map(self, cov12, var1, var2, with_derivative):
@@ -247,7 +246,7 @@ class RectifiedMonomial(Elementwise):
         _check_degree(degree, self._name())
         self.degree = degree
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.where(x >= 0, x**self.degree, 0.)
 
     def kernel_map(self, cov12, var1, var2, with_derivative):
@@ -270,7 +269,7 @@ class Gelu(Elementwise):
         super().__init__()
         self.approximate = approximate
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x, approximate='tanh' if self.approximate else 'none')
 
     def kernel_map(self, cov12, var1, var2, with_derivative):
@@ -289,7 +288,7 @@ class Sin(Elementwise):
             _check_real(value, arg, self._name())
         self.a, self.b, self.c = a, b, c
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.a * torch.sin(self.b * x + self.c)
 
     def kernel_map(self, cov12, var1, var2, with_derivative):
@@ -302,7 +301,7 @@ class Sin(Elementwise):
 class Cos(Sin):
     """`φ(x) = a·cos(b·x + c) = a·sin(b·x + c + π/2)`."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.a * torch.cos(self.b * x + self.c)
 
     def kernel_map(self, cov12, var1, var2, with_derivative):
@@ -319,7 +318,7 @@ class Rbf(Elementwise):
         check_nonnegative(gamma, 'gamma', self._name())
         self.gamma = gamma
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return math.sqrt(2) * torch.sin((2 * self.gamma)**0.5 * x + math.pi / 4)
 
     def kernel_map(self, cov12, var1, var2, with_derivative):
@@ -334,7 +333,7 @@ class Gabor(Elementwise):
 
     remask = False  # φ(0) = 0
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.exp(-x**2) * torch.sin(x)
 
     def kernel_map(self, cov12, var1, var2, with_derivative):
@@ -350,7 +349,7 @@ class Exp(Elementwise):
             _check_real(value, arg, self._name())
         self.a, self.b = a, b
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.a * torch.exp(self.b * x)
 
     def kernel_map(self, cov12, var1, var2, with_derivative):
@@ -367,7 +366,7 @@ class Gaussian(Exp):
     def __init__(self, a: Scalar = 1., b: Scalar = -1.) -> None:
         super().__init__(a, b)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.a * torch.exp(self.b * x**2)
 
     def kernel_map(self, cov12, var1, var2, with_derivative):
@@ -388,7 +387,7 @@ class ExpNormalized(Elementwise):
             _check_real(value, arg, self._name())
         self.gamma, self.shift, self.do_clip = gamma, shift, do_clip
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{self._name()} is defined by its kernel only; it has no finite-width "
                          "function to apply")
 
@@ -414,7 +413,7 @@ class Hermite(Elementwise):
         _check_degree(degree, self._name())
         self.degree = degree
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         lower, value = torch.zeros_like(x), torch.ones_like(x)
         for k in range(self.degree):          # He_{k+1} = x·He_k − k·He_{k−1}
             lower, value = value, x * value - k * lower
@@ -448,7 +447,7 @@ class Polynomial(Elementwise):
             _check_real(value, f"coef[{k}]", self._name())
         self.coef = tuple(coef)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         for c in reversed(self.coef):
             out = out * x + c
@@ -469,7 +468,7 @@ class Monomial(Polynomial):
         super().__init__([0.] * degree + [1.])
         self.degree = degree
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x**self.degree
 
     def extra_repr(self) -> str:
@@ -487,8 +486,8 @@ class ElementwiseNumerical(Elementwise):
     kinks (prefer the closed forms for ReLU-like functions).
     """
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], deg: int,
-                 df: Callable[[Tensor], Tensor] | None = None) -> None:
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], deg: int,
+                 df: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__(fn)
         check_positive_int(deg, 'deg', self._name())
         self.deg, self.df = deg, df
@@ -501,7 +500,7 @@ class ElementwiseNumerical(Elementwise):
         self.register_buffer('weights', torch.from_numpy(weights / math.sqrt(math.pi)),
                              persistent=False)
 
-    def _derivative(self, x: Tensor) -> Tensor:
+    def _derivative(self, x: torch.Tensor) -> torch.Tensor:
         if self.df is not None:
             return self.df(x)
         return torch.func.jvp(self.fn, (x,), (torch.ones_like(x),))[1]
@@ -517,7 +516,7 @@ class ElementwiseNumerical(Elementwise):
         d_nngp = torch.cat([p[1] for p in parts]).reshape(shape) if with_derivative else None
         return nngp, d_nngp
 
-    def _quadrature(self, cov12: Tensor, var1: Tensor, var2: Tensor,
+    def _quadrature(self, cov12: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor,
                     with_derivative: bool) -> KernelMap:
         z = self.nodes.to(cov12)
         w = self.weights.to(cov12)
@@ -528,7 +527,7 @@ class ElementwiseNumerical(Elementwise):
         v = slope[:, None, None] * z[:, None] + residual[:, None, None] * z  # (chunk, deg, deg)
         w2 = w[:, None] * w
 
-        def expectation(g: Callable[[Tensor], Tensor]) -> Tensor:
+        def expectation(g: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
             return torch.einsum('ni,nij,ij->n', g(u), g(v), w2)
 
         return expectation(self.fn), expectation(self._derivative) if with_derivative else None
