@@ -56,7 +56,8 @@ class Layer(nn.Module):
 
     @property
     def requirements(self) -> Requirements:
-        """What this layer needs of its input kernel's layout."""
+        """What this layer needs of its input: the kernel's layout, a Gaussian
+        input kernel, the axes its forward couples (see `Requirements`)."""
         return Requirements()
 
     def kernel_rule(self, k: Kernels) -> Kernels:
