@@ -18,7 +18,7 @@ from torch import nn
 
 import torchntk as nt
 from torchntk import stax
-from torchntk.batching import tiling
+from torchntk.batching import memory, tiling
 from torchntk.ops import conv_chain
 
 from tests.strategies import gaussian
@@ -218,7 +218,7 @@ def test_bad_arguments_raise_clear_errors():
 # ----------------------------------------------------------------------------- memory
 
 def test_live_bytes_counts_the_peak_of_tensors_alive_at_once():
-    with tiling._LiveBytes() as counter:
+    with memory.LiveBytes() as counter:
         a = torch.empty(1000, dtype=torch.float64, device='meta')   # 8000 bytes
         b = a * 2                                                   # 16000 alive
         view = b[:10]                                               # a view: no new bytes
@@ -238,7 +238,7 @@ def test_memory_estimate_equals_the_tensors_of_a_real_tile(model, shape, size, m
     x1, x2 = gaussian(*shape, seed=18), gaussian(*shape, seed=19)
 
     def real_peak():
-        with torch.no_grad(), tiling._LiveBytes() as counter:
+        with torch.no_grad(), memory.LiveBytes() as counter:
             a, b = x1[:size].clone(), x2[:size].clone()
             out = model.kernel_fn(a, b, ('nngp', 'ntk'))
             del a, b, out
@@ -258,7 +258,7 @@ def test_memory_of_large_tiles_is_extrapolated_from_measured_ones_from_above(mon
     model = mlp()
     exact = nt.estimate_memory(model, (1200, 5), None, 'ntk', batch_size=1200)
     # A 1200-example tile takes ~350 meta operations (more row blocks), 600 ~230.
-    monkeypatch.setattr(tiling._Estimator, 'MAX_OPERATIONS', 250)
+    monkeypatch.setattr(memory.Estimator, 'MAX_OPERATIONS', 250)
     extrapolated = nt.estimate_memory(model, (1200, 5), None, 'ntk', batch_size=1200)
     assert extrapolated.extrapolated and not exact.extrapolated
     # From above: (1200 / b)² times a measured tile of b examples, which holds
@@ -271,14 +271,14 @@ def test_auto_batch_size_is_the_largest_tile_that_fits_max_memory():
     budget = nt.estimate_memory(model, (50, 5), None, 'nngp', batch_size=13,
                                 dtype=torch.float64).total_bytes
     chosen = []
-    original = tiling._Tiles.__init__
+    original = tiling.Tiles.__init__
 
     def spy(self, plan, x1, x2, batch_size, *rest):
         chosen.append(batch_size)
         original(self, plan, x1, x2, batch_size, *rest)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tiling._Tiles, '__init__', spy)
+        patch.setattr(tiling.Tiles, '__init__', spy)
         tiled = nt.batch(model, 'auto', max_memory=budget, progress=False)(x, None, 'nngp')
     assert_same(tiled, model.kernel_fn(x, None, 'nngp'))
     b = chosen[0]
@@ -344,13 +344,13 @@ def test_progress_bar_counts_tiles_and_is_silent_when_disabled(capsys):
 def counting_compute(monkeypatch):
     """Record the tiles `batch` computes (not those it loads)."""
     computed = []
-    original = tiling._Tiles.compute
+    original = tiling.Tiles.compute
 
     def compute(self, task):
         computed.append(task.name)
         return original(self, task)
 
-    monkeypatch.setattr(tiling._Tiles, 'compute', compute)
+    monkeypatch.setattr(tiling.Tiles, 'compute', compute)
     return computed
 
 
@@ -399,13 +399,13 @@ def test_a_checkpoint_of_another_computation_is_refused(tmp_path):
 
 def _slow_tiles(seconds):
     """Make each tile take at least `seconds` (in a worker process)."""
-    original = tiling._Tiles.compute
+    original = tiling.Tiles.compute
 
     def compute(self, task):
         time.sleep(seconds)
         return original(self, task)
 
-    tiling._Tiles.compute = compute
+    tiling.Tiles.compute = compute
 
 
 def kill_case():

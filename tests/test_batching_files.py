@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import torchntk as nt
-from torchntk.batching import tiling
+from torchntk.batching import checkpoint
 
 from tests.strategies import gaussian
 from tests.test_batching import assert_same, counting_compute
@@ -180,13 +180,13 @@ def writes_fail_after(monkeypatch, bytes_written):
 
 def test_a_full_disk_while_saving_a_tile_says_so_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     saved = []
-    real_write = tiling._write_atomically
+    real_write = checkpoint.write_atomically
 
     def write_atomically(path, write):
         real_write(path, write)
         saved.append(path.name)
 
-    monkeypatch.setattr(tiling, '_write_atomically', write_atomically)
+    monkeypatch.setattr(checkpoint, 'write_atomically', write_atomically)
     with monkeypatch.context() as patch:
         writes_fail_after(patch, 0)
         with pytest.raises(OSError, match=rf'checkpoint folder {tmp_path}: the disk is full while '
