@@ -136,6 +136,33 @@ def check_axes(axes: Any, arg: str, caller: str) -> tuple[int, ...]:
     return tuple(axes)
 
 
+def check_window(values: Any, arg: str, caller: str,
+                 n_spatial: int | None = None) -> tuple[int, ...] | None:
+    """Sizes per spatial dimension of a windowed layer (`filter_shape`,
+    `window_shape`, `strides`): 1 to 3 positive ints in a tuple or list, as a
+    tuple, `n_spatial` of them where given; `None` stays `None`."""
+    if values is None:
+        return None
+    if not isinstance(values, (tuple, list)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"{caller}: {arg} must be a tuple of positive integers, one per "
+                        f"spatial dimension, got {values!r}")
+    values = tuple(values)
+    if not 1 <= len(values) <= 3 or any(v < 1 for v in values):
+        raise ValueError(f"{caller}: {arg} must hold 1 to 3 positive integers, got {values!r}")
+    if n_spatial is not None and len(values) != n_spatial:
+        raise ValueError(f"{caller}: {arg} {values} has {len(values)} entries but the "
+                         f"window has {n_spatial} spatial dimensions")
+    return values
+
+
+def check_input_rank(shape: Sequence[int], n_spatial: int, caller: str) -> None:
+    """Inputs `(N, C, *S)` with `n_spatial` spatial axes, as a window of that many needs."""
+    if len(shape) != n_spatial + 2:
+        raise ValueError(f"{caller}: a {n_spatial}-d window needs inputs of shape "
+                         f"(N, C, {', '.join('XYZ'[:n_spatial])}), got shape {tuple(shape)}")
+
+
 def check_mask_constant(value: Any, caller: str, allow_none: bool = True) -> float | None:
     """The value that marks masked input entries: a number (NaN and inf allowed)."""
     if value is None and allow_none:

@@ -16,9 +16,10 @@ from typing import Sequence
 
 import torch
 
+from ..checks import check_int, check_positive_int
 from ..functional import conv as conv_maps
 from ..kernel import Kernel, Shape
-from .module import Layer, Masks, check_positive_int
+from .module import Layer, Masks
 
 
 class FanOut(Layer):
@@ -162,9 +163,7 @@ class FanInConcat(_FanIn):
 
     def __init__(self, axis: int = 1) -> None:
         super().__init__()
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise TypeError(f"FanInConcat: axis must be an int, got {axis!r}")
-        self.axis = axis
+        self.axis = check_int(axis, 'axis', 'FanInConcat')
 
     def _resolved_axis(self, ndim: int) -> int:
         if not -ndim <= self.axis < ndim:

@@ -16,45 +16,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..checks import Scalar, check_choice, check_input_rank, check_window
 from ..functional import conv as conv_maps
 from ..kernel import Kernel, Shape
 from .finite_conv import conv_transpose, pad_input, window_centre_mask
 from .linear import Affine
-from .module import Scalar
 from .requirements import Bool, Diagonal, Requirements
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def check_window(values: Sequence[int] | None, arg: str, layer_name: str,
-                 n_spatial: int | None = None) -> tuple[int, ...] | None:
-    """Validate a per-spatial-dimension tuple of positive integers (1 to 3 of them)."""
-    if values is None:
-        return None
-    if not isinstance(values, (tuple, list)) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise TypeError(f"{layer_name}: {arg} must be a tuple of positive integers, one per "
-                        f"spatial dimension, got {values!r}")
-    values = tuple(values)
-    if not 1 <= len(values) <= 3 or any(v < 1 for v in values):
-        raise ValueError(f"{layer_name}: {arg} must hold 1 to 3 positive integers, got {values!r}")
-    if n_spatial is not None and len(values) != n_spatial:
-        raise ValueError(f"{layer_name}: {arg} {values} has {len(values)} entries but the "
-                         f"window has {n_spatial} spatial dimensions")
-    return values
-
-
-def check_padding(padding: str, layer_name: str) -> str:
-    if not isinstance(padding, str) or padding.upper() not in conv_maps.PADDINGS:
-        raise ValueError(f"{layer_name}: padding must be one of {conv_maps.PADDINGS}, "
-                         f"got {padding!r}")
-    return padding.upper()
-
-
-def check_input_rank(shape: Shape, n_spatial: int, layer_name: str) -> None:
-    if len(shape) != n_spatial + 2:
-        raise ValueError(f"{layer_name}: a {n_spatial}-d window needs inputs of shape "
-                         f"(N, C, {', '.join('XYZ'[:n_spatial])}), got shape {tuple(shape)}")
 
 
 class _Conv(Affine):
@@ -70,7 +39,7 @@ class _Conv(Affine):
         self.filter_shape = check_window(filter_shape, 'filter_shape', name)
         self.strides = check_window(strides, 'strides', name, len(self.filter_shape)) or \
             (1,) * len(self.filter_shape)
-        self.padding = check_padding(padding, name)
+        self.padding = check_choice(padding, 'padding', name, conv_maps.PADDINGS)
 
     @property
     def n_spatial(self) -> int:

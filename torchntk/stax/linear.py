@@ -8,8 +8,9 @@ import math
 import torch
 from torch import nn
 
+from ..checks import Scalar, check_nonnegative, check_positive_int
 from ..kernel import Kernel, Shape
-from .module import Layer, Scalar, check_nonnegative, check_positive_int
+from .module import Layer
 from .parameterization import Parameterization, make_parameterization
 from .requirements import Diagonal, Requirements
 

@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_choice, check_flag, check_input_rank, check_window
 from ..functional import conv as conv_maps
 from ..kernel import Kernel, Shape, position_mask
-from .conv import check_input_rank, check_padding, check_window
 from .finite_conv import pad_input, window_centre_mask
 from .module import Layer
 from .requirements import Bool, Diagonal, Requirements
@@ -39,10 +39,8 @@ class _Pool(Layer):
         self.window_shape = check_window(window_shape, 'window_shape', name)
         self.strides = check_window(strides, 'strides', name, len(self.window_shape)) or \
             (1,) * len(self.window_shape)
-        self.padding = check_padding(padding, name)
-        if not isinstance(normalize_edges, bool):
-            raise TypeError(f"{name}: normalize_edges must be a bool, got {normalize_edges!r}")
-        self.normalize_edges = normalize_edges
+        self.padding = check_choice(padding, 'padding', name, conv_maps.PADDINGS)
+        self.normalize_edges = check_flag(normalize_edges, 'normalize_edges', name)
 
     @property
     def n_spatial(self) -> int:

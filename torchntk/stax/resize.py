@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from ..checks import check_choice
 from ..functional import conv as conv_maps
 from ..kernel import Kernel, Shape
 from .module import Layer
@@ -51,10 +52,8 @@ class ImageResize(Layer):
         if shape[:2] != (-1, -1):
             raise ValueError(f"ImageResize: only spatial axes can be resized; shape[0] (batch) "
                              f"and shape[1] (channels) must be -1, got {shape!r}")
-        if not isinstance(method, str) or method.lower() not in _METHOD_ALIASES:
-            raise ValueError(f"ImageResize: method must be one of {tuple(_METHOD_ALIASES)}, "
-                             f"got {method!r}")
-        self.shape, self.method, self.antialias = shape, _METHOD_ALIASES[method.lower()], antialias
+        method = check_choice(method, 'method', 'ImageResize', tuple(_METHOD_ALIASES))
+        self.shape, self.method, self.antialias = shape, _METHOD_ALIASES[method], antialias
 
     @property
     def requirements(self) -> Requirements:
