@@ -35,6 +35,17 @@ from .ops.extension import empty_huge_pages
 Shape = tuple[int, ...]
 # The covariance fields of a `Kernel`, which layers' rules map.
 COVARIANCES = ('nngp', 'ntk', 'cov1', 'cov2')
+# How each field of a `Kernel` depends on the examples of x1 and x2, which says
+# how the kernel of two batches is put together from blocks of their examples
+# (`torchntk.batching`): 'pair' (N1, N2, …), one entry per pair of an x1 and an
+# x2 example; 'cov1'/'cov2' the covariances of x1 (x2) with itself, per example
+# or, without diagonal_batch, per pair (N, N, …); 'side1'/'side2' (N, …), per
+# example of x1 (x2); 'same_inputs' whether x1 is x2; 'shape1'/'shape2' shapes
+# whose first size is the batch's; 'const' the same for any examples.
+FIELD_ROLES = {'nngp': 'pair', 'ntk': 'pair', 'cov1': 'cov1', 'cov2': 'cov2',
+               'x1_is_x2': 'same_inputs', 'is_gaussian': 'const', 'diagonal_batch': 'const',
+               'diagonal_spatial': 'const', 'iid_channels': 'const', 'shape1': 'shape1',
+               'shape2': 'shape2', 'mask1': 'side1', 'mask2': 'side2'}
 
 
 @dataclasses.dataclass(frozen=True)
