@@ -186,8 +186,8 @@ def main() -> None:
                                                implementation=implementation)
                 ours[case, trace_axes, f'torchntk {implementation}'] = \
                     torch.no_grad()(functools.partial(fn, x1, x2))
-            choice = torchntk.empirical._Problem(
-                model, torchntk.empirical._trainable(model), x1, x2, {}, trace_axes, (), 0,
+            choice = torchntk.empirical.problem._Problem(
+                model, torchntk.empirical.inputs.trainable_params(model), x1, x2, {}, trace_axes, (), 0,
                 torchntk.empirical.DEFAULT_CHUNK_BYTES).cheapest()
             samples[case, trace_axes, f'(auto picks {choice})'] = [float('nan')]
     theirs = [(case, trace_axes, name) for case in args.cases for trace_axes in ((), (-1,))

@@ -12,6 +12,9 @@ import torch
 
 import torchntk
 from torchntk import empirical, stax
+from torchntk.empirical import (contraction as empirical_contraction, cost as empirical_cost,
+                                inputs as empirical_inputs, model as empirical_model,
+                                problem as empirical_problem)
 
 IMPLEMENTATIONS = ('jacobian_contraction', 'ntk_vector_products', 'structured_derivatives',
                    'auto')
@@ -396,14 +399,14 @@ def test_forward_passes_and_flop_counts_run_once_per_shapes(monkeypatch):
     the first call with given shapes and training modes, not on every call."""
     passes, counters = [], []
 
-    class CountingFlopCounterMode(empirical.FlopCounterMode):
+    class CountingFlopCounterMode(empirical_model.FlopCounterMode):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             counters.append(self)
 
-    traced_forward = empirical._traced_forward
-    monkeypatch.setattr(empirical, 'FlopCounterMode', CountingFlopCounterMode)
-    monkeypatch.setattr(empirical, '_traced_forward',
+    traced_forward = empirical_problem.traced_forward
+    monkeypatch.setattr(empirical_model, 'FlopCounterMode', CountingFlopCounterMode)
+    monkeypatch.setattr(empirical_problem, 'traced_forward',
                         lambda *args, **kwargs: passes.append(1) or traced_forward(*args, **kwargs))
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
                                 torch.nn.Linear(8, 3)).double()
@@ -527,7 +530,7 @@ def agrees_with_jacobian_contraction(model, x1, x2, trace_axes, vmap_axes=0,
 
 
 def structured_layers(model, x):
-    problem = torchntk.empirical._Problem(model, torchntk.empirical._trainable(model), x, None,
+    problem = empirical_problem._Problem(model, empirical_inputs.trainable_params(model), x, None,
                                           {}, (-1,), (), 0, torchntk.empirical.DEFAULT_CHUNK_BYTES)
     return set(problem.rules)
 
@@ -616,11 +619,11 @@ def test_contraction_order_is_cheapest_and_exact():
     # (1000 x 2) (2 x 1000) (1000 x 3): multiplying the last two first costs
     # 2·1000·3 + 1000·2·3 multiply-adds, the first two first 1000·1000·2 + 1000·1000·3.
     sizes = {'i': 1000, 'j': 2, 'k': 1000, 'l': 3}
-    cost, plan = torchntk.empirical._contraction_order(['ij', 'jk', 'kl'], 'il', sizes)
+    cost, plan = empirical_cost.contraction_order(['ij', 'jk', 'kl'], 'il', sizes)
     assert cost == 2 * 1000 * 3 + 1000 * 2 * 3
     assert plan[0] == 0 and plan[1][:2] == (1, 2)
     a, b, c = (torch.randn(m, n, dtype=torch.float64) for m, n in ((7, 2), (2, 9), (9, 3)))
-    torch.testing.assert_close(torchntk.empirical._einsum(['ij', 'jk', 'kl'], 'il', (a, b, c)),
+    torch.testing.assert_close(empirical_contraction.cheapest_einsum(['ij', 'jk', 'kl'], 'il', (a, b, c)),
                                a @ b @ c, rtol=0, atol=ATOL)
 
 
@@ -800,11 +803,11 @@ def test_contraction_order_keeps_intermediates_within_max_size():
     # Cheapest: (ij)(jk) first, 2·10·100 + 2·100·10 multiply-adds through a 2 x 100
     # intermediate; within 100 entries: (jk)(kl) first, 10·100·10 + 2·10·10 through 10 x 10.
     sizes = {'i': 2, 'j': 10, 'k': 100, 'l': 10}
-    order = torchntk.empirical._contraction_order
+    order = empirical_cost.contraction_order
     assert order(['ij', 'jk', 'kl'], 'il', sizes) == (4000, ((0, 1, 'ik'), 2, 'il'))
     assert order(['ij', 'jk', 'kl'], 'il', sizes, max_size=100) == (10200, (0, (1, 2, 'jl'), 'il'))
     a, b, c = (torch.randn(m, n, dtype=torch.float64) for m, n in ((2, 10), (10, 100), (100, 10)))
-    torch.testing.assert_close(torchntk.empirical._einsum(['ij', 'jk', 'kl'], 'il', (a, b, c),
+    torch.testing.assert_close(empirical_contraction.cheapest_einsum(['ij', 'jk', 'kl'], 'il', (a, b, c),
                                                           max_size=100), a @ b @ c, rtol=0, atol=ATOL)
 
 

@@ -15,6 +15,7 @@ from torch.autograd import forward_ad
 
 import torchntk
 from torchntk import empirical
+from torchntk.empirical import inputs as empirical_inputs, problem as empirical_problem
 
 ATOL = 1e-12
 
@@ -34,7 +35,7 @@ def structured(model, x1, x2, trace_axes, diagonal_axes=(), **kwargs):
 
 
 def chain_of(model, x1, x2=None, vmap_axes=0):
-    problem = empirical._Problem(model, empirical._trainable(model), x1, x2, {}, (-1,), (),
+    problem = empirical_problem._Problem(model, empirical_inputs.trainable_params(model), x1, x2, {}, (-1,), (),
                                  vmap_axes, empirical.DEFAULT_CHUNK_BYTES)
     return problem.chain
 
@@ -45,7 +46,7 @@ def assert_agrees(model, x1, x2, trace_axes, diagonal_axes=()):
                                rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize('activation', empirical._ELEMENTWISE, ids=lambda a: a.__name__)
+@pytest.mark.parametrize('activation', empirical_problem.ELEMENTWISE, ids=lambda a: a.__name__)
 def test_chain_through_each_activation_matches_jacobian_contraction(activation):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), activation(), nn.Linear(5, 3)).double()
@@ -155,12 +156,12 @@ def test_chain_inside_a_dual_level_of_the_callers():
 def heads_taken(monkeypatch):
     """The number of structured terms computed as an `nn.Linear` head's."""
     taken = []
-    original = empirical._Problem.output_layer_operands
+    original = empirical_problem._Problem.output_layer_operands
 
     def counted(self, *args):
         taken.append(1)
         return original(self, *args)
-    monkeypatch.setattr(empirical._Problem, 'output_layer_operands', counted)
+    monkeypatch.setattr(empirical_problem._Problem, 'output_layer_operands', counted)
     return taken
 
 

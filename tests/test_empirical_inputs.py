@@ -13,6 +13,7 @@ from torch import nn
 
 import torchntk
 from torchntk import empirical
+from torchntk.empirical import inputs as empirical_inputs, problem as empirical_problem
 
 IMPLEMENTATIONS = ('jacobian_contraction', 'ntk_vector_products', 'structured_derivatives',
                    'auto')
@@ -147,7 +148,7 @@ def test_the_empty_batch_models_are_a_chain_and_not_one():
     """What the `chain` / `not_a_chain` cases above name."""
     def chain(model):
         x = inputs(3)
-        return empirical._Problem(model, empirical._trainable(model), x, None, {}, (-1,), (), 0,
+        return empirical_problem._Problem(model, empirical_inputs.trainable_params(model), x, None, {}, (-1,), (), 0,
                                   empirical.DEFAULT_CHUNK_BYTES).chain
     assert chain(mlp()) is not None
     assert chain(not_a_chain()) is None

@@ -19,8 +19,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from tqdm import tqdm
 
-from .empirical import (_canonical_get, _check_inputs, _rng_devices, _select, empirical_nngp_fn,
-                        empirical_ntk_fn)
+from .empirical import empirical_nngp_fn, empirical_ntk_fn
+from .empirical.functions import _canonical_get, _select
+from .empirical.inputs import check_inputs
+from .empirical.model import rng_devices
 from .stax.module import Layer
 
 _NAME = 'monte_carlo_kernel_fn'
@@ -96,7 +98,7 @@ def monte_carlo_kernel_fn(model: nn.Module, n_samples: int | Sequence[int] = 1,
 
     def kernel_fn(x1: torch.Tensor, x2: torch.Tensor | None = None,
                   get: str | Sequence[str] | None = None):
-        _check_inputs(x1, x2, _NAME)  # before any network is drawn
+        check_inputs(x1, x2, _NAME)  # before any network is drawn
         names = _canonical_get(get, _NAME)  # here: a generator would check it only when iterated
         if isinstance(n_samples, int):
             return next(estimates(x1, x2, names, get))
@@ -133,7 +135,7 @@ def _reinitialize(model: nn.Module, x: torch.Tensor | list, seed: int) -> None:
         model.init_parameters(shapes, generator=torch.Generator().manual_seed(seed), dtype=dtype,
                               device=device)
         return
-    with torch.random.fork_rng(_rng_devices(x)):
+    with torch.random.fork_rng(rng_devices(x)):
         torch.manual_seed(seed)
         resettable = [m for m in model.modules() if callable(getattr(m, 'reset_parameters', None))]
         if not resettable:
