@@ -188,21 +188,21 @@ class Kernel:
             return var, var
         return _spread_spatial(var, 0), _spread_spatial(var, 1)
 
-    def position_masks(self, layer_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def position_masks(self, caller: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per-example, per-position masks `(N1, *S)` and `(N2, *S)`, or `None`
         without masking (see `position_mask`)."""
         if self.mask1 is None:
             return None
-        mask1 = position_mask(self.mask1, self.shape1, layer_name)
-        mask2 = mask1 if self.mask2 is None else position_mask(self.mask2, self.shape2, layer_name)
+        mask1 = position_mask(self.mask1, self.shape1, caller)
+        mask2 = mask1 if self.mask2 is None else position_mask(self.mask2, self.shape2, caller)
         return mask1, mask2
 
     def masked(self, mask1: torch.Tensor | None, mask2: torch.Tensor | None,
-               layer_name: str) -> Kernel:
+               caller: str) -> Kernel:
         """The kernel with masks `mask1`, `mask2` and every covariance that
         involves a masked position set to zero (neural-tangents' `Kernel.mask`)."""
         k = self.replace(mask1=mask1, mask2=mask2)
-        masks = k.position_masks(layer_name)
+        masks = k.position_masks(caller)
         if masks is None:
             return k
         mask1, mask2 = masks
@@ -230,7 +230,7 @@ def transpose_pair(t: torch.Tensor, diagonal_spatial: bool | None) -> torch.Tens
     return t.permute(order)
 
 
-def position_mask(mask: torch.Tensor, shape: Shape, layer_name: str) -> torch.Tensor:
+def position_mask(mask: torch.Tensor, shape: Shape, caller: str) -> torch.Tensor:
     """The `(N, *S)` mask of positions of activations of `shape` `(N, C, *S)`.
 
     Covariances are averages over the infinitely many channels, so only a mask
@@ -239,7 +239,7 @@ def position_mask(mask: torch.Tensor, shape: Shape, layer_name: str) -> torch.Te
     """
     if mask.shape[1] != 1:
         if not torch.equal(mask, mask[:, :1].expand_as(mask)):
-            raise ValueError(f"{layer_name}: the mask differs between channels at some position; "
+            raise ValueError(f"{caller}: the mask differs between channels at some position; "
                              "the infinite-width kernel needs a position masked in all channels "
                              "or in none (an affine layer before this one gives that)")
         mask = mask[:, :1]

@@ -11,16 +11,16 @@ def diagonal_conv_output_size(size: int, k: int, stride: int, padding: tuple[int
     return (size + padding[0] + padding[1] - k) // stride + 1
 
 
-def _check(name: str, tensor: torch.Tensor, size: int, k: int, stride: int,
+def _check(caller: str, tensor: torch.Tensor, size: int, k: int, stride: int,
            padding: tuple[int, int]) -> None:
     if tensor.ndim not in (3, 4) or tensor.shape[1] != tensor.shape[2]:
-        raise ValueError(f"{name}: expected a tensor of shape (B, X, X) or (B, X, X, R), "
+        raise ValueError(f"{caller}: expected a tensor of shape (B, X, X) or (B, X, X, R), "
                          f"got {tuple(tensor.shape)}")
     if k < 1 or stride < 1 or min(padding) < 0:
-        raise ValueError(f"{name}: expected k >= 1, stride >= 1 and padding >= 0, got k={k}, "
+        raise ValueError(f"{caller}: expected k >= 1, stride >= 1 and padding >= 0, got k={k}, "
                          f"stride={stride}, padding={tuple(padding)}")
     if size + padding[0] + padding[1] < k:
-        raise ValueError(f"{name}: window k={k} is larger than the padded size "
+        raise ValueError(f"{caller}: window k={k} is larger than the padded size "
                          f"{size + padding[0] + padding[1]} (size {size}, padding {tuple(padding)})")
 
 

@@ -74,9 +74,9 @@ class _FanIn(Layer):
         return functools.reduce(torch.logical_and, masks)
 
 
-def _require_gaussian(ks: Sequence[Kernel], layer_name: str) -> None:
+def _require_gaussian(ks: Sequence[Kernel], caller: str) -> None:
     if len(ks) > 1 and not all(k.is_gaussian for k in ks):
-        raise ValueError(f"{layer_name}: every branch must end with an affine layer (Gaussian "
+        raise ValueError(f"{caller}: every branch must end with an affine layer (Gaussian "
                          f"outputs; a branch that is the network's inputs, such as an Identity "
                          f"skip on them, is not); got is_gaussian={[k.is_gaussian for k in ks]}")
 
