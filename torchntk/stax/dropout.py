@@ -44,17 +44,14 @@ class Dropout(Layer):
         same_pair = _same_example_and_position(k, k.shape1[0], k.shape2[0], pairwise=True)
         nngp_factor = _where_factor(same_pair & k.x1_is_x2, factor, k.nngp.dtype)
 
-        def scale_cov(cov: torch.Tensor | None, n: int) -> torch.Tensor | None:
-            if cov is None:
-                return None
-            mask = _same_example_and_position(k, n, n, pairwise=not k.diagonal_batch)
+        def scale_cov(cov: torch.Tensor, batch_ndim: int) -> torch.Tensor:
+            mask = _same_example_and_position(k, len(cov), len(cov), pairwise=batch_ndim == 2)
             return cov * _where_factor(mask, factor, cov.dtype)
 
-        return k.replace(nngp=k.nngp * nngp_factor,
-                         ntk=None if k.ntk is None else k.ntk * nngp_factor,
-                         cov1=scale_cov(k.cov1, k.shape1[0]),
-                         cov2=scale_cov(k.cov2, k.shape2[0]),
-                         is_gaussian=False)
+        # The scalar NTK of the inputs becomes a full (N1, N2, …) kernel here, as nngp's factor.
+        return k.map_covariances(scale_cov, ('cov1', 'cov2')).replace(
+            nngp=k.nngp * nngp_factor, ntk=None if k.ntk is None else k.ntk * nngp_factor,
+            is_gaussian=False)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
