@@ -185,6 +185,16 @@ def all_finite(x: torch.Tensor, mask_constant: float | None = None) -> bool:
     return bool((torch.isfinite(x) | input_mask(x, mask_constant)).all())
 
 
+def check_real_tensor(x: torch.Tensor, arg: str, caller: str) -> None:
+    """A tensor of real values that can be read (kernels, targets, times and
+    variances of the predictors and of signal): not complex or bool, not on the
+    `meta` device."""
+    if x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{caller}: {arg} must be a real tensor, got {x.dtype}")
+    if x.is_meta:
+        raise ValueError(f"{caller}: {arg} is on the meta device, which holds no values")
+
+
 def check_input_values(x: torch.Tensor, arg: str, caller: str,
                        mask_constant: float | None = None) -> None:
     """The one check of an input tensor's values at a public boundary (kernel_fn,

@@ -76,8 +76,9 @@ class Outputs:
         if get is None:
             return self.default
         if not isinstance(get, (str, list, tuple)):
-            raise TypeError(f"{caller}: get must be None, a {self.noun} name or a tuple of names, "
-                            f"got {get!r} ({type_name(get)})")
+            raise TypeError(f"{caller}: get must be a string or a tuple of strings, got "
+                            f"{type_name(get)} ({get!r}); pass None, a {self.noun} name or a "
+                            "tuple of names")
         names = (get,) if isinstance(get, str) else tuple(get)
         if not names:
             raise ValueError(f"{caller}: get must be a {self.noun} name or a non-empty tuple of "

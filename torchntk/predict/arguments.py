@@ -8,19 +8,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ..stax.module import check_nonnegative
+from ..checks import check_nonnegative, check_real_tensor
 from .layout import OutputAxes, kernel_matrix
 
 Times = Any  # None, a number, or a tensor of any shape
 Targets = Any  # a tensor, a number (broadcast), or None
-
-
-def check_values(x: torch.Tensor, arg: str, caller: str) -> None:
-    """A real tensor with values: not complex, not bool, not on the meta device."""
-    if x.is_complex() or x.dtype == torch.bool:
-        raise TypeError(f"{caller}: {arg} must be a real tensor, got {x.dtype}")
-    if x.is_meta:
-        raise ValueError(f"{caller}: {arg} is on the meta device, which holds no values")
 
 
 def checked_kernel(kernel: Any, arg: str, caller: str) -> torch.Tensor:
@@ -29,7 +21,7 @@ def checked_kernel(kernel: Any, arg: str, caller: str) -> torch.Tensor:
         hint = (" (a kernel record: pass its .ntk or .nngp field)"
                 if hasattr(kernel, 'ntk') or hasattr(kernel, 'nngp') else "")
         raise TypeError(f"{caller}: {arg} must be a tensor, got {type(kernel).__name__}{hint}")
-    check_values(kernel, arg, caller)
+    check_real_tensor(kernel, arg, caller)
     if not kernel.is_floating_point():
         raise TypeError(f"{caller}: {arg} must be a floating-point tensor, got {kernel.dtype}")
     if kernel.ndim < 2 or kernel.ndim % 2:
@@ -67,7 +59,7 @@ def checked_targets(y: Any, kernel: torch.Tensor | None, caller: str) -> torch.T
     """`y` as a tensor of the kernel's dtype (so float32 targets suit float64 kernels)."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{caller}: y_train must be a tensor, got {type(y).__name__}")
-    check_values(y, 'y_train', caller)
+    check_real_tensor(y, 'y_train', caller)
     if y.ndim < 1 or y.numel() == 0:
         raise ValueError(f"{caller}: y_train must have a batch axis and at least one training "
                          f"example and output, got shape {tuple(y.shape)}")
@@ -102,7 +94,7 @@ def broadcast_outputs(value: Any, like: torch.Tensor, shape: Sequence[int], arg:
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{caller}: {arg} must be a tensor or a number, got {type(value).__name__}")
     if isinstance(value, torch.Tensor):
-        check_values(value, arg, caller)
+        check_real_tensor(value, arg, caller)
     value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     try:
         value = torch.broadcast_to(value, tuple(shape))
@@ -123,7 +115,7 @@ def checked_times(t: Times, scale: float, like: torch.Tensor, caller: str,
     if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)):
         raise TypeError(f"{caller}: t must be None, a number or a tensor, got {type(t).__name__}")
     if isinstance(t, torch.Tensor):
-        check_values(t, 't', caller)
+        check_real_tensor(t, 't', caller)
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
     expected = "times t must be >= 0" + (" (inf allowed)" if no_limit is None else " and finite")
     if bool(torch.isnan(t).any()):
@@ -135,23 +127,10 @@ def checked_times(t: Times, scale: float, like: torch.Tensor, caller: str,
     return (t * scale).reshape(-1, 1), tuple(t.shape)
 
 
-def check_number(value: Any, arg: str, caller: str, positive: bool = False) -> None:
-    """A finite number `>= 0` (`> 0` if `positive`)."""
-    check_nonnegative(value, arg, caller)
-    if positive and float(value) == 0:
-        raise ValueError(f"{caller}: {arg} must be > 0, got {value}")
-
-
 def check_momentum(momentum: Any, caller: str) -> None:
     """Heavy-ball momentum: a number in `[0, 1]`."""
-    check_number(momentum, 'momentum', caller)
-    if float(momentum) > 1:
+    if check_nonnegative(momentum, 'momentum', caller) > 1:
         raise ValueError(f"{caller}: momentum must be in [0, 1], got {momentum}")
-
-
-def check_flag(value: Any, arg: str, caller: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{caller}: {arg} must be True or False, got {value!r}")
 
 
 def kernel_field(record: Any, field: str, arg: str, caller: str) -> torch.Tensor:

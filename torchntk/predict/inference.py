@@ -3,15 +3,15 @@ ensemble of wide networks trained on the MSE for a finite time."""
 
 from __future__ import annotations
 
-import collections
 from types import SimpleNamespace
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
-from .arguments import (Times, check_flag, check_number, checked_kernel, checked_targets,
-                        checked_test_train_kernel, checked_times, checked_train_matrix,
-                        first_kernel_field, kernel_field)
+from ..checks import check_callable, check_flag, check_nonnegative, check_positive
+from ..outputs import Outputs
+from .arguments import (Times, checked_kernel, checked_targets, checked_test_train_kernel,
+                        checked_times, checked_train_matrix, first_kernel_field, kernel_field)
 from .layout import OutputAxes, kernel_matrix, symmetrized, zipped_kernel
 from .linalg import CholeskyFactor, KernelSpectrum, regularized
 
@@ -21,6 +21,14 @@ class Gaussian(NamedTuple):
 
     mean: torch.Tensor
     covariance: torch.Tensor
+
+
+#: `gp_inference`'s `get`: the NNGP posterior, the NTK ensemble at t = ∞, the NTK-GP.
+GP_PREDICTIONS = Outputs('Gaussians', ('nngp', 'ntk', 'ntkgp'), 'prediction',
+                         default=('nngp', 'ntk'))
+#: `gradient_descent_mse_ensemble`'s `get`: training of the readout layer or of all layers.
+ENSEMBLE_PREDICTIONS = Outputs('Gaussians', ('nngp', 'ntk'), 'prediction',
+                               default=('nngp', 'ntk'))
 
 
 def gp_inference(k_train_train: Any, y_train: torch.Tensor, diag_reg: float = 0.,
@@ -61,7 +69,7 @@ def gp_inference(k_train_train: Any, y_train: torch.Tensor, diag_reg: float = 0.
     first = first_kernel_field(k_train_train, 'k_train_train', caller)
     y_train = checked_targets(y_train, first, caller)
     axes = OutputAxes(y_train.shape, trace_axes, caller)
-    check_number(diag_reg, 'diag_reg', caller)
+    check_nonnegative(diag_reg, 'diag_reg', caller)
     check_flag(diag_reg_absolute_scale, 'diag_reg_absolute_scale', caller)
     factors: dict[str, CholeskyFactor] = {}
 
@@ -81,7 +89,7 @@ def gp_inference(k_train_train: Any, y_train: torch.Tensor, diag_reg: float = 0.
 
     def predict_fn(get: str | Sequence[str] | None = None, k_test_train: Any = None,
                    k_test_test: Any = None) -> Any:
-        names, single = _canonical_get(get, ('nngp', 'ntk', 'ntkgp'), caller)
+        names = GP_PREDICTIONS.names(get, caller)
         y_matrix = axes.to_matrix(y_train)
         predictions = {}
         for name in names:
@@ -116,7 +124,7 @@ def gp_inference(k_train_train: Any, y_train: torch.Tensor, diag_reg: float = 0.
                 covariance = k_tt - k_td @ solve(field, k_td.T)
             predictions[name] = Gaussian(mean,
                                          zipped_kernel(symmetrized(covariance), test_kept))
-        return _selection(predictions, single)
+        return GP_PREDICTIONS.select(predictions, get, caller)
 
     return predict_fn
 
@@ -164,12 +172,11 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable[..., Any], x_train: torch.
         `trace_axes=(-1,)`, in general the kernel's zipped layout.
     """
     caller = 'gradient_descent_mse_ensemble'
-    if not callable(kernel_fn):
-        raise TypeError(f"{caller}: kernel_fn must be callable, got {type(kernel_fn).__name__}")
+    check_callable(kernel_fn, 'kernel_fn', caller)
     checked_targets(y_train, None, caller)
     axes = OutputAxes(y_train.shape, trace_axes, caller)
-    check_number(learning_rate, 'learning_rate', caller, positive=True)
-    check_number(diag_reg, 'diag_reg', caller)
+    check_positive(learning_rate, 'learning_rate', caller)
+    check_nonnegative(diag_reg, 'diag_reg', caller)
     check_flag(diag_reg_absolute_scale, 'diag_reg_absolute_scale', caller)
     train_kernels: dict[str, torch.Tensor] = {}
     spectra: dict[str, KernelSpectrum] = {}
@@ -198,7 +205,7 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable[..., Any], x_train: torch.
 
     def predict_fn(t: Times = None, x_test: torch.Tensor | None = None,
                    get: str | Sequence[str] | None = None, compute_cov: bool = False) -> Any:
-        names, single = _canonical_get(get, ('nngp', 'ntk'), caller)
+        names = ENSEMBLE_PREDICTIONS.names(get, caller)
         check_flag(compute_cov, 'compute_cov', caller)
         fields = tuple(f for f in ('nngp', 'ntk')
                        if f in names or (f == 'nngp' and compute_cov))
@@ -222,7 +229,7 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable[..., Any], x_train: torch.
                                                   diag_reg_absolute_scale, trace_axes)
             test_test = (True if x_test is None else nngp_tt) if compute_cov else None
             test_train = None if k_td is None else SimpleNamespace(**k_td)
-            return posteriors[fields](tuple(names) if not single else names[0],
+            return posteriors[fields](names[0] if isinstance(get, str) else names,
                                       test_train, test_test)
 
         times, t_shape = checked_times(t, learning_rate, k_dd[fields[0]], caller)
@@ -258,29 +265,6 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable[..., Any], x_train: torch.
                               - cross - cross.mT)
             covariance = symmetrized(covariance).reshape(*t_shape, *covariance.shape[-2:])
             predictions[name] = Gaussian(mean, zipped_kernel(covariance, kept))
-        return _selection(predictions, single)
+        return ENSEMBLE_PREDICTIONS.select(predictions, get, caller)
 
     return predict_fn
-
-
-def _canonical_get(get: Any, allowed: tuple[str, ...], caller: str) -> tuple[tuple[str, ...], bool]:
-    """The requested predictions and whether one (a string) was asked for."""
-    if get is None:
-        return ('nngp', 'ntk'), False
-    single = isinstance(get, str)
-    if not single and not isinstance(get, Sequence):
-        raise TypeError(f"{caller}: get must be a string or a tuple of strings, got "
-                        f"{type(get).__name__}")
-    names = (get,) if single else tuple(get)
-    if not names or any(not isinstance(g, str) or g.lower() not in allowed for g in names):
-        raise ValueError(f"{caller}: get must be one of {allowed} or a tuple of them, got {get!r}")
-    names = tuple(g.lower() for g in names)
-    if len(set(names)) != len(names):
-        raise ValueError(f"{caller}: get has duplicates: {get!r}")
-    return names, single
-
-
-def _selection(predictions: dict[str, Any], single: bool) -> Any:
-    if single:
-        return next(iter(predictions.values()))
-    return collections.namedtuple('Gaussians', tuple(predictions))(**predictions)

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
+from ..checks import check_flag, check_nonnegative, check_positive
 from ..empirical import empirical_ntk_fn
-from .arguments import (Targets, Times, broadcast_outputs, check_flag, check_momentum,
-                        check_number, check_psd, checked_kernel, checked_targets,
-                        checked_test_train_kernel, checked_times, checked_train_matrix,
-                        shape_or_type)
+from .arguments import (Targets, Times, broadcast_outputs, check_momentum, check_psd,
+                        checked_kernel, checked_targets, checked_test_train_kernel, checked_times,
+                        checked_train_matrix, shape_or_type)
 from .layout import OutputAxes, kernel_matrix
 from .linalg import CholeskyFactor, KernelSpectrum, regularized
 
@@ -64,8 +64,8 @@ def gradient_descent_mse(k_train_train: torch.Tensor, y_train: torch.Tensor,
     y_train = checked_targets(y_train, k_train_train, caller)
     axes = OutputAxes(y_train.shape, trace_axes, caller)
     axes.check_kernel(k_train_train, 'k_train_train', axes.kept_shape, axes.kept_shape)
-    check_number(learning_rate, 'learning_rate', caller, positive=True)
-    check_number(diag_reg, 'diag_reg', caller)
+    check_positive(learning_rate, 'learning_rate', caller)
+    check_nonnegative(diag_reg, 'diag_reg', caller)
     check_flag(diag_reg_absolute_scale, 'diag_reg_absolute_scale', caller)
     flow = MseFlow(checked_train_matrix(k_train_train, 'k_train_train', caller),
                    y_train.numel(), diag_reg, diag_reg_absolute_scale, caller, 'k_train_train')
@@ -161,8 +161,8 @@ def gradient_descent_mse_params(model: nn.Module, x_train: torch.Tensor, y_train
     params_0 = {key: p.detach() for key, p in params_0.items()}
     if not params_0:
         raise ValueError(f"{caller}: the model has no trainable parameters")
-    check_number(learning_rate, 'learning_rate', caller, positive=True)
-    check_number(diag_reg, 'diag_reg', caller)
+    check_positive(learning_rate, 'learning_rate', caller)
+    check_nonnegative(diag_reg, 'diag_reg', caller)
     check_flag(diag_reg_absolute_scale, 'diag_reg_absolute_scale', caller)
     try:
         ntk_fn = empirical_ntk_fn(model, trace_axes=(), implementation=implementation)
@@ -217,7 +217,7 @@ def max_learning_rate(ntk_train_train: torch.Tensor, y_train_size: int | None = 
     kernel = checked_kernel(ntk_train_train, 'ntk_train_train', caller)
     matrix = checked_train_matrix(kernel, 'ntk_train_train', caller)
     check_momentum(momentum, caller)
-    check_number(eps, 'eps', caller)
+    check_nonnegative(eps, 'eps', caller)
     if y_train_size is None:
         y_train_size = matrix.shape[0]
     elif isinstance(y_train_size, bool) or not isinstance(y_train_size, int):

@@ -9,10 +9,10 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .arguments import (Targets, Times, broadcast_outputs, check_flag, check_momentum,
-                        check_number, check_psd, checked_kernel, checked_targets,
-                        checked_test_train_kernel, checked_times, checked_train_matrix,
-                        shape_or_type)
+from ..checks import check_callable, check_flag, check_positive
+from .arguments import (Targets, Times, broadcast_outputs, check_momentum, check_psd,
+                        checked_kernel, checked_targets, checked_test_train_kernel, checked_times,
+                        checked_train_matrix, shape_or_type)
 from .layout import OutputAxes, kernel_matrix
 
 
@@ -76,14 +76,12 @@ def gradient_descent(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         returns `ODEState`s, with the momentum variables.
     """
     caller = 'gradient_descent'
-    if not callable(loss):
-        raise TypeError(f"{caller}: loss must be callable as loss(fx, y), got "
-                        f"{type(loss).__name__}")
+    check_callable(loss, 'loss', caller)
     k_train_train = checked_kernel(k_train_train, 'k_train_train', caller)
     y_train = checked_targets(y_train, k_train_train, caller)
     axes = OutputAxes(y_train.shape, trace_axes, caller)
     axes.check_kernel(k_train_train, 'k_train_train', axes.kept_shape, axes.kept_shape)
-    check_number(learning_rate, 'learning_rate', caller, positive=True)
+    check_positive(learning_rate, 'learning_rate', caller)
     if momentum is not None:
         check_momentum(momentum, caller)
     if not isinstance(method, str):
@@ -95,9 +93,8 @@ def gradient_descent(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         SOLVERS = None
     if SOLVERS is not None and method not in SOLVERS:
         raise ValueError(f"{caller}: method must be one of {tuple(SOLVERS)}, got {method!r}")
-    for arg, value in (('rtol', rtol), ('atol', atol)):
-        if value is not None:
-            check_number(value, arg, caller, positive=True)
+    check_positive(rtol, 'rtol', caller, allow_none=True)
+    check_positive(atol, 'atol', caller, allow_none=True)
     check_flag(progress, 'progress', caller)
     float64 = k_train_train.dtype == torch.float64
     rtol = (1e-8 if float64 else 1e-5) if rtol is None else rtol

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..stax.module import Layer, check_nonnegative
+from ..checks import check_flag, check_positive, check_real_tensor
+from ..stax.module import Layer
 from .block_map import BlockKernelMap
 from .newton import (autograd_jacobian, implicit_step, newton_fixed_points, sparse_jacobian,
                      spectral_radius)
@@ -186,10 +187,7 @@ def fixed_points(block: Layer, W_var: float | torch.Tensor, b_var: float | torch
     W_var, b_var = _checked_variances(W_var, b_var)
     if not isinstance(block, Layer):
         raise TypeError(f"fixed_points: block must be a torchntk layer, got {type(block).__name__}")
-    check_nonnegative(q0, 'q0', 'fixed_points')
-    q0 = float(q0)
-    if q0 == 0:
-        raise ValueError("fixed_points: q0 must be > 0, got 0.0")
+    q0 = check_positive(q0, 'q0', 'fixed_points')
     for name, value in (('max_iter', max_iter), ('chunk_size', chunk_size)):
         if value is None:
             continue
@@ -197,11 +195,8 @@ def fixed_points(block: Layer, W_var: float | torch.Tensor, b_var: float | torch
             raise TypeError(f"fixed_points: {name} must be an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"fixed_points: {name} must be >= 1, got {value}")
-    if diagonal_spatial is not None and not isinstance(diagonal_spatial, bool):
-        raise TypeError(f"fixed_points: diagonal_spatial must be True, False or None, "
-                        f"got {diagonal_spatial!r}")
-    if not isinstance(progress, bool):
-        raise TypeError(f"fixed_points: progress must be True or False, got {progress!r}")
+    check_flag(diagonal_spatial, 'diagonal_spatial', 'fixed_points', allow_none=True)
+    check_flag(progress, 'progress', 'fixed_points')
     kernel_map = BlockKernelMap(block, spatial_shape, diagonal_spatial, W_var.dtype, W_var.device)
 
     grid = W_var.shape + b_var.shape
@@ -238,10 +233,7 @@ def _checked_variances(W_var: Any, b_var: Any) -> tuple[torch.Tensor, torch.Tens
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"fixed_points: {name} must be a float or a tensor, "
                             f"got {type(value).__name__}")
-        if value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"fixed_points: {name} must be a real tensor, got {value.dtype}")
-        if value.is_meta:
-            raise ValueError(f"fixed_points: {name} is on the meta device, which holds no values")
+        check_real_tensor(value, name, 'fixed_points')
         if value.numel() == 0:
             raise ValueError(f"fixed_points: {name} is empty")
         detached = value.detach()
