@@ -344,6 +344,19 @@ def test_gp_inference_matches_explicit_posteriors(data):
     assert (train.covariance == 0).all()
 
 
+def test_predictions_of_equal_get_have_one_named_tuple_type(data):
+    """Two calls with the same `get` return instances of one `Gaussians` class (a class
+    made anew per call gave equal results of different types)."""
+    gp = predict.gp_inference(data['k_train_train'], data['y_train'])
+    ensemble = predict.gradient_descent_mse_ensemble(data['model'].kernel_fn, data['x_train'],
+                                                     data['y_train'])
+    for predict_fn in (lambda: gp(('nngp', 'ntk'), data['k_test_train']),
+                       lambda: ensemble(1., data['x_test'], ('nngp', 'ntk'))):
+        first, second = predict_fn(), predict_fn()
+        assert type(first).__name__ == 'Gaussians' and type(first)._fields == ('nngp', 'ntk')
+        assert type(first) is type(second)
+
+
 def test_ensemble_mean_equals_gradient_descent_mse_from_zero(data):
     ensemble = predict.gradient_descent_mse_ensemble(data['model'].kernel_fn, data['x_train'],
                                                      data['y_train'], learning_rate=2.)
@@ -621,6 +634,11 @@ EMPTY_KERNEL, EMPTY_TARGETS = torch.zeros(0, 0, dtype=DTYPE), torch.zeros(0, N_O
      'gradient_descent: rtol must be finite and >= 0'),
     (lambda d: predict.gradient_descent_mse(d['k'].to('meta'), d['y']), ValueError,
      'gradient_descent_mse: k_train_train is on the meta device'),
+    # a wrong type is a TypeError everywhere, also where a number or a name is expected
+    (lambda d: predict.gradient_descent_mse(d['k'], d['y'], diag_reg=None), TypeError,
+     'gradient_descent_mse: diag_reg must be a number >= 0, got None'),
+    (lambda d: predict.gp_inference(d['k'], d['y'])(('nngp', 5)), TypeError,
+     'gp_inference: get must hold prediction names as strings, got 5'),
 ])
 def test_bad_inputs_raise_errors_naming_function_argument_and_value(data, call, error, message):
     inputs = dict(data, k=data['k_train_train'].nngp, k_test=data['k_test_train'].nngp,
