@@ -315,6 +315,7 @@ def test_cnn21_builds_and_runs(readout):
 
 @pytest.mark.parametrize('kwargs, error, match', [
     (dict(filter_shape=(3, 3), padding='FULL'), ValueError, 'padding'),
+    (dict(filter_shape=(3, 3), padding=1), TypeError, 'padding'),
     (dict(filter_shape=(3, 3), strides=(1,)), ValueError, 'strides'),
     (dict(filter_shape=3), TypeError, 'filter_shape'),
     (dict(filter_shape=(0, 3)), ValueError, 'filter_shape'),

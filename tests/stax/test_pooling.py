@@ -129,6 +129,7 @@ def test_flatten_output_is_not_gaussian(images1):
 
 @pytest.mark.parametrize('kwargs, error, match', [
     (dict(window_shape=(2, 2), padding='REFLECT'), ValueError, 'padding'),
+    (dict(window_shape=(2, 2), padding=None), TypeError, 'padding'),
     (dict(window_shape=(2, 2), strides=(1, 1, 1)), ValueError, 'strides'),
     (dict(window_shape=(2, 2, 2, 2)), ValueError, 'window_shape'),
     (dict(window_shape=(2, 2), normalize_edges=1), TypeError, 'normalize_edges'),
