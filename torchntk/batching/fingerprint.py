@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import types
 from typing import Any, Callable, Iterator
 
@@ -17,87 +16,155 @@ from torch import nn
 
 from .inputs import Inputs, first_tensor
 
+# Functions of these packages are named, not followed: their versions are hashed instead.
 _LIBRARIES = frozenset({'torch', 'torchntk', 'numpy', 'tqdm', 'torchdiffeq', 'functools',
                         'builtins', 'typing', 'collections', 'math'})
 _ATOMS = (str, int, float, complex, bool, type(None), torch.dtype, torch.device, torch.layout)
 
+Parts = Iterator[Any]
 
-def dependencies(obj: Any, seen: set[int] | None = None) -> Iterator[Any]:
-    """What a kernel function depends on, in a fixed order: tensors, modules,
-    and strings describing everything else.
 
-    Followed: the instance of a bound method, `functools.partial` arguments,
-    closure cells and defaults of functions, the code of a function and the
-    globals it names (except for functions of torch, torchntk and other
-    libraries, whose versions are hashed instead), containers, module
-    attributes, parameters, buffers and submodules, and the attributes of other
-    objects.
+def dependencies(obj: Any, seen: set[int] | None = None) -> Parts:
+    """What `obj` (a kernel function, its arguments, inputs) depends on, in a
+    fixed order: tensors, modules, and strings describing everything else.
+
+    The first rule of `_VALUE_RULES` or `_OBJECT_RULES` that matches `obj`
+    describes it and follows what it holds. Values (atoms, tensors, tuples) are
+    described wherever they are reached; any other object once, and as
+    `<seen …>` where it is reached again (which also ends cycles).
     """
     seen = set() if seen is None else seen
-    if isinstance(obj, _ATOMS):
-        yield f'{type(obj).__name__}:{obj!r}'
-        return
-    if isinstance(obj, nn.parameter.UninitializedTensorMixin):
-        yield 'uninitialized'  # lazy parameters of the finite network, not drawn yet
-        return
-    if isinstance(obj, (torch.Tensor, np.ndarray)):
-        yield torch.as_tensor(obj)
-        return
-    if isinstance(obj, (tuple, frozenset)):  # immutable: no cycle, and sharing is Python's choice
-        yield f'{type(obj).__name__}[{len(obj)}]'
-        for value in (sorted(obj, key=repr) if isinstance(obj, frozenset) else obj):
-            yield from dependencies(value, seen)
-        return
+    for matches, describe in _VALUE_RULES:
+        if matches(obj):
+            yield from describe(obj, seen)
+            return
     if id(obj) in seen:
         yield f'<seen {type(obj).__qualname__}>'
         return
     seen.add(id(obj))
-    if isinstance(obj, nn.Module):
-        yield obj
-        for name, value in sorted(vars(obj).items()):
-            if not name.startswith('_'):
-                yield name
-                yield from dependencies(value, seen)
-        for group in (obj._parameters, obj._buffers, obj._modules):
-            for name, value in group.items():
-                yield name
-                yield from dependencies(value, seen)
-    elif isinstance(obj, (list, set)):
-        yield f'{type(obj).__name__}[{len(obj)}]'
-        for value in (sorted(obj, key=repr) if isinstance(obj, set) else obj):
+    for matches, describe in _OBJECT_RULES:
+        if matches(obj):
+            yield from describe(obj, seen)
+            return
+    yield _type_name(obj)
+
+
+def _type_name(obj: Any) -> str:
+    return f'object {type(obj).__module__}.{type(obj).__qualname__}'
+
+
+def _atom(obj: Any, seen: set[int]) -> Parts:
+    yield f'{type(obj).__name__}:{obj!r}'
+
+
+def _uninitialized(obj: Any, seen: set[int]) -> Parts:
+    yield 'uninitialized'  # lazy parameters of the finite network, not drawn yet
+
+
+def _tensor(obj: torch.Tensor | np.ndarray, seen: set[int]) -> Parts:
+    yield torch.as_tensor(obj)
+
+
+def _sequence(obj: tuple | list, seen: set[int]) -> Parts:
+    yield f'{type(obj).__name__}[{len(obj)}]'
+    for value in obj:
+        yield from dependencies(value, seen)
+
+
+def _set(obj: set | frozenset, seen: set[int]) -> Parts:
+    yield f'{type(obj).__name__}[{len(obj)}]'
+    for value in sorted(obj, key=repr):
+        yield from dependencies(value, seen)
+
+
+def _dict(obj: dict, seen: set[int]) -> Parts:
+    yield f'dict[{len(obj)}]'
+    for key, value in obj.items():
+        yield from dependencies(key, seen)
+        yield from dependencies(value, seen)
+
+
+def _module(obj: nn.Module, seen: set[int]) -> Parts:
+    """The module, its public attributes, parameters, buffers and submodules."""
+    yield obj
+    for name, value in sorted(vars(obj).items()):
+        if not name.startswith('_'):
+            yield name
             yield from dependencies(value, seen)
-    elif isinstance(obj, dict):
-        yield f'dict[{len(obj)}]'
-        for key, value in obj.items():
-            yield from dependencies(key, seen)
+    for group in (obj._parameters, obj._buffers, obj._modules):
+        for name, value in group.items():
+            yield name
             yield from dependencies(value, seen)
-    elif isinstance(obj, functools.partial):
-        yield 'partial'
-        for part in (obj.func, obj.args, obj.keywords):
-            yield from dependencies(part, seen)
-    elif inspect.ismethod(obj):
-        yield 'method'
-        yield from dependencies(obj.__self__, seen)
-        yield from dependencies(obj.__func__, seen)
-    elif isinstance(obj, types.FunctionType):
-        yield f'function {obj.__module__}.{obj.__qualname__}'
-        cells = [cell.cell_contents for cell in obj.__closure__ or ()
-                 if not _is_empty_cell(cell)]
-        for part in (obj.__defaults__, obj.__kwdefaults__, cells):
-            yield from dependencies(part, seen)
-        if (obj.__module__ or '').split('.')[0] not in _LIBRARIES:
-            yield _code_description(obj.__code__)
-            names = sorted(_code_names(obj.__code__) & obj.__globals__.keys())
-            yield from dependencies({name: obj.__globals__[name] for name in names}, seen)
-    elif isinstance(obj, (type, types.ModuleType, types.BuiltinFunctionType)) or (
-            callable(obj) and not hasattr(obj, '__dict__')):
-        name = getattr(obj, '__qualname__', getattr(obj, '__name__', ''))
-        yield f'{type(obj).__name__} {getattr(obj, "__module__", "")}.{name}'
-    elif hasattr(obj, '__dict__'):
-        yield f'object {type(obj).__module__}.{type(obj).__qualname__}'
-        yield from dependencies(vars(obj), seen)
-    else:
-        yield f'object {type(obj).__module__}.{type(obj).__qualname__}'
+
+
+def _partial(obj: functools.partial, seen: set[int]) -> Parts:
+    yield 'partial'
+    for part in (obj.func, obj.args, obj.keywords):
+        yield from dependencies(part, seen)
+
+
+def _method(obj: types.MethodType, seen: set[int]) -> Parts:
+    yield 'method'
+    yield from dependencies(obj.__self__, seen)
+    yield from dependencies(obj.__func__, seen)
+
+
+def _function(obj: types.FunctionType, seen: set[int]) -> Parts:
+    """Its defaults and closure; for a function outside `_LIBRARIES`, also its
+    code and the globals that code names."""
+    yield f'function {obj.__module__}.{obj.__qualname__}'
+    cells = [cell.cell_contents for cell in obj.__closure__ or () if not _is_empty_cell(cell)]
+    for part in (obj.__defaults__, obj.__kwdefaults__, cells):
+        yield from dependencies(part, seen)
+    if (obj.__module__ or '').split('.')[0] not in _LIBRARIES:
+        yield _code_description(obj.__code__)
+        names = sorted(_code_names(obj.__code__) & obj.__globals__.keys())
+        yield from dependencies({name: obj.__globals__[name] for name in names}, seen)
+
+
+def _named(obj: Any, seen: set[int]) -> Parts:
+    name = getattr(obj, '__qualname__', getattr(obj, '__name__', ''))
+    yield f'{type(obj).__name__} {getattr(obj, "__module__", "")}.{name}'
+
+
+def _attributes(obj: Any, seen: set[int]) -> Parts:
+    yield _type_name(obj)
+    yield from dependencies(vars(obj), seen)
+
+
+def _instance_of(*kinds: type) -> Callable[[Any], bool]:
+    return lambda obj: isinstance(obj, kinds)
+
+
+def _is_named_only(obj: Any) -> bool:
+    """Classes, modules, builtins and other callables without state of their own."""
+    return isinstance(obj, (type, types.ModuleType, types.BuiltinFunctionType)) or (
+        callable(obj) and not hasattr(obj, '__dict__'))
+
+
+Rule = tuple[Callable[[Any], bool], Callable[[Any, set[int]], Parts]]
+
+# Immutable containers are values: no cycle runs through them, and whether two
+# equal ones are one object is Python's choice, not the caller's.
+_VALUE_RULES: list[Rule] = [
+    (_instance_of(*_ATOMS), _atom),
+    (_instance_of(nn.parameter.UninitializedTensorMixin), _uninitialized),
+    (_instance_of(torch.Tensor, np.ndarray), _tensor),
+    (_instance_of(tuple), _sequence),
+    (_instance_of(frozenset), _set),
+]
+
+_OBJECT_RULES: list[Rule] = [
+    (_instance_of(nn.Module), _module),
+    (_instance_of(list), _sequence),
+    (_instance_of(set), _set),
+    (_instance_of(dict), _dict),
+    (_instance_of(functools.partial), _partial),
+    (_instance_of(types.MethodType), _method),
+    (_instance_of(types.FunctionType), _function),
+    (_is_named_only, _named),
+    (lambda obj: hasattr(obj, '__dict__'), _attributes),
+]
 
 
 def _is_empty_cell(cell: Any) -> bool:

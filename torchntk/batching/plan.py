@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..kernel import Kernel
+from ..kernel import FIELD_ROLES, Kernel
 from ..stax.module import Layer
 from ..stax.requirements import modules_mixing_examples, recorded_input_ranks
 from .fingerprint import reachable_modules
@@ -58,17 +58,6 @@ def check_tileable(kernel_fn: Callable) -> None:
 
 
 # --------------------------------------------------------------------------- output layout
-
-# How each field of a Kernel (or of a named tuple of its fields) is assembled.
-# 'pair': (N1, N2, ...) blocks; 'cov1'/'cov2': per example or, with
-# diagonal_batch=False, pairs of x1 (x2) with itself; 'side1'/'side2': per
-# example (N, ...); 'same_inputs': x1_is_x2; 'shape1'/'shape2': the shapes with
-# the whole batch; 'const': the same on every tile.
-_FIELD_ROLES = {'nngp': 'pair', 'ntk': 'pair', 'cov1': 'cov1', 'cov2': 'cov2',
-                'x1_is_x2': 'same_inputs', 'is_gaussian': 'const', 'diagonal_batch': 'const',
-                'diagonal_spatial': 'const', 'iid_channels': 'const', 'shape1': 'shape1',
-                'shape2': 'shape2', 'mask1': 'side1', 'mask2': 'side2'}
-
 
 def _is_namedtuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(x, '_fields')
@@ -125,7 +114,9 @@ class OutputField:
 
     Attributes:
         name: file name stem with `memmap_dir`.
-        role: see `_FIELD_ROLES`.
+        role: how it depends on the examples: its `torchntk.kernel.FIELD_ROLES`
+            role ('pair' for a plain tensor), with 'cov1'/'cov2' resolved to
+            'side1'/'side2' (per example) or 'pair', and scalars to 'const'.
         template: its value on a one-example probe (shape and dtype of the rest).
         diagonal_spatial: the layout of the spatial axes of a 'pair' (`None`: unknown).
         source: the tiles that fill it: 'main' (`kernel_fn(x1, x2)`), or, for
@@ -175,11 +166,11 @@ class Plan:
             values = _field_values(node)
             offset = len(fields)
             for field, value in values.items():
-                if isinstance(node, Kernel) and field not in _FIELD_ROLES:
+                if isinstance(node, Kernel) and field not in FIELD_ROLES:
                     raise TypeError(f"batch: cannot assemble the Kernel field {field!r} from tiles")
                 name = (f'{k}.' if len(nodes) > 1 else '') + (field or 'kernel')
-                output = OutputField(name, _FIELD_ROLES.get(field, 'pair'), value, diagonal_spatial,
-                                     index=len(fields))
+                output = OutputField(name, FIELD_ROLES.get(field, 'pair'), value,
+                                     diagonal_spatial, index=len(fields))
                 if output.role in ('cov1', 'cov2'):
                     cls._covariance(output, field, values, diagonal_batch, probe2 is not None,
                                     offset, k)

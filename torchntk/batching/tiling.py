@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..kernel import transpose_pair
 from ..ops.heap import reuse_heap
 from ..stax.module import Layer
 from .arguments import (checked_batch_size, checked_device, checked_folder, checked_kernel_fn,
@@ -252,7 +253,7 @@ class Tiles:
             if field.role == 'pair':
                 out[rows, cols] = value
                 if self_pairs and plan.symmetric and task.i != task.j:
-                    out[cols, rows] = _transpose_pair(value, field.diagonal_spatial)
+                    out[cols, rows] = transpose_pair(value, field.diagonal_spatial)
             elif field.role == 'side1' and task.j == (task.i if self_pairs else 0):
                 out[rows] = value
             elif field.role == 'side2' and task.i == 0:
@@ -264,19 +265,6 @@ class Tiles:
         for array in self.memmaps:
             array.flush()
         return self.plan.rebuild(self.out)
-
-
-def _transpose_pair(t: torch.Tensor, diagonal_spatial: bool | None) -> torch.Tensor:
-    """`K(x2, x1)` from `K(x1, x2)`: swap the batch axes and, in the full
-    spatial layout `(N1, N2, X, X', Y, Y', …)`, each pair of spatial axes."""
-    order = [1, 0]
-    n_spatial = t.ndim - 2
-    if diagonal_spatial or not n_spatial:
-        order += range(2, t.ndim)
-    else:
-        for d in range(n_spatial // 2):
-            order += [3 + 2 * d, 2 + 2 * d]
-    return t.permute(order)
 
 
 def _tile_size(settings: Settings, plan: Plan, x1: Inputs, x2: Inputs | None,
