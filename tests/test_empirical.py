@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import torchntk
-from torchntk import empirical, stax
-from torchntk.empirical import (contraction as empirical_contraction, cost as empirical_cost,
-                                inputs as empirical_inputs, model as empirical_model,
-                                problem as empirical_problem)
+from torchntk import stax
+from torchntk.empirical import (analysis as empirical_analysis,
+                                contraction as empirical_contraction, cost as empirical_cost,
+                                inputs as empirical_inputs, model as empirical_model)
+from torchntk.empirical.task import prepare_ntk
 
 IMPLEMENTATIONS = ('jacobian_contraction', 'ntk_vector_products', 'structured_derivatives',
                    'auto')
@@ -404,9 +405,9 @@ def test_forward_passes_and_flop_counts_run_once_per_shapes(monkeypatch):
             super().__init__(*args, **kwargs)
             counters.append(self)
 
-    traced_forward = empirical_problem.traced_forward
+    traced_forward = empirical_analysis.traced_forward
     monkeypatch.setattr(empirical_model, 'FlopCounterMode', CountingFlopCounterMode)
-    monkeypatch.setattr(empirical_problem, 'traced_forward',
+    monkeypatch.setattr(empirical_analysis, 'traced_forward',
                         lambda *args, **kwargs: passes.append(1) or traced_forward(*args, **kwargs))
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
                                 torch.nn.Linear(8, 3)).double()
@@ -530,9 +531,9 @@ def agrees_with_jacobian_contraction(model, x1, x2, trace_axes, vmap_axes=0,
 
 
 def structured_layers(model, x):
-    problem = empirical_problem._Problem(model, empirical_inputs.trainable_params(model), x, None,
-                                          {}, (-1,), (), 0, torchntk.empirical.DEFAULT_CHUNK_BYTES)
-    return set(problem.rules)
+    task, _ = prepare_ntk(model, empirical_inputs.trainable_params(model), x, None, {}, (-1,), (),
+                          0, torchntk.empirical.DEFAULT_CHUNK_BYTES)
+    return set(task.structured_layers)
 
 
 def convolutions():
@@ -623,8 +624,9 @@ def test_contraction_order_is_cheapest_and_exact():
     assert cost == 2 * 1000 * 3 + 1000 * 2 * 3
     assert plan[0] == 0 and plan[1][:2] == (1, 2)
     a, b, c = (torch.randn(m, n, dtype=torch.float64) for m, n in ((7, 2), (2, 9), (9, 3)))
-    torch.testing.assert_close(empirical_contraction.cheapest_einsum(['ij', 'jk', 'kl'], 'il', (a, b, c)),
-                               a @ b @ c, rtol=0, atol=ATOL)
+    einsum = empirical_contraction.cheapest_einsum
+    torch.testing.assert_close(einsum(['ij', 'jk', 'kl'], 'il', (a, b, c)), a @ b @ c, rtol=0,
+                               atol=ATOL)
 
 
 # Pytree inputs and outputs, keyword arguments, vmap_axes.
@@ -807,8 +809,9 @@ def test_contraction_order_keeps_intermediates_within_max_size():
     assert order(['ij', 'jk', 'kl'], 'il', sizes) == (4000, ((0, 1, 'ik'), 2, 'il'))
     assert order(['ij', 'jk', 'kl'], 'il', sizes, max_size=100) == (10200, (0, (1, 2, 'jl'), 'il'))
     a, b, c = (torch.randn(m, n, dtype=torch.float64) for m, n in ((2, 10), (10, 100), (100, 10)))
-    torch.testing.assert_close(empirical_contraction.cheapest_einsum(['ij', 'jk', 'kl'], 'il', (a, b, c),
-                                                          max_size=100), a @ b @ c, rtol=0, atol=ATOL)
+    einsum = empirical_contraction.cheapest_einsum
+    torch.testing.assert_close(einsum(['ij', 'jk', 'kl'], 'il', (a, b, c), max_size=100),
+                               a @ b @ c, rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize('implementation', IMPLEMENTATIONS)

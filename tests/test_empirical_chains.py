@@ -1,5 +1,5 @@
 """`torchntk.empirical`'s fast paths of structured derivatives: the reverse pass
-of layer chains (`_Problem.chain`), the identity cotangents of an `nn.Linear`
+through layer stacks (`layer_stack`), the identity cotangents of an `nn.Linear`
 head, and kernels summed in place.
 
 The reference is the Jacobian contraction without `vmap_axes`: `jacrev`
@@ -15,7 +15,9 @@ from torch.autograd import forward_ad
 
 import torchntk
 from torchntk import empirical
-from torchntk.empirical import inputs as empirical_inputs, problem as empirical_problem
+from torchntk.empirical import inputs as empirical_inputs, structured as empirical_structured
+from torchntk.empirical.layer_stack import ELEMENTWISE, layer_stack
+from torchntk.empirical.task import prepare_ntk
 
 ATOL = 1e-12
 
@@ -34,10 +36,10 @@ def structured(model, x1, x2, trace_axes, diagonal_axes=(), **kwargs):
                                      implementation='structured_derivatives', **kwargs)(x1, x2)
 
 
-def chain_of(model, x1, x2=None, vmap_axes=0):
-    problem = empirical_problem._Problem(model, empirical_inputs.trainable_params(model), x1, x2, {}, (-1,), (),
-                                 vmap_axes, empirical.DEFAULT_CHUNK_BYTES)
-    return problem.chain
+def layer_stack_of(model, x1, x2=None, vmap_axes=0):
+    task, _ = prepare_ntk(model, empirical_inputs.trainable_params(model), x1, x2, {}, (-1,), (),
+                          vmap_axes, empirical.DEFAULT_CHUNK_BYTES)
+    return layer_stack(task)
 
 
 def assert_agrees(model, x1, x2, trace_axes, diagonal_axes=()):
@@ -46,19 +48,20 @@ def assert_agrees(model, x1, x2, trace_axes, diagonal_axes=()):
                                rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize('activation', empirical_problem.ELEMENTWISE, ids=lambda a: a.__name__)
-def test_chain_through_each_activation_matches_jacobian_contraction(activation):
+@pytest.mark.parametrize('activation', ELEMENTWISE, ids=lambda a: a.__name__)
+def test_layer_stack_through_each_activation_matches_jacobian_contraction(activation):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), activation(), nn.Linear(5, 3)).double()
     x1, x2 = inputs(3, 4, seed=1), inputs(2, 4, seed=2)
-    assert [kind for _, kind, _ in chain_of(model, x1, x2)] == ['affine', 'elementwise', 'affine']
+    kinds = [kind for _, kind, _ in layer_stack_of(model, x1, x2)]
+    assert kinds == ['affine', 'elementwise', 'affine']
     for trace_axes in ((-1,), ()):
         assert_agrees(model, x1, x2, trace_axes)
         assert_agrees(model, x1, None, trace_axes)
 
 
-def chains():
-    """Models, input shapes, and whether `_Problem.chain` takes them."""
+def layer_stacks():
+    """Models, input shapes, and whether `layer_stack` takes them."""
     def hooked():
         model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
         model[1].register_forward_pre_hook(lambda module, args: (2 * args[0],))
@@ -98,25 +101,25 @@ def chains():
 
 
 @pytest.mark.filterwarnings('ignore:Using padding=.same. with even kernel')
-@pytest.mark.parametrize('name', sorted(chains()))
-def test_chain_is_taken_where_its_reverse_pass_is_exact(name):
-    make, shape, is_chain = chains()[name]
+@pytest.mark.parametrize('name', sorted(layer_stacks()))
+def test_layer_stack_is_taken_where_its_reverse_pass_is_exact(name):
+    make, shape, is_stack = layer_stacks()[name]
     torch.manual_seed(0)
     model = make().double()
     x1, x2 = inputs(3, *shape, seed=1), inputs(2, *shape, seed=2)
-    assert (chain_of(model, x1, x2) is not None) == is_chain
-    assert chain_of(model, x1, x2, vmap_axes=None) is None
+    assert (layer_stack_of(model, x1, x2) is not None) == is_stack
+    assert layer_stack_of(model, x1, x2, vmap_axes=None) is None
     for trace_axes in ((-1,), ()):
         assert_agrees(model, x1, x2, trace_axes)
 
 
-def test_chain_kernel_gradients_match_autograd_and_gradcheck_at_zero_inputs():
+def test_layer_stack_kernel_gradients_match_autograd_and_gradcheck_at_zero_inputs():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Softplus(),
                           nn.Linear(4, 2)).double()
     params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
     x1, x2 = inputs(3, 3, seed=1).requires_grad_(), inputs(2, 3, seed=2)
-    assert chain_of(model, x1, x2) is not None
+    assert layer_stack_of(model, x1, x2) is not None
 
     def gradients(vmap_axes, implementation):
         fn = torchntk.empirical_ntk_fn(model, trace_axes=(), vmap_axes=vmap_axes,
@@ -140,7 +143,7 @@ def test_chain_kernel_gradients_match_autograd_and_gradcheck_at_zero_inputs():
     assert torch.autograd.gradcheck(kernel, (x1, *params.values()))
 
 
-def test_chain_inside_a_dual_level_of_the_callers():
+def test_layer_stack_inside_a_dual_level_of_the_callers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
     x1, x2 = inputs(3, 4, seed=1), inputs(2, 4, seed=2)
@@ -156,12 +159,12 @@ def test_chain_inside_a_dual_level_of_the_callers():
 def heads_taken(monkeypatch):
     """The number of structured terms computed as an `nn.Linear` head's."""
     taken = []
-    original = empirical_problem._Problem.output_layer_operands
+    original = empirical_structured.linear_head_operands
 
-    def counted(self, *args):
+    def counted(*args):
         taken.append(1)
-        return original(self, *args)
-    monkeypatch.setattr(empirical_problem._Problem, 'output_layer_operands', counted)
+        return original(*args)
+    monkeypatch.setattr(empirical_structured, 'linear_head_operands', counted)
     return taken
 
 
@@ -187,7 +190,7 @@ def test_linear_head_over_a_sequence_matches_jacobian_contraction(heads_taken, t
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     x1, x2 = inputs(3, 6, 4, seed=1), inputs(2, 6, 4, seed=2)
-    assert chain_of(model, x1, x2) is not None
+    assert layer_stack_of(model, x1, x2) is not None
     assert_agrees(model, x1, x2, trace_axes, diagonal_axes)
     assert len(heads_taken) == 1
 
@@ -217,7 +220,7 @@ def test_head_scaled_in_place_is_not_taken_for_the_identity(heads_taken):
 @pytest.mark.parametrize('make', [
     lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)),
     lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.LayerNorm(6), nn.Linear(6, 3)),
-], ids=['chain', 'layer_norm'])
+], ids=['layer_stack', 'layer_norm'])
 def test_kernel_leaves_no_tensor_in_reference_cycles(make):
     """Tensors in reference cycles live until the garbage collector runs: the
     next calls then take fresh memory, page by page."""

@@ -13,20 +13,22 @@ from torch import nn
 
 import torchntk
 from torchntk import empirical
-from torchntk.empirical import inputs as empirical_inputs, problem as empirical_problem
+from torchntk.empirical import inputs as empirical_inputs
+from torchntk.empirical.layer_stack import layer_stack
+from torchntk.empirical.task import prepare_ntk
 
 IMPLEMENTATIONS = ('jacobian_contraction', 'ntk_vector_products', 'structured_derivatives',
                    'auto')
 
 
 def mlp():
-    """`Linear(3, 4) - Tanh - Linear(4, 2)` in float64: a chain of layers."""
+    """`Linear(3, 4) - Tanh - Linear(4, 2)` in float64: a layer stack."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
 
 
-def not_a_chain():
-    """An MLP with a LayerNorm, which no chain takes: Jacobians by vmap(jacrev)."""
+def not_a_layer_stack():
+    """An MLP with a LayerNorm, which no layer stack takes: Jacobians by vmap(jacrev)."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LayerNorm(4), nn.Linear(4, 2)).double()
 
@@ -128,7 +130,8 @@ def test_taylor_expansion_around_unknown_names_raises_value_error(expand):
 @pytest.mark.parametrize('vmap_axes, implementation',
                          [(0, i) for i in IMPLEMENTATIONS] +
                          [(None, 'structured_derivatives'), (None, 'auto')])
-@pytest.mark.parametrize('model_fn', [mlp, not_a_chain], ids=['chain', 'not_a_chain'])
+@pytest.mark.parametrize('model_fn', [mlp, not_a_layer_stack],
+                         ids=['layer_stack', 'not_a_layer_stack'])
 @pytest.mark.parametrize('sizes', [(0, None), (0, 4), (3, 0)], ids=['x1_empty', 'x1_empty_x2',
                                                                    'x2_empty'])
 @pytest.mark.parametrize('trace_axes', [(-1,), ()])
@@ -144,19 +147,19 @@ def test_empty_batch_gives_empty_ntk(vmap_axes, implementation, model_fn, sizes,
     assert empty.dtype == expected.dtype
 
 
-def test_the_empty_batch_models_are_a_chain_and_not_one():
-    """What the `chain` / `not_a_chain` cases above name."""
-    def chain(model):
-        x = inputs(3)
-        return empirical_problem._Problem(model, empirical_inputs.trainable_params(model), x, None, {}, (-1,), (), 0,
-                                  empirical.DEFAULT_CHUNK_BYTES).chain
-    assert chain(mlp()) is not None
-    assert chain(not_a_chain()) is None
+def test_the_empty_batch_models_are_a_layer_stack_and_not_one():
+    """What the `layer_stack` / `not_a_layer_stack` cases above name."""
+    def stack(model):
+        task, _ = prepare_ntk(model, empirical_inputs.trainable_params(model), inputs(3), None, {},
+                              (-1,), (), 0, empirical.DEFAULT_CHUNK_BYTES)
+        return layer_stack(task)
+    assert stack(mlp()) is not None
+    assert stack(not_a_layer_stack()) is None
 
 
 @pytest.mark.parametrize('x2_size', [None, 4])
 def test_empty_batch_gives_empty_kernels_of_kernel_fn(x2_size):
-    model = not_a_chain()
+    model = not_a_layer_stack()
     x2 = None if x2_size is None else inputs(x2_size, seed=2)
     kernels = torchntk.empirical_kernel_fn(model, trace_axes=())(inputs(0), x2)
     shape = (0, 0 if x2 is None else 4, 2, 2)
@@ -179,7 +182,8 @@ def test_input_dtype_other_than_the_parameters_names_both(function, vmap_axes):
 
 
 @pytest.mark.parametrize('vmap_axes', [0, None])
-@pytest.mark.parametrize('model_fn', [mlp, not_a_chain], ids=['chain', 'not_a_chain'])
+@pytest.mark.parametrize('model_fn', [mlp, not_a_layer_stack],
+                         ids=['layer_stack', 'not_a_layer_stack'])
 def test_input_of_the_wrong_shape_names_it_not_vmap_axes(vmap_axes, model_fn):
     ntk_fn = torchntk.empirical_ntk_fn(model_fn(), vmap_axes=vmap_axes)
     with pytest.raises(ValueError, match=r"empirical_ntk_fn: the model fails on x1 of shape "

@@ -45,7 +45,7 @@ expansions of a model in its parameters.
 
 from .functions import (DEFAULT_CHUNK_BYTES, EmpiricalKernel, empirical_kernel_fn,
                         empirical_nngp_fn, empirical_ntk_fn)
-from .problem import IMPLEMENTATIONS
+from .implementations import IMPLEMENTATIONS
 from .taylor import linearize, taylor_expand
 
 __all__ = ['DEFAULT_CHUNK_BYTES', 'IMPLEMENTATIONS', 'EmpiricalKernel', 'empirical_kernel_fn',

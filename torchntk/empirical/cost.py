@@ -1,10 +1,57 @@
-"""The contraction-order search: the cheapest order of pairwise products of an einsum."""
+"""The cost model: FLOP estimates of the three implementations, by which
+`implementation='auto'` chooses, and the search for the cheapest order of
+the pairwise products of an einsum."""
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from .structured import affine_operands
+
+if TYPE_CHECKING:
+    from .task import NtkTask
+
+
+def flops(task: NtkTask, implementation: str) -> float:
+    """The FLOP estimate of `implementation` (`empirical_ntk_fn`'s docstring)."""
+    n_params = sum(p.numel() for p in task.params.values())
+    k = _contraction_size(task)
+    if implementation == 'jacobian_contraction':
+        return _jacobian_pass_flops(task, 2.) + 2 * k * n_params
+    if implementation == 'ntk_vector_products':
+        calls2, forward2, outputs2 = _per_call(task)[1]
+        return calls2 * forward2 * (1 + 2 * outputs2) + 3 * task.forward_flops * calls2 * outputs2
+    rules = task.structured_layers
+    structured = {n for rule in rules.values() for n in rule.param_names()}
+    other = sum(p.numel() for n, p in task.params.items() if n not in structured)
+    passes = _jacobian_pass_flops(task, 1 + other / n_params)
+    return passes + 2 * k * other + 2 * sum(
+        contraction_order(*affine_operands(task, output, rule), task.max_entries())[0]
+        for output in range(len(task.contractions)) for rule in rules.values())
+
+
+def _contraction_size(task: NtkTask) -> int:
+    """Result entries times traced entries: the multiply-adds per parameter."""
+    return sum(contraction.multiply_adds(shape1, shape2) for contraction, shape1, shape2
+               in zip(task.contractions, task.batch1.out_shapes, task.batch2.out_shapes))
+
+
+def _per_call(task: NtkTask) -> list[tuple[int, float, float]]:
+    """`(calls, forward FLOPs per call, outputs per call)` of each input."""
+    calls1, calls2 = task.batch_sizes()
+    outputs1, outputs2 = task.batch1.outputs(), task.batch2.outputs()
+    forward = task.forward_flops / calls1
+    return [(calls1, forward, outputs1 / calls1),
+            (calls2, forward * (1 if task.axes else outputs2 / outputs1), outputs2 / calls2)]
+
+
+def _jacobian_pass_flops(task: NtkTask, reverse_per_forward: float) -> float:
+    """FLOPs of one forward and one reverse pass per output entry, on both inputs."""
+    inputs = _per_call(task)[:1 if task.same_inputs else 2]
+    return sum(calls * forward * (1 + outputs * reverse_per_forward)
+               for calls, forward, outputs in inputs)
 
 
 def contraction_order(terms: Sequence[str], result: str, sizes: Mapping[str, int],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 from typing import Callable, Sequence
 
@@ -11,10 +12,12 @@ from torch.utils import _pytree as pytree  # torch.func's own pytrees
 
 from ..ops.heap import reuse_heap
 from .contraction import output_contractions
-from .implementations import COMPUTE, Unsupported
-from .inputs import check_inputs, check_model, checked_axes, checked_params, split_kwargs, trainable_params
+from .cost import flops
+from .implementations import IMPLEMENTATIONS, Unsupported, compute_ntk
+from .inputs import (check_inputs, check_model, checked_axes, checked_params, split_kwargs,
+                     trainable_params)
 from .model import Params, PyTree, apply_model, failures_explained, output_tensors
-from .problem import IMPLEMENTATIONS, _Problem
+from .task import prepare_ntk
 from .vmap_axes import VmapAxes, check_vmap_axes
 
 logger = logging.getLogger(__name__)
@@ -175,7 +178,7 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
     if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
         raise ValueError(f"empirical_ntk_fn: chunk_bytes must be a positive int, got {chunk_bytes!r}")
 
-    analyses = {}   # what _Problem's forward passes find, per shape_signature
+    analyses = {}   # what the forward passes find, per shapes (prepare_ntk)
 
     def ntk_fn(x1: PyTree, x2: PyTree | None = None, params: Params | None = None,
                **kwargs) -> PyTree:
@@ -191,18 +194,18 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
                 raise ValueError("empirical_ntk_fn: params is empty, so there is no parameter "
                                  "to differentiate")
         with reuse_heap():
-            problem = _Problem(model, params, x1, x2, kwargs, trace_axes, diagonal_axes,
-                               vmap_axes, chunk_bytes, count_flops=implementation == 'auto',
-                               cache=analyses)
-            if problem.outputs_empty:
-                return problem.unflatten(problem.kernels_of_empty_outputs())
+            task, out_tree = prepare_ntk(model, params, x1, x2, kwargs, trace_axes, diagonal_axes,
+                                         vmap_axes, chunk_bytes,
+                                         count_flops=implementation == 'auto', analyses=analyses)
+            if task.outputs_empty:
+                return pytree.tree_unflatten(task.kernels_of_empty_outputs(), out_tree)
             if implementation != 'auto':
-                return problem.unflatten(COMPUTE[implementation](problem))
-            candidates = sorted(IMPLEMENTATIONS, key=problem.flops)
+                return pytree.tree_unflatten(compute_ntk(task, implementation), out_tree)
+            candidates = sorted(IMPLEMENTATIONS, key=functools.partial(flops, task))
             for choice in candidates:
                 logger.debug("empirical_ntk_fn: implementation %s", choice)
                 try:
-                    return problem.unflatten(COMPUTE[choice](problem))
+                    return pytree.tree_unflatten(compute_ntk(task, choice), out_tree)
                 except Unsupported as error:
                     if choice == candidates[-1]:
                         raise

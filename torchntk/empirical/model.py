@@ -18,6 +18,8 @@ from ..stax.normalization import LayerNorm as StaxLayerNorm
 
 Params = dict[str, torch.Tensor]
 PyTree = Any
+#: `{module name: [(input shape, output shape), …]}`, one entry per call of the module.
+Calls = dict[str, list[tuple[tuple[int, ...] | None, tuple[int, ...] | None]]]
 
 
 def shape_signature(modules: dict[str, nn.Module], params: Params, x: PyTree,

@@ -4,8 +4,9 @@ parameters (`nn.Linear`, `nn.Conv1d/2d/3d`, stax `Dense` and `Conv`)."""
 from __future__ import annotations
 
 import abc
+import collections
 import math
-from typing import Collection, Sequence
+from typing import TYPE_CHECKING, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,10 @@ from ..stax.conv import Conv as StaxConv
 from ..stax.finite_conv import pad_input
 from ..stax.linear import Dense as StaxDense
 from .model import Params
+
+if TYPE_CHECKING:
+    from .analysis import Batch
+    from .task import NtkTask
 
 
 # Structured derivatives: layers whose output is affine in the weight.
@@ -280,3 +285,85 @@ def rule_for(name: str, module: nn.Module, trainable: Collection[str]) -> Affine
     if isinstance(module, _CONVS) and kind.forward in (c.forward for c in _CONVS):
         return ConvRule(name, module, trainable)
     return None
+
+
+def structured_rules(modules: dict[str, nn.Module], params: Params, batch1: Batch,
+                     batch2: Batch) -> dict[str, AffineRule]:
+    """The layers whose parameters the structured rule differentiates: a rule
+    of ours, called once per call of the model, training a parameter, and
+    holding its own weight and bias, shared with no other module."""
+    owners = collections.Counter(id(p) for m in modules.values()
+                                 for p in m.parameters(recurse=False))
+    rules = {}
+    for name, module in modules.items():
+        rule = rule_for(name, module, params)
+        calls = (batch1.calls.get(name, ()), batch2.calls.get(name, ()))
+        if rule is None or any(len(c) != 1 for c in calls) or not rule.param_names():
+            continue
+        own = dict(module.named_parameters(recurse=False))
+        if set(own) <= {'weight', 'bias'} and all(owners[id(p)] == 1 for p in own.values()):
+            rules[name] = rule
+    return rules
+
+
+def affine_operands(task: NtkTask, output: int, rule: AffineRule
+                    ) -> tuple[list[str], str, dict[str, int]]:
+    """Einsum terms, result and sizes of `rule`'s contribution to output tensor `output`."""
+    shapes = []
+    for batch in (task.batch1, task.batch2):
+        rows = rule.rows(batch.calls[rule.name][0][1])
+        shapes.append((batch.out_shapes[output], rows))
+    return task.contractions[output].affine_terms(shapes, rule.groups, rule.columns(),
+                                                  rule.outputs(), rule.cotangent_layout,
+                                                  task.batch_axis(output))
+
+
+def is_identity_head(task: NtkTask, output: int, rule: AffineRule,
+                     cotangents: torch.Tensor) -> bool:
+    """Whether the cotangents `(*out, *y)` of `rule`'s layer are exactly the
+    identity between one call's outputs and `y`, with no gradient through
+    them: the layer's output is the model's output (an `nn.Linear` head)."""
+    ndim, axis = task.contractions[output].ndim, task.batch_axis(output)
+    one_call = tuple(1 if i == axis else n for i, n in enumerate(cotangents.shape[:ndim]))
+    if (not isinstance(rule, LinearRule) or cotangents.requires_grad or axis == ndim - 1
+            or one_call != cotangents.shape[ndim:]):
+        return False
+    size = cotangents.shape[ndim:].numel()
+    square = cotangents if axis is None else cotangents.movedim(axis, 0)
+    square = square.reshape(-1, size, size)
+    return torch.equal(square, torch.eye(size, dtype=square.dtype, device=square.device)
+                       .expand_as(square))
+
+
+def linear_head_operands(task: NtkTask, output: int, a1: torch.Tensor, a2: torch.Tensor
+                         ) -> tuple[list[str], str, tuple[torch.Tensor, ...]]:
+    r"""Einsum terms, result and operands of the contribution of an `nn.Linear`
+    head (`is_identity_head`) to output tensor `output`:
+
+    .. math:: Θ[(r, o), (s, o')] = (a_1[r] · a_2[s])\, δ(o, o')
+
+    at output positions `r` and `s` and features `o` and `o'`: the rows of
+    `a1 ([N1], R, 1, I)` (one call's positions, less the batch axis of a
+    call on one example) take the letters of the output axes they are, and
+    `δ(o, o')` is the identity between the two outputs' feature axes (a
+    size-`O` vector of ones where they share a letter, traced or diagonal).
+    No cotangent enters: `O²` times fewer multiply-adds than the general
+    rule.
+    """
+    contraction, axis = task.contractions[output], task.batch_axis(output)
+    per_call = [i for i in range(contraction.ndim) if i != axis]
+    terms, operands = [], []
+    for batch, letters, a in ((task.batch1, contraction.side1, a1),
+                              (task.batch2, contraction.side2, a2)):
+        batch_letter = '' if axis is None else letters[axis]
+        rows = [batch.out_shapes[output][i] for i in per_call[:-1]]
+        terms.append(batch_letter + ''.join(letters[i] for i in per_call[:-1]) + 'yx')
+        operands.append(a.reshape(*a.shape[:len(batch_letter)], *rows,
+                                  *a.shape[len(batch_letter) + 1:]))
+    features = task.batch1.out_shapes[output][per_call[-1]]
+    eye = torch.eye(features, dtype=a1.dtype, device=a1.device)
+    delta = ''.join(dict.fromkeys(contraction.side1[per_call[-1]]
+                                  + contraction.side2[per_call[-1]]))
+    terms.append(delta)
+    operands.append(eye if len(delta) == 2 else eye.new_ones(features))
+    return terms, contraction.result, tuple(operands)

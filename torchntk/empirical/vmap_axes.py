@@ -3,6 +3,7 @@ and keyword arguments, for per-example Jacobians by `torch.func.vmap`."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -47,34 +48,46 @@ def _axes_of(axes: PyTree, tree: PyTree, what: str) -> list[int | None]:
     return canonical
 
 
+@dataclasses.dataclass(frozen=True)
 class BatchAxes:
     """The batch axis of every input, output and keyword-argument tensor.
 
     A model called on one example sees that example's slice with the batch
     axis kept (of size 1): `per_example` turns a function of whole inputs into
-    one `torch.func.vmap` can map over the batch axes (`in_dims`).
+    one `torch.func.vmap` can map over the batch axes (`in_dims`). Made from
+    the inputs (`of_inputs`); the outputs' axes come once the outputs are
+    known (`with_outputs`).
     """
 
-    def __init__(self, vmap_axes: VmapAxes, x: PyTree, kwargs: dict[str, Any]):
+    x_axes: list[int | None]
+    x_tree: pytree.TreeSpec
+    kwargs_axes: dict[str, list[int | None]]
+    kwargs_trees: dict[str, pytree.TreeSpec]
+    given_out_axes: PyTree
+    out_axes: list[int] | None = None
+
+    @classmethod
+    def of_inputs(cls, vmap_axes: VmapAxes, x: PyTree, kwargs: dict[str, Any]) -> BatchAxes:
         if isinstance(vmap_axes, tuple) and len(vmap_axes) == 3:
-            in_axes, self.given_out_axes, kwargs_axes = vmap_axes
+            in_axes, out_axes, kwargs_axes = vmap_axes
         else:
-            in_axes, self.given_out_axes, kwargs_axes = vmap_axes, vmap_axes, {}
+            in_axes, out_axes, kwargs_axes = vmap_axes, vmap_axes, {}
         # Axes of keyword arguments not passed in this call do not apply.
         kwargs_axes = {name: axes for name, axes in (kwargs_axes or {}).items() if name in kwargs}
-        self.x_tree = pytree.tree_structure(x)
-        self.x_axes = _axes_of(in_axes, x, 'the inputs')
-        self.kwargs_axes = {name: _axes_of(axes, kwargs[name], f"keyword argument {name!r}")
-                            for name, axes in kwargs_axes.items()}
-        self.kwargs_trees = {name: pytree.tree_structure(kwargs[name]) for name in kwargs_axes}
-        self.out_axes = None
+        return cls(x_axes=_axes_of(in_axes, x, 'the inputs'), x_tree=pytree.tree_structure(x),
+                   kwargs_axes={name: _axes_of(axes, kwargs[name], f"keyword argument {name!r}")
+                                for name, axes in kwargs_axes.items()},
+                   kwargs_trees={name: pytree.tree_structure(kwargs[name])
+                                 for name in kwargs_axes},
+                   given_out_axes=out_axes)
 
-    def set_outputs(self, out: PyTree) -> None:
-        """Canonicalize the output axes for outputs like `out`."""
-        self.out_axes = _axes_of(self.given_out_axes, out, 'the outputs')
-        if None in self.out_axes:
+    def with_outputs(self, out: PyTree) -> BatchAxes:
+        """These axes with the output axes canonicalized for outputs like `out`."""
+        out_axes = _axes_of(self.given_out_axes, out, 'the outputs')
+        if None in out_axes:
             raise ValueError("empirical_ntk_fn: vmap_axes must give every output a batch axis, "
                              f"got {self.given_out_axes!r}")
+        return dataclasses.replace(self, out_axes=out_axes)
 
     @property
     def maps_something(self) -> bool:
