@@ -13,8 +13,6 @@ from torch.func import functional_call
 from torch.utils import _pytree as pytree  # torch.func's own pytrees
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..stax.dropout import Dropout as StaxDropout
-from ..stax.normalization import LayerNorm as StaxLayerNorm
 
 Params = dict[str, torch.Tensor]
 PyTree = Any
@@ -170,23 +168,6 @@ def traced_forward(model: nn.Module, params: Params, x: PyTree, kwargs: dict[str
         for handle in handles:
             handle.remove()
     return out, counter.get_total_flops() if count_flops else 0, dict(calls)
-
-
-def batch_mixing_modules(modules: dict[str, nn.Module], calls) -> list[str]:
-    """Names of modules whose output for one example depends on the others (or on RNG)."""
-    mixing = []
-    for name, module in modules.items():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            if module.training or module.running_mean is None:
-                mixing.append(name or type(module).__name__)
-        elif isinstance(module, (nn.modules.dropout._DropoutNd, StaxDropout)):
-            if module.training and module.p > 0:
-                mixing.append(name or type(module).__name__)
-        elif isinstance(module, StaxLayerNorm):
-            ndims = {len(shape) for shape, _ in calls.get(name, ()) if shape is not None}
-            if any(a % ndim == 0 for a in module.axis for ndim in ndims):
-                mixing.append(name or type(module).__name__)
-    return mixing
 
 
 def global_hooks() -> bool:
