@@ -201,8 +201,11 @@ def test_empirical_kernel_of_a_network_with_batch_norm_in_training_mode_is_refus
 
 def test_bad_arguments_raise_clear_errors():
     model = mlp()
-    for size in (-1, 1.5, 'big', True):
+    for size in (-1, 'big'):
         with pytest.raises(ValueError, match='batch_size'):
+            nt.batch(model, size)
+    for size in (1.5, True):
+        with pytest.raises(TypeError, match='batch_size'):
             nt.batch(model, size)
     with pytest.raises(TypeError, match='callable'):
         nt.batch(42)
@@ -213,6 +216,15 @@ def test_bad_arguments_raise_clear_errors():
         nt.batch(model, 2)(kernel)
     with pytest.raises(ValueError, match='different batch sizes'):
         nt.batch(model, 2)([gaussian(2, 5, seed=0), gaussian(3, 5, seed=0)])
+
+
+def test_arguments_of_a_wrong_type_are_type_errors_naming_them():
+    model = mlp()
+    wrong = {'progress': 'no', 'store_on_device': 1, 'max_memory': '1GB', 'device': 1.5,
+             'checkpoint': 3, 'memmap_dir': b'dir'}
+    for name, value in wrong.items():
+        with pytest.raises(TypeError, match=rf'^batch: {name} must be'):
+            nt.batch(model, 2, **{name: value})
 
 
 # ----------------------------------------------------------------------------- memory

@@ -305,7 +305,7 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def choose_batch_size(plan: Plan, x1: Inputs, x2: Inputs | None, requested: int | str,
-                      max_memory: int | None, device: torch.device,
+                      max_memory: float | None, device: torch.device,
                       result_device: torch.device | None) -> int:
     """The tile size of `plan` on `device`: `requested`, after checking that
     the computation fits in `max_memory` (default: the memory free there), or

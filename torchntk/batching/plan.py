@@ -1,6 +1,6 @@
 """What a tiled computation computes: the kernel function and its arguments
 (`Call`), the fields of its result and how tiles fill them (`Plan`), and the
-tiles themselves (`Task`, `tasks`)."""
+tiles themselves (`Task`, `Plan.tasks`)."""
 
 from __future__ import annotations
 

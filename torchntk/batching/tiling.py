@@ -39,11 +39,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..checks import check_flag, check_positive
 from ..kernel import transpose_pair
 from ..ops.heap import reuse_heap
 from ..stax.module import Layer
-from .arguments import (checked_batch_size, checked_device, checked_folder, checked_kernel_fn,
-                        checked_max_memory)
+from .arguments import checked_batch_size, checked_device, checked_folder, checked_kernel_fn
 from .checkpoint import Checkpoint
 from .distributed import Group
 from .files import check_disk_space, new_npy, numpy_dtype
@@ -67,7 +67,7 @@ class Settings:
     progress: bool
     checkpoint: pathlib.Path | None
     memmap_dir: pathlib.Path | None
-    max_memory: int | None
+    max_memory: float | None  # bytes
 
 
 def batch(kernel_fn: Callable | Layer, batch_size: int | str = 0,
@@ -164,11 +164,13 @@ def batch(kernel_fn: Callable | Layer, batch_size: int | str = 0,
     kernel_fn = checked_kernel_fn(kernel_fn, 'batch')
     check_tileable(kernel_fn)
     settings = Settings(batch_size=checked_batch_size(batch_size, 'batch'),
-                        device=checked_device(device),
-                        store_on_device=bool(store_on_device), progress=bool(progress),
-                        checkpoint=checked_folder(checkpoint, 'checkpoint'),
-                        memmap_dir=checked_folder(memmap_dir, 'memmap_dir'),
-                        max_memory=checked_max_memory(max_memory))
+                        device=checked_device(device, 'batch'),
+                        store_on_device=check_flag(store_on_device, 'store_on_device', 'batch'),
+                        progress=check_flag(progress, 'progress', 'batch'),
+                        checkpoint=checked_folder(checkpoint, 'checkpoint', 'batch'),
+                        memmap_dir=checked_folder(memmap_dir, 'memmap_dir', 'batch'),
+                        max_memory=check_positive(max_memory, 'max_memory', 'batch',
+                                                  allow_none=True))
 
     @functools.wraps(kernel_fn)
     def batched_kernel_fn(x1: Inputs, x2: Inputs | None = None, *args: Any, **kwargs: Any) -> Any:
