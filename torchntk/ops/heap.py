@@ -4,13 +4,13 @@ glibc serves an allocation above its mmap threshold (128 KiB at start, raised
 as large blocks are freed, to 32 MiB at most) with new pages from `mmap`, which
 the kernel zeroes on first touch, and gives them back to the system on
 `free`. A computation that makes many temporaries of tens of MiB, as the
-empirical NTK of a CNN does (about 700 MiB per call for the CNN of
-`benchmarks/bench_empirical.py`), spends much of its time in those page faults:
-0.4 s of 0.75 s there. Inside `reuse_heap()`, blocks up to 1 GiB come from the
-heap and freed memory stays in it, to be reused by the next temporaries.
-On leaving, the heap keeps up to 1 GiB of free memory (1/16 of the machine's
-where that is less) for the next call, whose temporaries are the same again;
-beyond that, free memory goes back to the system.
+empirical NTK of a CNN does, can spend much of its time in those page faults
+(`benchmarks/bench_empirical.py`; its numbers are in `benchmarks/README.md`).
+Inside `reuse_heap()`, blocks up to 1 GiB come from the heap and freed memory
+stays in it, to be reused by the next temporaries. On leaving, the heap keeps
+up to 1 GiB of free memory (1/16 of the machine's where that is less) for the
+next call, whose temporaries are the same again; beyond that, free memory goes
+back to the system.
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
 """Two-operand einsums as one (batched) matrix product, float32 ones on the CPU through oneDNN.
 
-PyTorch sends float32 matrix products on the CPU to MKL. On the AMD EPYC
-(Zen 4) we benchmark on, MKL's `sgemm` reaches 110–150 GFLOP/s where oneDNN's,
-which PyTorch also ships (the private operator
-`torch.ops.mkldnn._linear_pointwise` reaches it), runs at 150–200: the
-empirical kernels, whose time goes mostly into such products, run 2–10%
-faster with it (`benchmarks/README.md`). `einsum_pair` runs the product there
-when
+PyTorch sends float32 matrix products on the CPU to MKL. On the CPUs we
+benchmark on, oneDNN's product, which PyTorch also ships (the private operator
+`torch.ops.mkldnn._linear_pointwise` reaches it), is faster than MKL's
+`sgemm`, and the empirical kernels spend most of their time in such products
+(the measurements: `benchmarks/README.md`, `bench_empirical.py`).
+`einsum_pair` runs the product there when
 
 - both operands are float32 on the CPU and oneDNN's product exists and agrees
   with `torch.mm` on a small check (it is private to PyTorch);
