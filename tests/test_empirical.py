@@ -505,6 +505,15 @@ def test_kernel_fn_get_follows_neural_tangents(model, x1, x2):
         kernel_fn(x1, x2, get='cov1')
 
 
+def test_kernel_fn_returns_one_named_tuple_type_per_selection(model, x1, x2):
+    # A class made anew per call gave equal results of different types.
+    kernel_fn = torchntk.empirical_kernel_fn(model)
+    first, again = (kernel_fn(x1, x2, get=('ntk', 'nngp')) for _ in range(2))
+    assert type(first) is type(again) and type(first).__name__ == 'EmpiricalKernel'
+    assert type(kernel_fn(x1, x2)) is torchntk.empirical.EmpiricalKernel
+    torch.testing.assert_close(first.ntk, torchntk.empirical_ntk_fn(model)(x1, x2))
+
+
 def test_wide_network_ntk_approaches_analytic_kernel():
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     model = stax.serial(stax.Dense(4096, W_std=1.5, b_std=0.1), stax.Erf(),

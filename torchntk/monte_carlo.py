@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 from tqdm import tqdm
 
 from .empirical import empirical_nngp_fn, empirical_ntk_fn
-from .empirical.functions import _canonical_get, _select
+from .empirical.functions import EMPIRICAL_KERNELS
 from .empirical.inputs import check_inputs
 from .empirical.model import rng_devices
 from .stax.module import Layer
@@ -94,12 +94,13 @@ def monte_carlo_kernel_fn(model: nn.Module, n_samples: int | Sequence[int] = 1,
                 value = fns[name](x1, x2).detach()
                 sums[name] = value if sums[name] is None else sums[name] + value
             if i in counts:
-                yield _select({name: total / i for name, total in sums.items()}, get)
+                means = {name: total / i for name, total in sums.items()}
+                yield EMPIRICAL_KERNELS.select(means, get, _NAME)
 
     def kernel_fn(x1: torch.Tensor, x2: torch.Tensor | None = None,
                   get: str | Sequence[str] | None = None):
         check_inputs(x1, x2, _NAME)  # before any network is drawn
-        names = _canonical_get(get, _NAME)  # here: a generator would check it only when iterated
+        names = EMPIRICAL_KERNELS.names(get, _NAME)  # here, not when a generator is iterated
         if isinstance(n_samples, int):
             return next(estimates(x1, x2, names, get))
         return estimates(x1, x2, names, get)

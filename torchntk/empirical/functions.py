@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
 from typing import Callable, Sequence
@@ -10,7 +9,9 @@ from typing import Callable, Sequence
 from torch import nn
 from torch.utils import _pytree as pytree  # torch.func's own pytrees
 
+from ..checks import check_choice, check_positive_int
 from ..ops.heap import reuse_heap
+from ..outputs import Outputs, namedtuple_type
 from .contraction import output_contractions
 from .cost import flops
 from .implementations import IMPLEMENTATIONS, Unsupported, compute_ntk
@@ -24,7 +25,10 @@ logger = logging.getLogger(__name__)
 
 #: Default bound on the bytes of the Jacobians held at once by 'jacobian_contraction'.
 DEFAULT_CHUNK_BYTES = 2**30
-EmpiricalKernel = collections.namedtuple('EmpiricalKernel', ('nngp', 'ntk'))
+#: What `get` selects from `empirical_kernel_fn` (and Monte Carlo estimates of it).
+EMPIRICAL_KERNELS = Outputs('EmpiricalKernel', ('nngp', 'ntk'), 'kernel', default=('nngp', 'ntk'),
+                            prebuilt=('nngp', 'ntk'))
+EmpiricalKernel = namedtuple_type('EmpiricalKernel', ('nngp', 'ntk'))
 
 
 def empirical_nngp_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
@@ -135,7 +139,7 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
               cheapest order (the Gram matrices first, or the weight Jacobian
               :math:`\sum_r g[r]\, a[r]ᵀ` first). The cotangents come from
               one reverse pass per output through the activations only: in a
-              chain of layers (nested `nn.Sequential` of `nn.Linear`,
+              layer stack (nested `nn.Sequential` of `nn.Linear`,
               zero-padded `nn.Conv`, elementwise activations, `nn.Flatten`),
               one batched pass of ours back through the layers, else
               `vmap(jacrev)`. An `nn.Linear` head, whose cotangents are the
@@ -171,12 +175,10 @@ def empirical_ntk_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
     """
     check_model(model, 'empirical_ntk_fn')
     trace_axes, diagonal_axes = checked_axes(trace_axes, diagonal_axes, 'empirical_ntk_fn')
-    if implementation not in IMPLEMENTATIONS + ('auto',):
-        raise ValueError(f"empirical_ntk_fn: implementation must be 'auto' or one of "
-                         f"{IMPLEMENTATIONS}, got {implementation!r}")
+    implementation = check_choice(implementation, 'implementation', 'empirical_ntk_fn',
+                                  ('auto', *IMPLEMENTATIONS))
     check_vmap_axes(vmap_axes)
-    if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-        raise ValueError(f"empirical_ntk_fn: chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    check_positive_int(chunk_bytes, 'chunk_bytes', 'empirical_ntk_fn')
 
     analyses = {}   # what the forward passes find, per shapes (prepare_ntk)
 
@@ -232,27 +234,8 @@ def empirical_kernel_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
     def kernel_fn(x1: PyTree, x2: PyTree | None = None,
                   get: str | Sequence[str] | None = None, params: Params | None = None,
                   **kwargs):
-        names = _canonical_get(get, 'empirical_kernel_fn')
+        names = EMPIRICAL_KERNELS.names(get, 'empirical_kernel_fn')
         values = {name: fns[name](x1, x2, params, **kwargs) for name in names}
-        return _select(values, get)
+        return EMPIRICAL_KERNELS.select(values, get, 'empirical_kernel_fn')
 
     return kernel_fn
-
-
-def _canonical_get(get: str | Sequence[str] | None, caller: str) -> tuple[str, ...]:
-    names = ('nngp', 'ntk') if get is None else (get,) if isinstance(get, str) else tuple(get)
-    lowered = tuple(str(name).lower() for name in names)
-    if not lowered or len(set(lowered)) != len(lowered) or not set(lowered) <= {'nngp', 'ntk'}:
-        raise ValueError(f"{caller}: get must be 'nngp', 'ntk', a tuple of those without "
-                         f"repeats, or None, got {get!r}")
-    return lowered
-
-
-def _select(values: dict[str, PyTree], get: str | Sequence[str] | None):
-    """neural-tangents' `get` semantics on a dict of computed kernels."""
-    if get is None:
-        return EmpiricalKernel(values['nngp'], values['ntk'])
-    if isinstance(get, str):
-        return values[get.lower()]
-    names = tuple(name.lower() for name in get)
-    return collections.namedtuple('EmpiricalKernel', names)(*(values[n] for n in names))

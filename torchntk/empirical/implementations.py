@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree  # torch.func's own pytrees
 from . import structured
 from .contraction import cheapest_einsum
 from .jacobians import both_jacobians
-from .model import Params, PyTree, apply_model
+from .model import Params, PyTree, apply_model, draws_random_numbers
 from .task import NtkTask
 
 
@@ -52,14 +52,10 @@ def _parameter_chunks(task: NtkTask) -> Iterator[Params]:
 def _ntk_vector_products(task: NtkTask) -> list[torch.Tensor]:
     try:
         full = _full_ntks_by_vector_products(task)
-    except NotImplementedError as error:
-        if 'forward AD' not in str(error):
-            raise
-        raise Unsupported("empirical_ntk_fn: implementation='ntk_vector_products' needs "
-                          f"forward-mode AD, which an operation of the model lacks ({error}); "
-                          "use implementation='jacobian_contraction'") from error
     except RuntimeError as error:
-        if 'random' not in str(error):
+        # vmap refuses random operations; whether the model draws any is asked
+        # of its forward pass, not read from the error's text.
+        if not draws_random_numbers(task.model, task.params, task.batch1.x, task.batch1.kwargs):
             raise
         raise Unsupported("empirical_ntk_fn: implementation='ntk_vector_products' needs a "
                           "deterministic model (random layers such as dropout in training mode "
@@ -90,7 +86,15 @@ def _full_ntks_by_vector_products(task: NtkTask) -> list[torch.Tensor]:
             cotangents = tuple(cotangent.reshape(o.shape) if i == output else torch.zeros_like(o)
                                for i, o in enumerate(out2))
             (tangent,) = vjp_fn(cotangents)
-            return jvp(outputs1, (params,), (tangent,))[1][output]
+            try:
+                return jvp(outputs1, (params,), (tangent,))[1][output]
+            except NotImplementedError as error:
+                # The model's forward ran in the analysis and in vjp: what an
+                # operation lacks here is its forward-mode derivative.
+                raise Unsupported("empirical_ntk_fn: implementation='ntk_vector_products' "
+                                  "needs forward-mode AD, which an operation of the model lacks "
+                                  f"({error}); use implementation='jacobian_contraction'"
+                                  ) from error
 
         return vmap(column)(basis)
 

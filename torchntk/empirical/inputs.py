@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree  # torch.func's own pytrees
 
-from ..stax.module import check_input_values
+from ..checks import check_axes, check_input_values
 from .model import Params, PyTree
 
 
@@ -19,18 +19,11 @@ def check_model(model: Any, caller: str) -> None:
 
 
 def checked_axes(trace_axes: Any, diagonal_axes: Any, caller: str
-                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+                 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The axes as tuples of ints (an int is one axis, as in neural-tangents);
     their range depends on the outputs, which `OutputContraction` checks."""
-    checked = []
-    for arg, axes in (('trace_axes', trace_axes), ('diagonal_axes', diagonal_axes)):
-        axes = (axes,) if isinstance(axes, int) and not isinstance(axes, bool) else axes
-        if isinstance(axes, str) or not isinstance(axes, Sequence) or any(
-                isinstance(a, bool) or not isinstance(a, int) for a in axes):
-            raise TypeError(f"{caller}: {arg} must be a sequence of ints (output axes), got "
-                            f"{axes!r}")
-        checked.append(tuple(axes))
-    return checked[0], checked[1]
+    return (check_axes(trace_axes, 'trace_axes', caller),
+            check_axes(diagonal_axes, 'diagonal_axes', caller))
 
 
 def trainable_params(model: nn.Module) -> Params:

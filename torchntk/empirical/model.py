@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree  # torch.func's own pytrees
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -168,6 +169,28 @@ def traced_forward(model: nn.Module, params: Params, x: PyTree, kwargs: dict[str
         for handle in handles:
             handle.remove()
     return out, counter.get_total_flops() if count_flops else 0, dict(calls)
+
+
+def draws_random_numbers(model: nn.Module, params: Params, x: PyTree,
+                         kwargs: dict[str, Any]) -> bool:
+    """Whether `model(x, **kwargs)` calls a random operation (one tagged
+    `nondeterministic_seeded`, as dropout's `bernoulli_`), in a forward pass
+    without gradients that leaves the random state as it was."""
+    with torch.no_grad(), torch.random.fork_rng(rng_devices(x)), _RandomDraws() as draws:
+        apply_model(model, params, x, kwargs)
+    return draws.seen
+
+
+class _RandomDraws(TorchDispatchMode):
+    """Notes whether an operation that draws random numbers runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen = self.seen or torch.Tag.nondeterministic_seeded in func.tags
+        return func(*args, **(kwargs or {}))
 
 
 def global_hooks() -> bool:
