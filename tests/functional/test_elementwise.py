@@ -280,7 +280,6 @@ def test_exp_normalized_has_no_finite_network():
 @pytest.mark.parametrize("build, message", [
     (lambda: stax.Monomial(6), "Monomial: degree must be an integer in 0..5"),
     (lambda: stax.Monomial(-1), "Monomial: degree"),
-    (lambda: stax.Hermite(1.5), "Hermite: degree must be an integer >= 0"),
     (lambda: stax.RectifiedMonomial(-2), "RectifiedMonomial: degree"),
     (lambda: stax.Polynomial([]), "Polynomial: coef must be a non-empty"),
     (lambda: stax.Polynomial([1., float("nan")]), r"Polynomial: coef\[1\] must be finite"),

@@ -179,6 +179,21 @@ def test_invalid_layer_arguments_raise_value_error(factory, message):
         factory()
 
 
+@pytest.mark.parametrize('factory, message', [
+    (lambda: stax.Hermite(1.5), r'Hermite: degree must be an integer >= 0, got 1.5'),
+    (lambda: stax.Monomial('2'), r'Monomial: degree must be an integer in 0..5'),
+    (lambda: stax.FanOut(2.), r'FanOut: num must be a positive integer'),
+    (lambda: stax.repeat(stax.Dense(2), True), r'repeat: n must be a positive integer'),
+    (lambda: stax.ElementwiseNumerical(torch.tanh, deg=10.), r'ElementwiseNumerical: deg must be'),
+    (lambda: stax.Polynomial(2.), r'Polynomial: coef must be a non-empty sequence'),
+    (lambda: stax.LayerNorm(axis='a'), r'LayerNorm: axis must be a sequence of ints'),
+    (lambda: stax.LayerNorm(axis=(1, True)), r'LayerNorm: axis must be a sequence of ints'),
+])
+def test_layer_argument_of_a_wrong_type_raises_type_error(factory, message):
+    with pytest.raises(TypeError, match=message):
+        factory()
+
+
 # --- combinators and branching ----------------------------------------------------------------
 
 def test_fan_in_concat_axis_that_is_not_an_int_raises():

@@ -21,36 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checks import (Scalar, check_callable, check_int, check_nonnegative, check_positive_int,
+                      check_real)
 from ..functional import elementwise as maps
 from ..functional.elementwise import KernelMap
 from ..kernel import Kernel
-from .module import Layer, Scalar, check_nonnegative, check_positive_int
+from .module import Layer
 from .requirements import Diagonal, Requirements
 
 NngpFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _check_real(value: Scalar, arg: str, layer_name: str) -> None:
-    """Raise unless `value` is a finite float or a finite scalar tensor."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{layer_name}: {arg} must be a scalar, "
-                             f"got shape {tuple(value.shape)}")
-        number = float(value.detach())
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        raise TypeError(f"{layer_name}: {arg} must be a float or a scalar tensor, "
-                        f"got {type(value).__name__}")
-    if not math.isfinite(number):
-        raise ValueError(f"{layer_name}: {arg} must be finite, got {number}")
-
-
-def _check_degree(degree: int, layer_name: str, max_degree: int | None = None) -> None:
-    valid = isinstance(degree, int) and not isinstance(degree, bool) and degree >= 0
-    if not valid or (max_degree is not None and degree > max_degree):
-        expected = "an integer >= 0" if max_degree is None else f"an integer in 0..{max_degree}"
-        raise ValueError(f"{layer_name}: degree must be {expected}, got {degree!r}")
 
 
 class Elementwise(Layer):
@@ -68,9 +47,7 @@ class Elementwise(Layer):
                  nngp_fn: NngpFn | None = None, d_nngp_fn: NngpFn | None = None) -> None:
         super().__init__()
         for arg, value in (('fn', fn), ('nngp_fn', nngp_fn), ('d_nngp_fn', d_nngp_fn)):
-            if value is not None and not callable(value):
-                raise TypeError(f"{self._name()}: {arg} must be a function or None, got "
-                                f"{type(value).__name__}")
+            check_callable(value, arg, self._name(), allow_none=True)
         self.fn, self.nngp_fn, self.d_nngp_fn = fn, nngp_fn, d_nngp_fn
 
     @property
@@ -159,7 +136,7 @@ class ABRelu(Elementwise):
     def __init__(self, a: Scalar, b: Scalar, do_stabilize: bool = False) -> None:
         super().__init__()
         for arg, value in (('a', a), ('b', b)):
-            _check_real(value, arg, self._name())
+            check_real(value, arg, self._name())
         self.a, self.b, self.do_stabilize = a, b, do_stabilize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,7 +165,7 @@ class LeakyRelu(ABRelu):
     """`φ(x) = max(x, 0) + alpha·min(x, 0)`."""
 
     def __init__(self, alpha: float, do_stabilize: bool = False) -> None:
-        _check_real(alpha, 'alpha', self._name())   # named as the user wrote it, not as ABRelu's a
+        check_real(alpha, 'alpha', self._name())   # named as the user wrote it, not as ABRelu's a
         super().__init__(alpha, 1., do_stabilize)
 
 
@@ -205,7 +182,7 @@ class Erf(Elementwise):
     def __init__(self, a: Scalar = 1., b: Scalar = 1., c: Scalar = 0.) -> None:
         super().__init__()
         for arg, value in (('a', a), ('b', b), ('c', c)):
-            _check_real(value, arg, self._name())
+            check_real(value, arg, self._name())
         self.a, self.b, self.c = a, b, c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,7 +220,7 @@ class RectifiedMonomial(Elementwise):
 
     def __init__(self, degree: int) -> None:
         super().__init__()
-        _check_degree(degree, self._name())
+        check_int(degree, 'degree', self._name(), minimum=0)
         self.degree = degree
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,7 +262,7 @@ class Sin(Elementwise):
     def __init__(self, a: Scalar = 1., b: Scalar = 1., c: Scalar = 0.) -> None:
         super().__init__()
         for arg, value in (('a', a), ('b', b), ('c', c)):
-            _check_real(value, arg, self._name())
+            check_real(value, arg, self._name())
         self.a, self.b, self.c = a, b, c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -346,7 +323,7 @@ class Exp(Elementwise):
     def __init__(self, a: Scalar = 1., b: Scalar = 1.) -> None:
         super().__init__()
         for arg, value in (('a', a), ('b', b)):
-            _check_real(value, arg, self._name())
+            check_real(value, arg, self._name())
         self.a, self.b = a, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -384,7 +361,7 @@ class ExpNormalized(Elementwise):
     def __init__(self, gamma: Scalar = 1., shift: Scalar = -1., do_clip: bool = False) -> None:
         super().__init__()
         for arg, value in (('gamma', gamma), ('shift', shift)):
-            _check_real(value, arg, self._name())
+            check_real(value, arg, self._name())
         self.gamma, self.shift, self.do_clip = gamma, shift, do_clip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -410,7 +387,7 @@ class Hermite(Elementwise):
 
     def __init__(self, degree: int) -> None:
         super().__init__()
-        _check_degree(degree, self._name())
+        check_int(degree, 'degree', self._name(), minimum=0)
         self.degree = degree
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -440,11 +417,14 @@ class Polynomial(Elementwise):
         super().__init__()
         if isinstance(coef, torch.Tensor):
             coef = list(coef.unbind()) if coef.ndim == 1 else coef
-        if not isinstance(coef, Sequence) or len(coef) == 0:
+        if not isinstance(coef, Sequence):
+            raise TypeError(f"{self._name()}: coef must be a non-empty sequence of numbers, "
+                            f"got {coef!r}")
+        if len(coef) == 0:
             raise ValueError(f"{self._name()}: coef must be a non-empty sequence of numbers, "
                              f"got {coef!r}")
         for k, value in enumerate(coef):
-            _check_real(value, f"coef[{k}]", self._name())
+            check_real(value, f"coef[{k}]", self._name())
         self.coef = tuple(coef)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -464,7 +444,7 @@ class Monomial(Polynomial):
     """`φ(x) = x^degree`, `degree` in 0..5 as in neural-tangents (a `Polynomial`)."""
 
     def __init__(self, degree: int) -> None:
-        _check_degree(degree, self._name(), max_degree=5)
+        check_int(degree, 'degree', self._name(), minimum=0, maximum=5)
         super().__init__([0.] * degree + [1.])
         self.degree = degree
 
