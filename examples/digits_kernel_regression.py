@@ -176,6 +176,9 @@ def compare_with_cnn(fc_model: stax.Layer, x_train: torch.Tensor, y_train: torch
         # only the tiles on and above the diagonal.
         ntk_fn = torchntk.batch(model.kernel_fn, batch_size=40)
         k_train_train = ntk_fn(inputs(x_train), None, get='ntk').double()
+        # A float32 kernel is symmetric to float32 rounding only, and gp_inference
+        # refuses a float64 matrix that is not symmetric to float64 rounding.
+        k_train_train = 0.5 * (k_train_train + k_train_train.T)
         k_test_train = ntk_fn(inputs(x_test), inputs(x_train), get='ntk').double()
         prediction = predict.gp_inference(k_train_train, y_train, diag_reg=diag_reg)(
             'ntk', k_test_train)
