@@ -9,8 +9,9 @@ from typing import Sequence
 
 import torch
 
+from ..checks import check_positive_int
 from ..kernel import Kernel
-from .module import Kernels, Layer, Masks, Shapes, check_positive_int
+from .module import Kernels, Layer, Masks, Shapes
 from .fusion import fused_runs
 from .requirements import Requirements
 

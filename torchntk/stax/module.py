@@ -23,8 +23,6 @@ from torch import nn
 
 from ..checks import (all_finite, check_flag, check_input_values, check_mask_constant,
                       type_name)
-# Still imported from here by modules that have not moved to torchntk.checks yet.
-from ..checks import SHAPES_ONLY, Scalar, check_nonnegative, check_positive_int  # noqa: F401
 from ..kernel import Kernel, Shape, input_mask, kernel_from_inputs
 from ..ops.heap import reuse_heap
 from ..outputs import KERNEL_FIELDS

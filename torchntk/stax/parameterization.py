@@ -23,7 +23,7 @@ import abc
 import dataclasses
 import math
 
-from .module import Scalar, check_positive_int
+from ..checks import Scalar, check_positive_int
 
 
 class Parameterization(abc.ABC):
