@@ -5,7 +5,6 @@
 
 #include <c10/macros/Macros.h>
 #include <c10/util/bit_cast.h>
-#include <c10/util/Exception.h>
 
 #include <cmath>
 #include <cstdint>
@@ -16,15 +15,16 @@
 
 namespace torchntk {
 
-// Conv and Pool are the linear steps: Conv sums each pair of positions along
-// the diagonals of its window, Pool over the whole box (both positions vary).
-enum StepKind : int { kConv = 0, kABRelu = 1, kPool = 2 };
+// Affine and Pool are the linear steps: Affine sums each pair of positions
+// along the diagonals of its window, Pool over the whole box (both positions
+// vary). Read from Python's step records by conv_chain.cpp (read_steps).
+enum StepKind : int { kAffine, kABRelu, kPool };
 constexpr int kMaxSpatial = 3;
 
 // One step, trivially copyable so that the CUDA kernels can read it.
 struct Step {
   int kind;
-  // Conv: nngp' = α·A(nngp) + β, ntk' = γ·A(nngp) + α·A(ntk) + δ, with A the
+  // Affine: nngp' = α·A(nngp) + β, ntk' = γ·A(nngp) + α·A(ntk) + δ, with A the
   // unit-variance window map (the diagonal sum over k taps divided by k), and
   // the window per spatial dimension. Pool: the same with the box sum, not
   // divided (α holds the scale, β = γ = δ = 0).
@@ -36,53 +36,6 @@ struct Step {
   // Spatial sizes before and after the step.
   int64_t in[kMaxSpatial], out[kMaxSpatial];
 };
-
-// Steps arrive from Python as numbers:
-//   conv:   [0, α, β, γ, δ, circular, n_dims, (k, stride, pad_low, pad_high) × n_dims]
-//           (a Dense layer: windows of 1, or none on flat kernels)
-//   abrelu: [1, a, b]
-//   pool:   [2, scale, 0, 0, 0, circular, n_dims, (k, stride, pad_low, pad_high) × n_dims]
-// `sizes` are the input's spatial sizes; each step records its own.
-inline std::vector<Step> parse_steps(const std::vector<std::vector<double>>& encoded,
-                                     std::vector<int64_t> sizes) {
-  const int64_t n_dims = sizes.size();
-  TORCH_CHECK(n_dims >= 0 && n_dims <= kMaxSpatial, "conv_chain: 0 to 3 spatial dimensions, got ",
-              n_dims);
-  std::vector<Step> steps;
-  for (const auto& values : encoded) {
-    TORCH_CHECK(!values.empty(), "conv_chain: empty step");
-    Step step{};
-    for (int64_t d = 0; d < n_dims; ++d) step.in[d] = sizes[d];
-    if (values[0] == kConv || values[0] == kPool) {
-      TORCH_CHECK(values.size() == 7 + 4 * static_cast<size_t>(n_dims) && values[6] == n_dims,
-                  "conv_chain: a conv or pool step needs 7 + 4·", n_dims, " numbers, got ",
-                  values.size());
-      step.kind = static_cast<int>(values[0]);
-      step.alpha = values[1], step.beta = values[2], step.gamma = values[3], step.delta = values[4];
-      step.circular = values[5] != 0;
-      for (int64_t d = 0; d < n_dims; ++d) {
-        const double* window = values.data() + 7 + 4 * d;
-        step.k[d] = int64_t(window[0]), step.stride[d] = int64_t(window[1]);
-        step.pad_low[d] = int64_t(window[2]), step.pad_high[d] = int64_t(window[3]);
-        TORCH_CHECK(step.k[d] >= 1 && step.stride[d] >= 1 && step.pad_low[d] >= 0 &&
-                        step.pad_high[d] >= 0 && sizes[d] + step.pad_low[d] + step.pad_high[d] >= step.k[d],
-                    "conv_chain: invalid window ", step.k[d], " on size ", sizes[d]);
-        sizes[d] = output_size(sizes[d], step.k[d], step.stride[d], step.pad_low[d], step.pad_high[d]);
-      }
-    } else if (values[0] == kABRelu) {
-      TORCH_CHECK(values.size() == 3, "conv_chain: an abrelu step needs 3 numbers");
-      step.kind = kABRelu;
-      const double a = values[1], b = values[2];
-      step.k1 = (a - b) * (a - b) / (2 * M_PI);
-      step.c0 = (a * a + b * b) / 2 - step.k1 * M_PI / 2;
-    } else {
-      TORCH_CHECK(false, "conv_chain: unknown step kind ", values[0]);
-    }
-    for (int64_t d = 0; d < n_dims; ++d) step.out[d] = sizes[d];
-    steps.push_back(step);
-  }
-  return steps;
-}
 
 // Π sizes (positions) or Π sizes² (entries of a pair's covariance).
 C10_HOST_DEVICE inline int64_t positions_of(const int64_t* sizes, int n_dims) {

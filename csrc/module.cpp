@@ -1,5 +1,6 @@
 // The Python module torchntk._C.
 #include "extension.h"
+#include "huge_pages.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torchntk's compiled kernels: diagonal_conv and its adjoint (CPU, and CUDA if "
@@ -12,7 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("grad"), pybind11::arg("size"), pybind11::arg("k"), pybind11::arg("stride"),
         pybind11::arg("pad_low"), pybind11::arg("pad_high"), pybind11::arg("circular"));
   m.def("conv_chain_self", &torchntk::conv_chain_self,
-        "(cov, steps, with_covariance) -> [cov_out or None, variances at each nonlinearity]",
+        "(cov, steps, with_covariance) -> [cov_out or None, variances at each nonlinearity]; "
+        "steps: records of torchntk.ops.conv_chain (AffineStep, PoolStep, ABReluStep)",
         pybind11::arg("cov"), pybind11::arg("steps"), pybind11::arg("with_covariance") = true);
   m.def("conv_chain_pairs", &torchntk::conv_chain_pairs,
         "(nngp, ntk, var1, var2, steps, symmetric) -> [nngp_out, ntk_out]; symmetric: the "

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from torchntk import stax
+from torchntk.functional import elementwise as maps
 from torchntk.ops import conv_chain
 from torchntk.stax.fusion import FusedRun, fused_runs
 
@@ -287,3 +288,48 @@ def test_subclasses_and_a_nonlinearity_first_are_not_fused():
 
     relu, my_relu, conv_a = stax.Relu(), MyRelu(), conv()
     assert fused_runs([relu, conv_a, my_relu]) == [relu, conv_a, my_relu]
+
+
+class DoubledRelu(stax.Elementwise):
+    """φ(x) = 2·max(x, 0), a nonlinearity defined outside torchntk that joins
+    the fused chain through its own `chain_step_kind` and `chain_step` alone."""
+
+    def __init__(self):
+        super().__init__(fn=lambda x: 2 * torch.relu(x))
+
+    def kernel_map(self, cov12, var1, var2, with_derivative):
+        return maps.abrelu(cov12, var1, var2, 0., 2., with_derivative)
+
+    @property
+    def chain_step_kind(self):
+        return conv_chain.ABReluStep
+
+    def chain_step(self, input_shape):
+        return conv_chain.ABReluStep(a=0., b=2.)
+
+
+@needs_chain
+def test_a_nonlinearity_joins_the_chain_through_its_own_step(chain_calls):
+    layers = [conv(), DoubledRelu(), conv(padding='VALID'), DoubledRelu()]
+    x1, x2 = gaussian(3, 2, 6, 5, seed=13), gaussian(2, 2, 6, 5, seed=14)
+    actual = stax.serial(*layers).kernel_fn(x1, x2, diagonal_spatial=False)
+    assert chain_calls['chain_pairs'] == 1
+    assert_same_kernels(actual, layer_by_layer(layers, x1, x2), 1e-13)
+
+
+def test_the_steps_of_conv_and_pooling_carry_their_padding():
+    """'SAME' pads a window of k with stride s on X positions by
+    (out − 1)·s + k − X in all, out = ceil(X / s), the odd one high:
+    4 taps on 6 positions by (1, 2), 3 taps with stride 2 on 7 by (1, 1)."""
+    layer = stax.Conv(4, (4, 3), strides=(1, 2), padding='SAME', W_std=1.5, b_std=0.5)
+    step = layer.chain_step((2, 3, 6, 7))
+    assert step.windows == (conv_chain.Window(4, 1, 1, 2), conv_chain.Window(3, 2, 1, 1))
+    assert (step.W_var, step.b_var, step.circular) == (2.25, 0.25, False)
+    pool = stax.AvgPool((2, 3), padding='CIRCULAR').chain_step((2, 3, 6, 7))
+    assert pool.windows == (conv_chain.Window(2, 1, 0, 1), conv_chain.Window(3, 1, 1, 1))
+    assert pool.circular and pool.scale == 1 / 36
+
+
+def test_a_layer_has_no_step_on_inputs_of_another_rank():
+    assert conv(n_spatial=2).chain_step((2, 3, 6)) is None
+    assert stax.AvgPool((2, 2)).chain_step((2, 3)) is None

@@ -43,8 +43,9 @@ class Serial(Layer):
         return x
 
     def kernel_rule(self, k: Kernels) -> Kernels:
-        # Runs of Conv and ReLU-like layers go through the extension's fused
-        # chain where it applies (stax/fusion.py); it falls back to the layers.
+        # Runs of layers that describe a chain step (affine, pooling, ReLU-like)
+        # go through the extension's fused chain where it applies
+        # (stax/fusion.py); it falls back to the layers.
         for item in fused_runs(list(self.children())):
             k = item.propagate(k)
         return k

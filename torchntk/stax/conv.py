@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..checks import Scalar, check_choice, check_input_rank, check_window
 from ..functional import conv as conv_maps
 from ..kernel import Kernel, Shape
+from ..ops import conv_chain
 from .finite_conv import conv_transpose, pad_input, window_centre_mask
 from .linear import Affine
 from .requirements import Bool, Diagonal, Requirements
@@ -108,6 +109,19 @@ class Conv(_Conv):
     def cov_map(self, cov: torch.Tensor, batch_ndim: int, diagonal_spatial: bool) -> torch.Tensor:
         return conv_maps.conv(cov, batch_ndim, diagonal_spatial, self.filter_shape, self.strides,
                               self.padding)
+
+    @property
+    def chain_step_kind(self) -> type[conv_chain.AffineStep] | None:
+        # The exact type: a subclass may change the rule.
+        return conv_chain.AffineStep if type(self) is Conv else None
+
+    def chain_step(self, input_shape: Shape) -> conv_chain.AffineStep | None:
+        if len(input_shape) != self.n_spatial + 2:
+            return None   # the layer's own rule raises the error
+        windows = tuple(
+            conv_chain.Window(k, stride, *conv_maps.conv_padding(size, k, stride, self.padding))
+            for size, k, stride in zip(input_shape[2:], self.filter_shape, self.strides))
+        return self._affine_chain_step(input_shape[1], self.padding == 'CIRCULAR', windows)
 
 
 class ConvTranspose(_Conv):

@@ -25,7 +25,8 @@ from ..checks import (Scalar, check_callable, check_int, check_nonnegative, chec
                       check_real)
 from ..functional import elementwise as maps
 from ..functional.elementwise import KernelMap
-from ..kernel import Kernel
+from ..kernel import Kernel, Shape
+from ..ops import conv_chain
 from .module import Layer
 from .requirements import Diagonal, Requirements
 
@@ -149,6 +150,17 @@ class ABRelu(Elementwise):
         nngp, d_nngp = maps.abrelu(cov12 / scale, var1 / scale, var2 / scale, self.a, self.b,
                                    with_derivative)
         return nngp * scale, d_nngp
+
+    @property
+    def chain_step_kind(self) -> type[conv_chain.ABReluStep] | None:
+        # The exact types (a subclass may change the rule), unstabilized.
+        fused = type(self) in (ABRelu, Relu, LeakyRelu, Abs) and not self.do_stabilize
+        return conv_chain.ABReluStep if fused else None
+
+    def chain_step(self, input_shape: Shape) -> conv_chain.ABReluStep | None:
+        if conv_chain.needs_gradient(self.a, self.b):
+            return None
+        return conv_chain.ABReluStep(float(self.a), float(self.b))
 
     def extra_repr(self) -> str:
         return f"a={self.a}, b={self.b}" + (", do_stabilize=True" if self.do_stabilize else "")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import abc
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..checks import Scalar, check_nonnegative, check_positive_int
 from ..kernel import Kernel, Shape
+from ..ops import conv_chain
 from .module import Layer
 from .parameterization import Parameterization, make_parameterization
 from .requirements import Diagonal, Requirements
@@ -142,6 +144,20 @@ class Affine(Layer, abc.ABC):
                               shape1=self.output_shape(k.shape1),
                               shape2=self.output_shape(k.shape2))
 
+    def _affine_chain_step(self, in_chan: int, circular: bool,
+                           windows: Sequence[conv_chain.Window]) -> conv_chain.AffineStep | None:
+        """This layer's rule as a fused chain's step (`chain_step`), `A` summing
+        over `windows`; `None` where autograd is to reach W_std or b_std (the
+        chain has no backward)."""
+        if conv_chain.needs_gradient(self.W_std, self.b_std):
+            return None
+        W_std, b_std = float(self.W_std), 0. if self.b_std is None else float(self.b_std)
+        W_var, b_var = W_std * W_std, b_std * b_std   # inf where they overflow, as in kernel_rule
+        gamma, delta = self.parameterization.ntk_coefficients(
+            W_var, b_var, self.fan_in(in_chan), self.b_std is not None)
+        return conv_chain.AffineStep(W_var, b_var, float(gamma), float(delta), circular,
+                                     tuple(windows))
+
     def hyperparameters_repr(self) -> str:
         return f"W_std={self.W_std}, b_std={self.b_std}" + self.parameterization.extra_repr()
 
@@ -215,6 +231,16 @@ class Dense(Affine):
 
     def cov_map(self, cov: torch.Tensor, batch_ndim: int, diagonal_spatial: bool) -> torch.Tensor:
         return cov
+
+    @property
+    def chain_step_kind(self) -> type[conv_chain.AffineStep] | None:
+        # The exact type: a subclass may change the rule.
+        return conv_chain.AffineStep if type(self) is Dense else None
+
+    def chain_step(self, input_shape: Shape) -> conv_chain.AffineStep | None:
+        position = conv_chain.Window(size=1, stride=1, pad_low=0, pad_high=0)
+        return self._affine_chain_step(input_shape[1], False,
+                                       (position,) * (len(input_shape) - 2))
 
     def extra_repr(self) -> str:
         return f"{self.out_dim}, {self.hyperparameters_repr()}"

@@ -24,6 +24,7 @@ from torch import nn
 from ..checks import (all_finite, check_flag, check_input_values, check_mask_constant,
                       type_name)
 from ..kernel import Kernel, Shape, input_mask, kernel_from_inputs
+from ..ops.conv_chain import ChainStep
 from ..ops.heap import reuse_heap
 from ..outputs import KERNEL_FIELDS
 from .requirements import Requirements, report_input_kernels, resolve_layout
@@ -81,6 +82,19 @@ class Layer(nn.Module):
         both broadcastable to the activations (for fan-in layers lists, with
         `None` for a branch without a mask); by default it passes unchanged."""
         return mask
+
+    @property
+    def chain_step_kind(self) -> type[ChainStep] | None:
+        """The record class of this layer's step in a fused chain
+        (`torchntk.ops.conv_chain`; `torchntk.stax.fusion` runs them), or
+        `None` (the default) where the layer never joins one."""
+        return None
+
+    def chain_step(self, input_shape: Shape) -> ChainStep | None:
+        """This layer's rule as a step of a fused chain, a record of
+        `chain_step_kind`, for inputs of `input_shape`; `None` where it cannot
+        join for these inputs (its own `kernel_rule` runs instead)."""
+        return None
 
     def propagate(self, k: Kernels) -> Kernels:
         """Check `k` against this layer's needs, apply `kernel_rule`, then the masks."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..checks import check_choice, check_flag, check_input_rank, check_window
 from ..functional import conv as conv_maps
 from ..kernel import Kernel, Shape, position_mask
+from ..ops import conv_chain
 from .finite_conv import pad_input, window_centre_mask
 from .module import Layer
 from .requirements import Bool, Diagonal, Requirements
@@ -81,6 +82,23 @@ class _Pool(Layer):
         positions = position_mask(mask, input_shape, self._name()).unsqueeze(1)
         return window_centre_mask(positions, input_shape[2:], self.window_shape, self.strides,
                                   self.padding)
+
+    @property
+    def chain_step_kind(self) -> type[conv_chain.PoolStep] | None:
+        # The exact types (a subclass may change the rule), and no averages
+        # normalized at 'SAME' edges (divided per position, not by one scale).
+        fused = type(self) in (AvgPool, SumPool) and not (
+            self.normalize_edges and self.padding == 'SAME')
+        return conv_chain.PoolStep if fused else None
+
+    def chain_step(self, input_shape: Shape) -> conv_chain.PoolStep | None:
+        if len(input_shape) != self.n_spatial + 2:
+            return None   # the layer's own rule raises the error
+        windows = tuple(
+            conv_chain.Window(k, stride, *conv_maps.conv_padding(size, k, stride, self.padding))
+            for size, k, stride in zip(input_shape[2:], self.window_shape, self.strides))
+        scale = 1 / math.prod(self.window_shape)**2 if self.average else 1.
+        return conv_chain.PoolStep(scale, self.padding == 'CIRCULAR', windows)
 
     def extra_repr(self) -> str:
         text = f"{self.window_shape}"
