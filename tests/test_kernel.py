@@ -297,3 +297,11 @@ def test_map_covariances_gives_each_field_its_batch_axes_and_passes_scalar_ntk(x
     assert seen == [((4, 4), 2), ((4, 4), 2)]   # nngp and cov1; not the scalar NTK, not None
     torch.testing.assert_close(mapped.nngp, 2 * x1 @ x1.T / 6, rtol=1e-14, atol=0)
     assert mapped.ntk is kernel.ntk and mapped.cov2 is None
+
+
+def test_map_covariances_replaces_other_fields_in_the_same_copy(x1):
+    kernel = stax.Identity().kernel_fn(x1)
+    mapped = kernel.map_covariances(lambda cov, _: -cov, ('cov1',), is_gaussian=True,
+                                    shape1=(4, 1))
+    torch.testing.assert_close(mapped.cov1, -(x1**2).mean(1), rtol=1e-14, atol=0)
+    assert mapped.nngp is kernel.nngp and mapped.is_gaussian and mapped.shape1 == (4, 1)

@@ -102,18 +102,19 @@ class Kernel:
         return 1 if self.diagonal_batch else 2
 
     def map_covariances(self, rule: Callable[[torch.Tensor, int], torch.Tensor],
-                        fields: Sequence[str] = COVARIANCES) -> Kernel:
+                        fields: Sequence[str] = COVARIANCES, **changes: Any) -> Kernel:
         """The kernel with `rule(cov, batch_ndim)` applied to each covariance
-        field in `fields`: `nngp` and `ntk` have 2 leading batch axes,
-        `cov1` and `cov2` `cov_batch_ndim`. Absent fields (`None`) stay absent,
-        and a 0-dim field (the scalar zero NTK of the inputs) passes through:
-        every linear map of a layer leaves that zero a zero."""
-        def apply(t: torch.Tensor | None, batch_ndim: int) -> torch.Tensor | None:
-            return t if t is None or t.ndim == 0 else rule(t, batch_ndim)
-
-        return self.replace(**{name: apply(getattr(self, name),
-                                           2 if name in ('nngp', 'ntk') else self.cov_batch_ndim)
-                               for name in fields})
+        field in `fields` and the other fields in `changes` replaced (one
+        copy): `nngp` and `ntk` have 2 leading batch axes, `cov1` and `cov2`
+        `cov_batch_ndim`. Absent fields (`None`) stay absent, and a 0-dim
+        field (the scalar zero NTK of the inputs) passes through: every linear
+        map of a layer leaves that zero a zero."""
+        cov_batch_ndim = self.cov_batch_ndim
+        for name in fields:
+            t = getattr(self, name)
+            if t is not None and t.ndim != 0:
+                changes[name] = rule(t, 2 if name in ('nngp', 'ntk') else cov_batch_ndim)
+        return self.replace(**changes)
 
     def slice_examples(self, rows1: slice, rows2: slice) -> Kernel:
         """The kernel of the examples `x1[rows1]` and `x2[rows2]`. A mask whose

@@ -214,6 +214,6 @@ class ConvLocal(_Conv):
         # The bias too is independent across positions: the whole rule runs on
         # the spatial diagonal, and the off-diagonal covariances are zero.
         on_diagonal = super().kernel_rule(
-            k.map_covariances(conv_maps.spatial_diagonal).replace(diagonal_spatial=True))
-        return on_diagonal.map_covariances(conv_maps.embed_spatial_diagonal).replace(
-            diagonal_spatial=False)
+            k.map_covariances(conv_maps.spatial_diagonal, diagonal_spatial=True))
+        return on_diagonal.map_covariances(conv_maps.embed_spatial_diagonal,
+                                           diagonal_spatial=False)

@@ -49,9 +49,9 @@ class Dropout(Layer):
             return cov * _where_factor(mask, factor, cov.dtype)
 
         # The scalar NTK of the inputs becomes a full (N1, N2, …) kernel here, as nngp's factor.
-        return k.map_covariances(scale_cov, ('cov1', 'cov2')).replace(
-            nngp=k.nngp * nngp_factor, ntk=None if k.ntk is None else k.ntk * nngp_factor,
-            is_gaussian=False)
+        return k.map_covariances(
+            scale_cov, ('cov1', 'cov2'), nngp=k.nngp * nngp_factor,
+            ntk=None if k.ntk is None else k.ntk * nngp_factor, is_gaussian=False)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

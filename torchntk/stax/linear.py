@@ -138,11 +138,10 @@ class Affine(Layer, abc.ABC):
                             for c in self.parameterization.ntk_coefficients(
                                 W_var, b_var, self.fan_in(k.shape1[1]), self.b_std is not None))
             ntk = torch.addcmul(torch.addcmul(delta, gamma, linear.nngp), W_var, ntk)
-        affine = linear.map_covariances(lambda cov, _: torch.addcmul(b_var, W_var, cov),
-                                        ('nngp', 'cov1', 'cov2'))
-        return affine.replace(ntk=ntk, is_gaussian=True, iid_channels=True,
-                              shape1=self.output_shape(k.shape1),
-                              shape2=self.output_shape(k.shape2))
+        return linear.map_covariances(
+            lambda cov, _: torch.addcmul(b_var, W_var, cov), ('nngp', 'cov1', 'cov2'), ntk=ntk,
+            is_gaussian=True, iid_channels=True, shape1=self.output_shape(k.shape1),
+            shape2=self.output_shape(k.shape2))
 
     def _affine_chain_step(self, in_chan: int, circular: bool,
                            windows: Sequence[conv_chain.Window]) -> conv_chain.AffineStep | None:

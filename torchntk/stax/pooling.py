@@ -75,8 +75,8 @@ class _Pool(Layer):
         return k.map_covariances(
             lambda cov, batch_ndim: conv_maps.pool(cov, batch_ndim, k.diagonal_spatial,
                                                    self.window_shape, self.strides, self.padding,
-                                                   self.average, self.normalize_edges)
-        ).replace(shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
+                                                   self.average, self.normalize_edges),
+            shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
 
     def mask_rule(self, mask: torch.Tensor, input_shape: Shape) -> torch.Tensor:
         positions = position_mask(mask, input_shape, self._name()).unsqueeze(1)
@@ -258,9 +258,9 @@ class Flatten(Layer):
         return mask.expand(input_shape).reshape(input_shape[0], -1)
 
     def kernel_rule(self, k: Kernel) -> Kernel:
-        flat = k.map_covariances(lambda cov, batch_ndim: conv_maps.flatten(cov, batch_ndim,
-                                                                          k.diagonal_spatial))
-        return flat.replace(is_gaussian=False, diagonal_spatial=False,
-                            # Features at different positions have different kernels.
-                            iid_channels=k.iid_channels and math.prod(k.spatial1) == 1,
-                            shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
+        return k.map_covariances(
+            lambda cov, batch_ndim: conv_maps.flatten(cov, batch_ndim, k.diagonal_spatial),
+            is_gaussian=False, diagonal_spatial=False,
+            # Features at different positions have different kernels.
+            iid_channels=k.iid_channels and math.prod(k.spatial1) == 1,
+            shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))

@@ -88,8 +88,8 @@ class ImageResize(Layer):
     def kernel_rule(self, k: Kernel) -> Kernel:
         matrices = self._matrices(k.shape1, k.nngp)
         return k.map_covariances(
-            lambda cov, batch_ndim: conv_maps.resize(cov, batch_ndim, k.diagonal_spatial, matrices)
-        ).replace(shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
+            lambda cov, batch_ndim: conv_maps.resize(cov, batch_ndim, k.diagonal_spatial, matrices),
+            shape1=self.output_shape(k.shape1), shape2=self.output_shape(k.shape2))
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, method={self.method!r}, antialias={self.antialias}"
