@@ -19,7 +19,7 @@ import torch
 from ..checks import check_int, check_positive_int
 from ..functional import conv as conv_maps
 from ..kernel import Kernel, Shape
-from .module import Layer, Masks
+from .module import Layer
 
 
 class FanOut(Layer):
