@@ -41,6 +41,16 @@ to every output tensor.
 
 Besides the kernels, `linearize` and `taylor_expand` give the Taylor
 expansions of a model in its parameters.
+
+The files: `functions` (the kernel functions), `taylor` (the expansions),
+`inputs` (argument checks), `model` (the model's forward with given
+parameters: traced, probed, failures explained), `vmap_axes` (where the
+examples are), `analysis` (what forward passes find on the two inputs),
+`task` (`NtkTask`, the kernel to compute, as the implementations read it),
+`implementations` (the three), `jacobians`, `structured` (rules of layers
+affine in their parameters), `layer_stack` (the reverse pass through an
+`nn.Sequential` stack), `contraction` (output contractions and einsum
+plans), `cost` (FLOP estimates and the contraction-order search).
 """
 
 from .functions import (DEFAULT_CHUNK_BYTES, EmpiricalKernel, empirical_kernel_fn,

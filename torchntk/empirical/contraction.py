@@ -111,23 +111,25 @@ class OutputContraction:
         if trace & diagonal:
             raise ValueError(f"{caller}: trace_axes {tuple(trace_axes)} and diagonal_axes "
                              f"{tuple(diagonal_axes)} must not overlap")
-        self.ndim = out_ndim
-        letters = iter(string.ascii_uppercase + string.ascii_lowercase[:10])
-        self.side1, self.side2, self.result = '', '', ''
+        alphabet = iter(string.ascii_uppercase + string.ascii_lowercase[:10])
+        letters1, letters2, result = '', '', ''
         for axis in range(out_ndim):
-            a = next(letters)
-            b = a if axis in trace | diagonal else next(letters)
-            self.side1 += a
-            self.side2 += b
+            a = next(alphabet)
+            b = a if axis in trace | diagonal else next(alphabet)
+            letters1 += a
+            letters2 += b
             if axis in diagonal:
-                self.result += a
+                result += a
             elif axis not in trace:
-                self.result += a + b
+                result += a + b
+        #: The letters of the output axes on each side, and of the kernel's axes.
+        self.letters1, self.letters2, self.result = letters1, letters2, result
+        self.ndim = out_ndim
         self.trace = sorted(trace)
 
     def paired_axes(self) -> list[int]:
         """Traced and diagonal axes: the two outputs must agree in size on them."""
-        return [i for i, (a, b) in enumerate(zip(self.side1, self.side2)) if a == b]
+        return [i for i, (a, b) in enumerate(zip(self.letters1, self.letters2)) if a == b]
 
     def normalized(self, kernel: torch.Tensor, out_shape: Sequence[int]) -> torch.Tensor:
         """`kernel` divided by the size of the traced axes of `out_shape`."""
@@ -138,7 +140,7 @@ class OutputContraction:
         """Contract `(*out1, *P)` with `(*out2, *P)` over `P` and the traced axes
         (summed, not yet `normalized`)."""
         params = string.ascii_lowercase[26 - n_param_dims:]
-        spec = f"{self.side1}{params},{self.side2}{params}->{self.result}"
+        spec = f"{self.letters1}{params},{self.letters2}{params}->{self.result}"
         return einsum_pair(spec, t1, t2)
 
     def multiply_adds(self, shape1: Sequence[int], shape2: Sequence[int]) -> int:
@@ -162,15 +164,15 @@ class OutputContraction:
         """
         (out1, rows1), (out2, rows2) = shapes
         batch1, batch2 = ('', '') if batch_axis is None else \
-            (self.side1[batch_axis], self.side2[batch_axis])
+            (self.letters1[batch_axis], self.letters2[batch_axis])
         g1, g2 = (cotangent_layout.replace('R', rows).replace('G', 'y').replace('J', 'w')
                   for rows in ('z', 'v'))
-        terms = [self.side1 + g1, f"{batch1}zyx", self.side2 + g2, f"{batch2}vyx"]
-        sizes = {**dict(zip(self.side1, out1)), **dict(zip(self.side2, out2)),
+        terms = [self.letters1 + g1, f"{batch1}zyx", self.letters2 + g2, f"{batch2}vyx"]
+        sizes = {**dict(zip(self.letters1, out1)), **dict(zip(self.letters2, out2)),
                  'z': rows1, 'v': rows2, 'y': groups, 'x': columns, 'w': outputs}
         return terms, self.result, sizes
 
     def contract_full(self, full: torch.Tensor) -> torch.Tensor:
         """Apply the traces and diagonals to a full `(*out1, *out2)` kernel."""
-        return self.normalized(torch.einsum(f"{self.side1}{self.side2}->{self.result}", full),
+        return self.normalized(torch.einsum(f"{self.letters1}{self.letters2}->{self.result}", full),
                                full.shape)

@@ -353,8 +353,8 @@ def linear_head_operands(task: NtkTask, output: int, a1: torch.Tensor, a2: torch
     contraction, axis = task.contractions[output], task.batch_axis(output)
     per_call = [i for i in range(contraction.ndim) if i != axis]
     terms, operands = [], []
-    for batch, letters, a in ((task.batch1, contraction.side1, a1),
-                              (task.batch2, contraction.side2, a2)):
+    for batch, letters, a in ((task.batch1, contraction.letters1, a1),
+                              (task.batch2, contraction.letters2, a2)):
         batch_letter = '' if axis is None else letters[axis]
         rows = [batch.out_shapes[output][i] for i in per_call[:-1]]
         terms.append(batch_letter + ''.join(letters[i] for i in per_call[:-1]) + 'yx')
@@ -362,8 +362,8 @@ def linear_head_operands(task: NtkTask, output: int, a1: torch.Tensor, a2: torch
                                   *a.shape[len(batch_letter) + 1:]))
     features = task.batch1.out_shapes[output][per_call[-1]]
     eye = torch.eye(features, dtype=a1.dtype, device=a1.device)
-    delta = ''.join(dict.fromkeys(contraction.side1[per_call[-1]]
-                                  + contraction.side2[per_call[-1]]))
+    delta = ''.join(dict.fromkeys(contraction.letters1[per_call[-1]]
+                                  + contraction.letters2[per_call[-1]]))
     terms.append(delta)
     operands.append(eye if len(delta) == 2 else eye.new_ones(features))
     return terms, contraction.result, tuple(operands)
