@@ -52,6 +52,11 @@ FIELD_ROLES = {'nngp': 'pair', 'ntk': 'pair', 'cov1': 'cov1', 'cov2': 'cov2',
 class Kernel:
     """Immutable record of the kernels of a layer's outputs; change it with `replace`.
 
+    It owns its layout: `map_covariances` applies a layer's covariance rule to
+    every covariance field with that field's batch axes, `transpose` gives the
+    kernel of the swapped batches (`transpose_pair` for one pair field), and
+    `slice_examples` the kernel of some examples of each batch.
+
     Attributes:
         nngp: covariance of the outputs on `x1` and on `x2` (the NNGP kernel).
         ntk: the neural tangent kernel between `x1` and `x2`, or `None` when not
