@@ -17,16 +17,18 @@ from .cost import contraction_order
 def output_contractions(shapes1: Sequence[Sequence[int]], shapes2: Sequence[Sequence[int]],
                          trace_axes: Sequence[int], diagonal_axes: Sequence[int], caller: str
                          ) -> list[OutputContraction]:
-    specs = []
+    """The contraction of each pair of output tensors of shapes `shapes1[i]`
+    and `shapes2[i]`, which must agree on the traced and diagonal axes."""
+    contractions = []
     for shape1, shape2 in zip(shapes1, shapes2):
-        spec = OutputContraction(len(shape1), trace_axes, diagonal_axes, caller)
-        for axis in spec.paired_axes():
+        contraction = OutputContraction(len(shape1), trace_axes, diagonal_axes, caller)
+        for axis in contraction.paired_axes():
             if len(shape1) != len(shape2) or shape1[axis] != shape2[axis]:
                 raise ValueError(f"{caller}: outputs of shapes {tuple(shape1)} and {tuple(shape2)} "
                                  f"differ on axis {axis}, which is in trace_axes "
                                  f"{tuple(trace_axes)} or diagonal_axes {tuple(diagonal_axes)}")
-        specs.append(spec)
-    return specs
+        contractions.append(contraction)
+    return contractions
 
 
 def cheapest_einsum(terms: Sequence[str], result: str, tensors: Sequence[torch.Tensor],

@@ -58,13 +58,14 @@ def empirical_nngp_fn(model: nn.Module, trace_axes: Sequence[int] = (-1,),
         else:
             with failures_explained(caller, 'x2', model, params, x2, kwargs2):
                 out2 = apply_model(model, params, x2, kwargs2)
-        leaves1, tree = output_tensors(out1, 'empirical_nngp_fn')
-        leaves2 = output_tensors(out2, 'empirical_nngp_fn', tree)[0]
-        specs = output_contractions([o.shape for o in leaves1], [o.shape for o in leaves2],
-                                     trace_axes, diagonal_axes, caller)
-        return pytree.tree_unflatten([spec.normalized(spec.contract(f1, f2, n_param_dims=0),
-                                                      f1.shape)
-                                      for spec, f1, f2 in zip(specs, leaves1, leaves2)], tree)
+        outputs1, tree = output_tensors(out1, caller)
+        outputs2 = output_tensors(out2, caller, tree)[0]
+        contractions = output_contractions([o.shape for o in outputs1],
+                                           [o.shape for o in outputs2], trace_axes,
+                                           diagonal_axes, caller)
+        return pytree.tree_unflatten(
+            [contraction.normalized(contraction.contract(f1, f2, n_param_dims=0), f1.shape)
+             for contraction, f1, f2 in zip(contractions, outputs1, outputs2)], tree)
     return nngp_fn
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..functional.conv import same_padding
 from ..ops.products import einsum_pair
 from ..stax.conv import Conv as StaxConv
 from ..stax.finite_conv import pad_input
@@ -185,8 +186,9 @@ class ConvRule(AffineRule):
         if m.padding == 'valid':
             return [(0, 0)] * self.n_spatial
         if m.padding == 'same':
-            totals = [dilation * (k - 1) for k, dilation in zip(m.kernel_size, m.dilation)]
-            return [(total // 2, total - total // 2) for total in totals]
+            # torch takes 'same' at stride 1 only, where the amounts do not depend on the size.
+            return [same_padding(1, dilation * (k - 1) + 1, 1)
+                    for k, dilation in zip(m.kernel_size, m.dilation)]
         return [(p, p) for p in m.padding]
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
