@@ -1,5 +1,6 @@
-"""Model analysis: the model's forward pass with given parameters, what it
-shows (output tensors, module calls, FLOPs), and failures explained."""
+"""The model's forward pass with given parameters (`functional_call`):
+applied, traced (output tensors, module calls, FLOPs), probed (cotangents of
+module outputs), watched for random draws, and its failures explained."""
 
 from __future__ import annotations
 
