@@ -8,7 +8,8 @@ pair, csrc/conv_chain_cuda.cu): first every example with itself
 (`chain_self`, which also returns the variances each nonlinearity needs), then
 every pair (`chain_pairs`). Each layer of the run describes its own step
 (`torchntk.stax.Layer.chain_step`) as one of the records below, which the
-extension reads field by field:
+extension reads field by field, its `kind` naming the arithmetic
+(csrc/conv_chain.cpp, `read_steps`):
 
     AffineStep:  nngp' = W_var·A(nngp) + b_var,  ntk' = gamma·A(nngp) + W_var·A(ntk) + delta,
     PoolStep:    nngp' = scale·B(nngp),           ntk' = scale·B(ntk),
@@ -33,9 +34,9 @@ from .extension import EXTENSION, takes
 
 @dataclasses.dataclass(frozen=True)
 class Window:
-    """A window along one spatial dimension: `size` taps `stride` apart, on
-    the axis padded by `pad_low` and `pad_high` positions (the layer's
-    padding, `torchntk.functional.conv.conv_padding`)."""
+    """A window along one spatial dimension: `size` adjacent taps, windows
+    `stride` apart, on the axis padded by `pad_low` and `pad_high` positions
+    (the layer's padding, `torchntk.functional.conv.conv_padding`)."""
 
     size: int
     stride: int
