@@ -395,6 +395,54 @@ def test_auto_falls_back_when_forward_mode_is_missing():
     torch.testing.assert_close(torchntk.empirical_ntk_fn(model)(x), expected, rtol=0, atol=ATOL)
 
 
+def mlp_with_tangent_error(error):
+    """Linear-Tanh-(2·)-Linear in float64 whose doubling raises `error` in forward mode."""
+    class Doubling(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return 2 * x
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g
+
+        @staticmethod
+        def jvp(ctx, tangent):
+            raise error
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(Doubling.apply(torch.tanh(self.hidden(x))))
+
+    torch.manual_seed(0)
+    return Model().double()
+
+
+def test_vector_products_name_an_operation_without_forward_mode():
+    model = mlp_with_tangent_error(NotImplementedError('no tangent rule'))
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"ntk_vector_products' needs forward-mode AD.*no tangent"):
+        torchntk.empirical_ntk_fn(model, implementation='ntk_vector_products')(x)
+
+
+def test_vector_products_let_a_deterministic_model_s_own_error_through():
+    # The error's text mentions randomness, but the model draws no random numbers.
+    model = mlp_with_tangent_error(RuntimeError('a random failure of the tangent'))
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.raises(RuntimeError, match='a random failure of the tangent'):
+        torchntk.empirical_ntk_fn(model, implementation='ntk_vector_products')(x)
+
+
 def test_forward_passes_and_flop_counts_run_once_per_shapes(monkeypatch):
     """The shape analysis (forward passes, FLOP count, per-example check) runs on
     the first call with given shapes and training modes, not on every call."""
