@@ -51,24 +51,33 @@ using chain::Item;
 using chain::PairChain;
 using chain::Variances;
 
+// The records' field names as Python strings, made once per call: a lookup
+// by a C string makes a new string (and hashes it) every time.
+struct FieldNames {
+  pybind11::str kind{"kind"}, W_var{"W_var"}, b_var{"b_var"}, gamma{"gamma"}, delta{"delta"},
+      scale{"scale"}, a{"a"}, b{"b"}, circular{"circular"}, windows{"windows"}, size{"size"},
+      stride{"stride"}, pad_low{"pad_low"}, pad_high{"pad_high"};
+};
+
 template <typename Value>
-Value field(const pybind11::handle& record, const char* name) {
+Value field(const pybind11::handle& record, const pybind11::str& name) {
   return record.attr(name).cast<Value>();
 }
 
 // A linear step's windows, `record.windows` (torchntk.ops.conv_chain.Window,
 // one per spatial dimension, its padding given), taking `sizes` to the
 // step's output sizes.
-void read_windows(const pybind11::handle& record, Step& step, std::vector<int64_t>& sizes) {
-  step.circular = field<bool>(record, "circular");
-  const auto windows = field<std::vector<pybind11::object>>(record, "windows");
+void read_windows(const pybind11::handle& record, const FieldNames& names, Step& step,
+                  std::vector<int64_t>& sizes) {
+  step.circular = field<bool>(record, names.circular);
+  const auto windows = field<std::vector<pybind11::object>>(record, names.windows);
   TORCH_CHECK(windows.size() == sizes.size(), "conv_chain: a step with ", windows.size(),
               " windows on ", sizes.size(), " spatial dimensions");
   for (size_t d = 0; d < sizes.size(); ++d) {
-    step.k[d] = field<int64_t>(windows[d], "size");
-    step.stride[d] = field<int64_t>(windows[d], "stride");
-    step.pad_low[d] = field<int64_t>(windows[d], "pad_low");
-    step.pad_high[d] = field<int64_t>(windows[d], "pad_high");
+    step.k[d] = field<int64_t>(windows[d], names.size);
+    step.stride[d] = field<int64_t>(windows[d], names.stride);
+    step.pad_low[d] = field<int64_t>(windows[d], names.pad_low);
+    step.pad_high[d] = field<int64_t>(windows[d], names.pad_high);
     TORCH_CHECK(step.k[d] >= 1 && step.stride[d] >= 1 && step.pad_low[d] >= 0 &&
                     step.pad_high[d] >= 0 && sizes[d] + step.pad_low[d] + step.pad_high[d] >= step.k[d],
                 "conv_chain: invalid window ", step.k[d], " on size ", sizes[d]);
@@ -84,23 +93,24 @@ std::vector<Step> read_steps(const std::vector<pybind11::object>& records,
   TORCH_CHECK(sizes.size() <= kMaxSpatial, "conv_chain: 0 to 3 spatial dimensions, got ",
               sizes.size());
   TORCH_CHECK(!records.empty(), "conv_chain: no steps");
+  const FieldNames names;
   std::vector<Step> steps;
   for (const pybind11::object& record : records) {
     Step step{};
     std::copy(sizes.begin(), sizes.end(), step.in);
-    const auto kind = field<std::string>(record, "kind");
+    const auto kind = field<std::string>(record, names.kind);
     if (kind == "affine") {
       step.kind = kAffine;
-      step.alpha = field<double>(record, "W_var"), step.beta = field<double>(record, "b_var");
-      step.gamma = field<double>(record, "gamma"), step.delta = field<double>(record, "delta");
-      read_windows(record, step, sizes);
+      step.alpha = field<double>(record, names.W_var), step.beta = field<double>(record, names.b_var);
+      step.gamma = field<double>(record, names.gamma), step.delta = field<double>(record, names.delta);
+      read_windows(record, names, step, sizes);
     } else if (kind == "pool") {
       step.kind = kPool;
-      step.alpha = field<double>(record, "scale");
-      read_windows(record, step, sizes);
+      step.alpha = field<double>(record, names.scale);
+      read_windows(record, names, step, sizes);
     } else if (kind == "abrelu") {
       step.kind = kABRelu;
-      const double a = field<double>(record, "a"), b = field<double>(record, "b");
+      const double a = field<double>(record, names.a), b = field<double>(record, names.b);
       step.k1 = (a - b) * (a - b) / (2 * M_PI);
       step.c0 = (a * a + b * b) / 2 - step.k1 * M_PI / 2;
     } else {
