@@ -21,10 +21,11 @@ import math
 from typing import Sequence
 
 import torch
+from torch import Tensor
 
-Tensor = torch.Tensor
 Scalar = float | Tensor
-KernelMap = tuple[Tensor, Tensor | None]
+# A nonlinearity's rule: E[φ(u)φ(v)] and, when asked, its derivative in cov12.
+ValueAndDerivative = tuple[Tensor, Tensor | None]
 
 
 class _SafeSqrt(torch.autograd.Function):
@@ -170,7 +171,7 @@ def _sin(x: Scalar) -> Scalar:
 
 
 def abrelu(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar,
-           with_derivative: bool) -> KernelMap:
+           with_derivative: bool) -> ValueAndDerivative:
     """φ(x) = a·min(x, 0) + b·max(x, 0): the arc-cosine kernel of degree 1.
 
     With `s = sqrt(var1·var2 − cov12²)` and `θ = atan2(s, cov12)`
@@ -191,7 +192,7 @@ def abrelu(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar,
     return nngp, d_nngp if with_derivative else None
 
 
-def sign(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> KernelMap:
+def sign(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> ValueAndDerivative:
     """φ(x) = sign(x), with sign(0) = 0 (Cho & Saul 2009, degree 0):
 
         nngp   = 1 − 2θ/π,    θ = atan2(sqrt(var1·var2 − cov12²), cov12)
@@ -206,7 +207,7 @@ def sign(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> Ke
 
 
 def rectified_monomial(cov12: Tensor, var1: Tensor, var2: Tensor, degree: int,
-                       with_derivative: bool) -> KernelMap:
+                       with_derivative: bool) -> ValueAndDerivative:
     """φ(x) = [x ≥ 0]·xⁿ: the arc-cosine kernel of degree n (Cho & Saul 2009).
 
     `K_n = E[φ(u)φ(v)] = (var1·var2)^{n/2} J_n(θ) / (2π)`. Cho & Saul's
@@ -242,7 +243,7 @@ def rectified_monomial(cov12: Tensor, var1: Tensor, var2: Tensor, degree: int,
 
 
 def erf(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar, c: Scalar,
-        with_derivative: bool) -> KernelMap:
+        with_derivative: bool) -> ValueAndDerivative:
     """φ(x) = a·erf(b·x) + c (Williams 1997, arXiv:1711.00165 App. C):
 
         nngp   = a²·(2/π)·asin(2b²·cov12 / sqrt((1 + 2b²·var1)(1 + 2b²·var2))) + c²
@@ -260,7 +261,7 @@ def erf(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar, c: Scal
     return nngp, d_nngp
 
 
-def gelu(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> KernelMap:
+def gelu(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> ValueAndDerivative:
     """φ(x) = x·Φ(x), Φ the standard normal CDF (Tsuchida et al. 2020,
     arXiv:2002.08517). With `P = (1 + var1)(1 + var2)`, `δ = sqrt(P − cov12²)`
     and `α = atan2(cov12, δ) = asin(cov12 / sqrt(P))`:
@@ -290,7 +291,7 @@ def gelu(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> Ke
 
 
 def _sinusoid(cov12: Tensor, var1: Tensor, var2: Tensor, half_a2: Scalar, b2: Scalar,
-              sin2_c: Scalar, cos2_c: Scalar, with_derivative: bool) -> KernelMap:
+              sin2_c: Scalar, cos2_c: Scalar, with_derivative: bool) -> ValueAndDerivative:
     # See `sin`. Var(u ∓ v) = (var1 ∓ cov12) + (var2 ∓ cov12): exact differences
     # where cov12 is near var1, var2 (not the cancellation of b²·(var1 + var2)/2
     # − b²·cov12). E₋ − E₊ is E₋·(1 − e^{−2b²cov12}) through expm1 (for cov12 < 0
@@ -307,7 +308,7 @@ def _sinusoid(cov12: Tensor, var1: Tensor, var2: Tensor, half_a2: Scalar, b2: Sc
 
 
 def sin(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar, c: Scalar,
-        with_derivative: bool) -> KernelMap:
+        with_derivative: bool) -> ValueAndDerivative:
     """φ(x) = a·sin(b·x + c); cos is `c + π/2`. From `2 sin(x) sin(y) = cos(x − y)
     − cos(x + y)` and `E[cos(w + k)] = cos(k)·exp(−Var(w)/2)` for Gaussian `w`,
     with `E± = exp(−b²·(var1 + var2 ± 2cov12)/2)`:
@@ -322,7 +323,7 @@ def sin(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar, c: Scal
 
 
 def rbf(cov12: Tensor, var1: Tensor, var2: Tensor, gamma: Scalar,
-        with_derivative: bool) -> KernelMap:
+        with_derivative: bool) -> ValueAndDerivative:
     """φ(x) = √2·sin(√(2γ)·x + π/4), whose `sin` kernel is the RBF kernel
     (Rahimi & Recht 2007, random Fourier features):
 
@@ -332,7 +333,7 @@ def rbf(cov12: Tensor, var1: Tensor, var2: Tensor, gamma: Scalar,
     return _sinusoid(cov12, var1, var2, 1., 2 * gamma, .5, .5, with_derivative)
 
 
-def gabor(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> KernelMap:
+def gabor(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> ValueAndDerivative:
     """φ(x) = exp(−x²)·sin(x). For `w = (u, v)` of covariance `Σ` and `t = (1, ∓1)`,
     `E[e^{−|w|²} cos(t·w)] = D^{−1/2}·exp(−tᵀΣ(I + 2Σ)⁻¹t / 2)`, so with
     `D = det(I + 2Σ)`, `Δ = 4(var1·var2 − cov12²)`, `σ = var1 + var2` and
@@ -364,7 +365,7 @@ def gabor(cov12: Tensor, var1: Tensor, var2: Tensor, with_derivative: bool) -> K
 
 
 def exp(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar,
-        with_derivative: bool) -> KernelMap:
+        with_derivative: bool) -> ValueAndDerivative:
     """φ(x) = a·exp(b·x), the log-normal moment `E[e^{b(u + v)}]`:
 
         nngp   = a²·exp(b²·((var1 + var2)/2 + cov12))
@@ -375,7 +376,7 @@ def exp(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar,
 
 
 def gaussian(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar,
-             with_derivative: bool) -> KernelMap:
+             with_derivative: bool) -> ValueAndDerivative:
     """φ(x) = a·exp(b·x²): `E[e^{b(u² + v²)}] = det(I − 2bΣ)^{−1/2}`, so with
     `det = sqrt((1 − 2b·var1)(1 − 2b·var2) − 4b²·cov12²)`:
 
@@ -403,7 +404,7 @@ def gaussian(cov12: Tensor, var1: Tensor, var2: Tensor, a: Scalar, b: Scalar,
 
 
 def exp_normalized(cov12: Tensor, var1: Tensor, var2: Tensor, gamma: Scalar, shift: Scalar,
-                   do_clip: bool, with_derivative: bool) -> KernelMap:
+                   do_clip: bool, with_derivative: bool) -> ValueAndDerivative:
     """The "Gaussian normalized kernel" (Shankar et al. 2020, arXiv:2003.02237 p. 6),
     a kernel map without an activation. With `r = sqrt(var1·var2)` and
     `ρ = cov12 / r` (clipped to [−1, 1] if `do_clip`):
@@ -423,7 +424,7 @@ def exp_normalized(cov12: Tensor, var1: Tensor, var2: Tensor, gamma: Scalar, shi
 
 
 def hermite(cov12: Tensor, var1: Tensor, var2: Tensor, degree: int,
-            with_derivative: bool) -> KernelMap:
+            with_derivative: bool) -> ValueAndDerivative:
     """φ = Heₙ/√n!, the normalized probabilists' Hermite polynomial, for inputs of
     unit variance (`var1 = var2 = 1`, which is assumed, not checked here):
     `E[Heₙ(u)Heₙ(v)] = n!·cov12ⁿ` (Mehler 1866; O'Donnell 2014, §11.2), so
@@ -438,7 +439,7 @@ def hermite(cov12: Tensor, var1: Tensor, var2: Tensor, degree: int,
 
 
 def polynomial(cov12: Tensor, var1: Tensor, var2: Tensor, coef: Sequence[Scalar],
-               with_derivative: bool) -> KernelMap:
+               with_derivative: bool) -> ValueAndDerivative:
     """φ(x) = Σₖ coef[k]·xᵏ, through its Hermite expansion (Mehler; see e.g.
     Han et al. 2022, arXiv:2209.04121):
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..checks import (Scalar, check_callable, check_int, check_nonnegative, check_positive_int,
                       check_real)
 from ..functional import elementwise as maps
-from ..functional.elementwise import KernelMap
+from ..functional.elementwise import ValueAndDerivative
 from ..kernel import Kernel, Shape
 from ..ops import conv_chain
 from .module import Layer
@@ -61,7 +61,7 @@ class Elementwise(Layer):
         return self.fn(x)
 
     def kernel_map(self, cov12: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor,
-                   with_derivative: bool) -> KernelMap:
+                   with_derivative: bool) -> ValueAndDerivative:
         """`(E[φ(u)φ(v)], E[φ'(u)φ'(v)] or None)` for covariance `cov12`."""
         if self.nngp_fn is None:
             raise ValueError(f"{self._name()}: no nngp_fn given, so there is no kernel")
@@ -509,7 +509,7 @@ class ElementwiseNumerical(Elementwise):
         return nngp, d_nngp
 
     def _quadrature(self, cov12: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor,
-                    with_derivative: bool) -> KernelMap:
+                    with_derivative: bool) -> ValueAndDerivative:
         z = self.nodes.to(cov12)
         w = self.weights.to(cov12)
         sd1 = maps.safe_sqrt(var1)

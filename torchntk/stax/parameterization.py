@@ -123,14 +123,14 @@ class StandardParameterization(Parameterization):
 PARAMETERIZATIONS = ('ntk', 'standard')
 
 
-def make_parameterization(name: str, s: tuple[int, int], layer_name: str) -> Parameterization:
+def make_parameterization(name: str, s: tuple[int, int], caller: str) -> Parameterization:
     """The parameterization called `name` (`'ntk'` or `'standard'`) with
-    width multipliers `s = (s_in, s_out)`, checked for `layer_name`."""
+    width multipliers `s = (s_in, s_out)`, checked for `caller`."""
     if name not in PARAMETERIZATIONS:
-        raise ValueError(f"{layer_name}: parameterization must be one of {PARAMETERIZATIONS}, "
+        raise ValueError(f"{caller}: parameterization must be one of {PARAMETERIZATIONS}, "
                          f"got {name!r}")
     if len(s) != 2:
-        raise ValueError(f"{layer_name}: s must be a pair (s_in, s_out), got {s!r}")
+        raise ValueError(f"{caller}: s must be a pair (s_in, s_out), got {s!r}")
     for value in s:
-        check_positive_int(value, 's', layer_name)
+        check_positive_int(value, 's', caller)
     return NTKParameterization() if name == 'ntk' else StandardParameterization(*s)
