@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from ..ops import diagonal_conv, diagonal_conv_output_size
+from ..ops.conv_chain import Window
 
 PADDINGS = ('VALID', 'SAME', 'CIRCULAR')
 
@@ -44,6 +45,14 @@ def conv_padding(size: int, k: int, stride: int, padding: str) -> tuple[int, int
     """`(low, high)` padding of a convolution or pooling window along one axis
     (`'CIRCULAR'` pads as much as `'SAME'`, by wrapping around)."""
     return (0, 0) if padding == 'VALID' else same_padding(size, k, stride)
+
+
+def chain_windows(spatial_sizes: Sequence[int], window_shape: Sequence[int],
+                  strides: Sequence[int], padding: str) -> tuple[Window, ...]:
+    """A convolution's or pooling layer's window along each spatial axis, with
+    its padding, as the fused chain's steps carry them."""
+    return tuple(Window(k, stride, *conv_padding(size, k, stride, padding))
+                 for size, k, stride in zip(spatial_sizes, window_shape, strides))
 
 
 def conv_output_size(size: int, k: int, stride: int, padding: str) -> int:

@@ -118,9 +118,8 @@ class Conv(_Conv):
     def chain_step(self, input_shape: Shape) -> conv_chain.AffineStep | None:
         if len(input_shape) != self.n_spatial + 2:
             return None   # the layer's own rule raises the error
-        windows = tuple(
-            conv_chain.Window(k, stride, *conv_maps.conv_padding(size, k, stride, self.padding))
-            for size, k, stride in zip(input_shape[2:], self.filter_shape, self.strides))
+        windows = conv_maps.chain_windows(input_shape[2:], self.filter_shape, self.strides,
+                                          self.padding)
         return self._affine_chain_step(input_shape[1], self.padding == 'CIRCULAR', windows)
 
 

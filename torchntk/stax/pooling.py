@@ -94,9 +94,8 @@ class _Pool(Layer):
     def chain_step(self, input_shape: Shape) -> conv_chain.PoolStep | None:
         if len(input_shape) != self.n_spatial + 2:
             return None   # the layer's own rule raises the error
-        windows = tuple(
-            conv_chain.Window(k, stride, *conv_maps.conv_padding(size, k, stride, self.padding))
-            for size, k, stride in zip(input_shape[2:], self.window_shape, self.strides))
+        windows = conv_maps.chain_windows(input_shape[2:], self.window_shape, self.strides,
+                                          self.padding)
         scale = 1 / math.prod(self.window_shape)**2 if self.average else 1.
         return conv_chain.PoolStep(scale, self.padding == 'CIRCULAR', windows)
 
