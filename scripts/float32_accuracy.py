@@ -11,7 +11,6 @@ Run: .venv/bin/python scripts/float32_accuracy.py            (extension)
      TORCHNTK_BACKEND=torch .venv/bin/python scripts/float32_accuracy.py
 """
 import math
-import sys
 import warnings
 
 import torch

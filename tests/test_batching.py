@@ -166,7 +166,7 @@ def test_compiled_kernel_fn_is_batched_with_the_same_values():
 ])
 def test_layers_that_mix_examples_are_refused_naming_the_layer(layer, name):
     model = stax.serial(stax.Dense(4), layer(), stax.Dense(1))
-    with pytest.raises(ValueError, match=rf'Serial\.1.*mix the examples'):
+    with pytest.raises(ValueError, match=r'Serial\.1.*mix the examples'):
         nt.batch(model.kernel_fn, 2, progress=False)(gaussian(4, 3, seed=13), None, 'nngp')
 
 

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from ..checks import check_axes, check_nonnegative
-from ..kernel import Kernel, position_mask
+from ..kernel import Kernel
 from .module import Layer
 from .requirements import Requirements
 
