@@ -294,7 +294,8 @@ def test_axes_out_of_range_raise_value_error_naming_the_function(factory):
 
 def test_taylor_expand_degree_that_is_not_an_int_raises_type_error():
     model = mlp()
-    with pytest.raises(TypeError, match=r"taylor_expand: degree must be an int, got str"):
+    with pytest.raises(TypeError,
+                       match=r"taylor_expand: degree must be an integer >= 0, got 'a' \(str\)"):
         torchntk.taylor_expand(model, dict(model.named_parameters()), 'a')
 
 

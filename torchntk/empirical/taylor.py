@@ -9,6 +9,7 @@ from torch import nn
 from torch.func import jvp
 from torch.utils import _pytree as pytree  # torch.func's own pytrees
 
+from ..checks import check_int
 from .inputs import check_inputs, check_model, checked_params
 from .model import Params, PyTree, apply_model
 
@@ -50,10 +51,7 @@ def taylor_expand(model: nn.Module, params0: Params, degree: int) -> Callable[..
     (cost ∝ 2^degree forward passes). `degree=1` is `linearize`. Arguments and
     call signature as in `linearize`.
     """
-    if isinstance(degree, bool) or not isinstance(degree, int):
-        raise TypeError(f"taylor_expand: degree must be an int, got {type(degree).__name__}")
-    if degree < 0:
-        raise ValueError(f"taylor_expand: degree must be a non-negative int, got {degree!r}")
+    check_int(degree, 'degree', 'taylor_expand', minimum=0)
     return _taylor_expansion(model, params0, degree, 'taylor_expand')
 
 

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from ..checks import check_axes
+
 
 def kernel_matrix(kernel: torch.Tensor) -> torch.Tensor:
     """Zipped `(A1, A1', B1, B1', …)` -> matrix `(A1·B1·…, A1'·B1'·…)`."""
@@ -41,12 +43,7 @@ class OutputAxes:
 
     def __init__(self, y_shape: Sequence[int], trace_axes: Sequence[int], caller: str):
         self.ndim, self.caller, self.y_shape = len(y_shape), caller, tuple(y_shape)
-        if isinstance(trace_axes, int) and not isinstance(trace_axes, bool):
-            trace_axes = (trace_axes,)
-        if not isinstance(trace_axes, Sequence) or isinstance(trace_axes, str) or any(
-                isinstance(a, bool) or not isinstance(a, int) for a in trace_axes):
-            raise TypeError(f"{caller}: trace_axes must be an int or a sequence of ints, got "
-                            f"{trace_axes!r}")
+        trace_axes = check_axes(trace_axes, 'trace_axes', caller)
         trace = set()
         for axis in trace_axes:
             if not -self.ndim <= axis < self.ndim:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from ..checks import check_flag, check_nonnegative, check_positive
+from ..checks import check_flag, check_nonnegative, check_positive, check_positive_int
 from ..empirical import empirical_ntk_fn
 from .arguments import (Targets, Times, broadcast_outputs, check_momentum, check_psd,
                         checked_kernel, checked_targets, checked_test_train_kernel, checked_times,
@@ -220,10 +220,8 @@ def max_learning_rate(ntk_train_train: torch.Tensor, y_train_size: int | None = 
     check_nonnegative(eps, 'eps', caller)
     if y_train_size is None:
         y_train_size = matrix.shape[0]
-    elif isinstance(y_train_size, bool) or not isinstance(y_train_size, int):
-        raise TypeError(f"{caller}: y_train_size must be an int, got {type(y_train_size).__name__}")
-    elif y_train_size < 1:
-        raise ValueError(f"{caller}: y_train_size must be >= 1, got {y_train_size}")
+    else:
+        check_positive_int(y_train_size, 'y_train_size', caller)
     evals = torch.linalg.eigvalsh(matrix.detach())
     check_psd(evals, 'ntk_train_train', caller)
     return 2. * (1. + momentum) * y_train_size / (float(evals[-1]) + eps)

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..checks import check_flag, check_positive, check_real_tensor
+from ..checks import check_flag, check_positive, check_positive_int, check_real_tensor
 from ..stax.module import Layer
 from .block_map import BlockKernelMap
 from .newton import (autograd_jacobian, implicit_step, newton_fixed_points, sparse_jacobian,
@@ -188,13 +188,9 @@ def fixed_points(block: Layer, W_var: float | torch.Tensor, b_var: float | torch
     if not isinstance(block, Layer):
         raise TypeError(f"fixed_points: block must be a torchntk layer, got {type(block).__name__}")
     q0 = check_positive(q0, 'q0', 'fixed_points')
-    for name, value in (('max_iter', max_iter), ('chunk_size', chunk_size)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"fixed_points: {name} must be an int, got {type(value).__name__}")
-        if value < 1:
-            raise ValueError(f"fixed_points: {name} must be >= 1, got {value}")
+    check_positive_int(max_iter, 'max_iter', 'fixed_points')
+    if chunk_size is not None:
+        check_positive_int(chunk_size, 'chunk_size', 'fixed_points')
     check_flag(diagonal_spatial, 'diagonal_spatial', 'fixed_points', allow_none=True)
     check_flag(progress, 'progress', 'fixed_points')
     kernel_map = BlockKernelMap(block, spatial_shape, diagonal_spatial, W_var.dtype, W_var.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_real
 from ..kernel import Kernel
 from .module import Layer
 from .requirements import Requirements
@@ -22,12 +23,10 @@ class Dropout(Layer):
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)):
-            raise TypeError(f"Dropout: p (the drop probability) must be a float in [0, 1), "
-                            f"got {p!r}")
+        p = check_real(p, 'p (the drop probability)', 'Dropout')
         if not 0 <= p < 1:
             raise ValueError(f"Dropout: p (the drop probability) must be in [0, 1), got {p!r}")
-        self.p = float(p)
+        self.p = p
 
     @property
     def requirements(self) -> Requirements:
