@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from tqdm import tqdm
 
+from .checks import check_positive_int
 from .empirical import empirical_nngp_fn, empirical_ntk_fn
 from .empirical.functions import EMPIRICAL_KERNELS
 from .empirical.inputs import check_inputs
@@ -111,14 +112,13 @@ def monte_carlo_kernel_fn(model: nn.Module, n_samples: int | Sequence[int] = 1,
 
 def _checked_counts(n_samples: object) -> list[int]:
     """The sample counts of `n_samples`, increasing, without repeats."""
-    counts = [n_samples] if not isinstance(n_samples, (list, tuple)) else list(n_samples)
-    if any(isinstance(n, bool) or not isinstance(n, int) for n in counts):
-        raise TypeError(f"{_NAME}: n_samples must be an int or a list or tuple of ints, got "
-                        f"{n_samples!r}")
-    if not counts or min(counts) <= 0:
-        raise ValueError(f"{_NAME}: n_samples must be a positive int or a non-empty list of "
+    if not isinstance(n_samples, (list, tuple)):
+        return [check_positive_int(n_samples, 'n_samples', _NAME)]
+    if not n_samples:
+        raise ValueError(f"{_NAME}: n_samples must be a positive integer or a non-empty list of "
                          f"them, got {n_samples!r}")
-    return sorted(set(counts))
+    return sorted({check_positive_int(count, f'n_samples[{i}]', _NAME)
+                   for i, count in enumerate(n_samples)})
 
 
 def _reinitialize(model: nn.Module, x: torch.Tensor | list, seed: int) -> None:
