@@ -17,8 +17,7 @@ from torchntk.empirical import inputs as empirical_inputs
 from torchntk.empirical.layer_stack import layer_stack
 from torchntk.empirical.task import prepare_ntk
 
-IMPLEMENTATIONS = ('jacobian_contraction', 'ntk_vector_products', 'structured_derivatives',
-                   'auto')
+from tests.empirical.references import IMPLEMENTATIONS
 
 
 def mlp():

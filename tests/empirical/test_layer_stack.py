@@ -19,7 +19,7 @@ from torchntk.empirical import inputs as empirical_inputs, structured as empiric
 from torchntk.empirical.layer_stack import ELEMENTWISE, layer_stack
 from torchntk.empirical.task import prepare_ntk
 
-ATOL = 1e-12
+from tests.empirical.references import ATOL
 
 
 def inputs(*shape, seed):
