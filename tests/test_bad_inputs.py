@@ -122,8 +122,12 @@ LAYERS = [
     Case('Dense b_std=inf', lambda: stax.Dense(4, b_std=INF), ValueError, names('Dense', 'b_std')),
     Case('Dense parameterization="foo"', lambda: stax.Dense(4, parameterization='foo'),
          ValueError, names('Dense', 'parameterization')),
+    Case('Dense parameterization=5', lambda: stax.Dense(4, parameterization=5), TypeError,
+         names('Dense', 'parameterization', 'ntk', 'standard', 'got 5')),
     Case('Dense s=(0, 1)', lambda: stax.Dense(4, parameterization='standard', s=(0, 1)),
          ValueError, names('Dense', r'\bs\b')),
+    Case('Dense s=2', lambda: stax.Dense(4, parameterization='standard', s=2), TypeError,
+         names('Dense', r'\bs\b', 'pair', 'got 2')),
     Case('Dense W_std=1e200 kernel_fn', lambda: stax.serial(
         stax.Dense(4, W_std=1e200), stax.Relu(), stax.Dense(1)).kernel_fn(x()),
          ValueError, names('Dense', 'W_std')),

@@ -23,7 +23,7 @@ import abc
 import dataclasses
 import math
 
-from ..checks import Scalar, check_positive_int
+from ..checks import Scalar, check_choice, check_positive_int
 
 
 class Parameterization(abc.ABC):
@@ -126,9 +126,9 @@ PARAMETERIZATIONS = ('ntk', 'standard')
 def make_parameterization(name: str, s: tuple[int, int], caller: str) -> Parameterization:
     """The parameterization called `name` (`'ntk'` or `'standard'`) with
     width multipliers `s = (s_in, s_out)`, checked for `caller`."""
-    if name not in PARAMETERIZATIONS:
-        raise ValueError(f"{caller}: parameterization must be one of {PARAMETERIZATIONS}, "
-                         f"got {name!r}")
+    name = check_choice(name, 'parameterization', caller, PARAMETERIZATIONS)
+    if not isinstance(s, (tuple, list)):
+        raise TypeError(f"{caller}: s must be a pair (s_in, s_out), got {s!r}")
     if len(s) != 2:
         raise ValueError(f"{caller}: s must be a pair (s_in, s_out), got {s!r}")
     for value in s:
