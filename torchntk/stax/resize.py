@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from ..checks import check_choice
+from ..checks import check_choice, check_int
 from ..functional import conv as conv_maps
 from ..kernel import Kernel, Shape
 from .module import Layer
@@ -45,8 +45,11 @@ class ImageResize(Layer):
 
     def __init__(self, shape: Sequence[int], method: str, antialias: bool = True) -> None:
         super().__init__()
-        shape = tuple(shape)
-        if len(shape) < 3 or not all(isinstance(s, int) and (s == -1 or s >= 1) for s in shape):
+        if not isinstance(shape, Sequence) or isinstance(shape, str):
+            raise TypeError(f"ImageResize: shape must be the output shape (N, C, *spatial), got "
+                            f"{shape!r}")
+        shape = tuple(check_int(size, f'shape[{i}]', 'ImageResize') for i, size in enumerate(shape))
+        if len(shape) < 3 or not all(s == -1 or s >= 1 for s in shape):
             raise ValueError(f"ImageResize: shape must be the output shape (N, C, *spatial) with "
                              f"positive sizes or -1 (keep), got {shape!r}")
         if shape[:2] != (-1, -1):
