@@ -539,6 +539,10 @@ CONV_1D_BLOCK = stax.serial(stax.Conv(1, (3,), padding='SAME'), stax.Erf())
      "fixed_points: progress must be True or False, got 'no'"),
     (lambda: signal.fixed_points(CONV_1D_BLOCK, 1., 0.1, spatial_shape=5), TypeError,
      'fixed_points: spatial_shape must be a sequence of ints, got 5'),
+    (lambda: signal.fixed_points(CONV_1D_BLOCK, 1., 0.1, spatial_shape=(5.,)), TypeError,
+     r'fixed_points: spatial_shape\[0\] must be a positive integer, got 5.0 \(float\)'),
+    (lambda: signal.fixed_points(CONV_1D_BLOCK, 1., 0.1, spatial_shape=(0,)), ValueError,
+     r'fixed_points: spatial_shape\[0\] must be a positive integer, got 0'),
     (lambda: signal.fixed_points(CONV_1D_BLOCK, 1., 0.1, spatial_shape=(5, 5)), ValueError,
      r"fixed_points: spatial_shape=\(5, 5\) has 2 dimensions but the block's convolutions "
      r"have \[1\]"),

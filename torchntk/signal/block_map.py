@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..checks import check_positive_int
 from ..kernel import Kernel
 from ..stax.conv import Conv, ConvLocal, ConvTranspose
 from ..stax.linear import Affine
@@ -79,14 +80,11 @@ class BlockKernelMap:
         ranks = {len(m.filter_shape) for m in self.block.modules()
                  if isinstance(m, (Conv, ConvLocal, ConvTranspose))}
         if spatial_shape is not None:
-            if not isinstance(spatial_shape, Sequence) or isinstance(spatial_shape, str) or any(
-                    isinstance(s, bool) or not isinstance(s, int) for s in spatial_shape):
+            if not isinstance(spatial_shape, Sequence) or isinstance(spatial_shape, str):
                 raise TypeError(f"fixed_points: spatial_shape must be a sequence of ints, "
                                 f"got {spatial_shape!r}")
-            shape = tuple(spatial_shape)
-            if not all(s >= 1 for s in shape):
-                raise ValueError(f"fixed_points: spatial_shape must hold positive integers, "
-                                 f"got {spatial_shape!r}")
+            shape = tuple(check_positive_int(size, f'spatial_shape[{i}]', 'fixed_points')
+                          for i, size in enumerate(spatial_shape))
             if ranks and ranks != {len(shape)}:
                 raise ValueError(f"fixed_points: spatial_shape={shape} has {len(shape)} "
                                  f"dimensions but the block's convolutions have {sorted(ranks)}")
