@@ -625,6 +625,9 @@ EMPTY_KERNEL, EMPTY_TARGETS = torch.zeros(0, 0, dtype=DTYPE), torch.zeros(0, N_O
     (lambda d: predict.gradient_descent_mse_params(nn.Linear(4, N_OUT), d['x_train'], d['y'],
                                                    [torch.zeros(3)]), TypeError,
      'gradient_descent_mse_params: params_0 must be a dict'),
+    (lambda d: predict.gradient_descent_mse_params(nn.Linear(4, N_OUT).to(DTYPE), d['x_train'],
+                                                   d['y'], {'weight': 3}), TypeError,
+     r"gradient_descent_mse_params: params_0\['weight'\] must be a tensor, got int"),
     # wrong values
     (lambda d: predict.max_learning_rate(d['k'], momentum=2.), ValueError,
      r'max_learning_rate: momentum must be in \[0, 1\], got 2.0'),
@@ -634,6 +637,14 @@ EMPTY_KERNEL, EMPTY_TARGETS = torch.zeros(0, 0, dtype=DTYPE), torch.zeros(0, N_O
      'gradient_descent: rtol must be finite and >= 0'),
     (lambda d: predict.gradient_descent_mse(d['k'].to('meta'), d['y']), ValueError,
      'gradient_descent_mse: k_train_train is on the meta device'),
+    (lambda d: predict.gradient_descent_mse_params(nn.Linear(4, N_OUT).to(DTYPE), d['x_train'],
+                                                   d['y'], {'wieght': torch.zeros(N_OUT, 4)}),
+     ValueError, "gradient_descent_mse_params: params_0 has names that are not parameters of "
+                 r"the model: \['wieght'\] \(did you mean 'weight'"),
+    (lambda d: predict.gradient_descent_mse_params(nn.Linear(4, N_OUT).to(DTYPE), d['x_train'],
+                                                   d['y'], {'weight': torch.zeros(N_OUT)}),
+     ValueError, r"gradient_descent_mse_params: params_0\['weight'\] must have the parameter's "
+                 r"shape \(3, 4\), got \(3,\)"),
     # a wrong type is a TypeError everywhere, also where a number or a name is expected
     (lambda d: predict.gradient_descent_mse(d['k'], d['y'], diag_reg=None), TypeError,
      'gradient_descent_mse: diag_reg must be a number >= 0, got None'),

@@ -3,7 +3,7 @@ parameters of the linearized network, and the largest stable learning rate."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ from torch.func import functional_call, vjp, vmap
 
 from ..checks import check_flag, check_nonnegative, check_positive, check_positive_int
 from ..empirical import empirical_ntk_fn
+from ..empirical.inputs import check_model, checked_params
 from .arguments import (Targets, Times, broadcast_outputs, check_momentum, check_psd,
                         checked_kernel, checked_targets, checked_test_train_kernel, checked_times,
                         checked_train_matrix, shape_or_type)
@@ -149,15 +150,13 @@ def gradient_descent_mse_params(model: nn.Module, x_train: torch.Tensor, y_train
         each parameter: `(*t.shape, *param.shape)`.
     """
     caller = 'gradient_descent_mse_params'
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{caller}: model must be an nn.Module, got {type(model).__name__}")
+    check_model(model, caller)
     if not isinstance(x_train, torch.Tensor):
         raise TypeError(f"{caller}: x_train must be a tensor, got {type(x_train).__name__}")
-    if params_0 is not None and not isinstance(params_0, Mapping):
-        raise TypeError(f"{caller}: params_0 must be a dict of parameter name -> tensor, got "
-                        f"{type(params_0).__name__}")
     if params_0 is None:
         params_0 = {key: p.detach() for key, p in model.named_parameters() if p.requires_grad}
+    else:  # names and shapes too: functional_call would ignore a misspelt name
+        params_0 = checked_params(model, params_0, caller, 'params_0')
     params_0 = {key: p.detach() for key, p in params_0.items()}
     if not params_0:
         raise ValueError(f"{caller}: the model has no trainable parameters")
