@@ -132,14 +132,12 @@ class Affine(Layer, abc.ABC):
                                 device=device)**2
         linear = k.map_covariances(
             lambda cov, batch_ndim: self.cov_map(cov, batch_ndim, k.diagonal_spatial))
-        ntk = linear.ntk
-        if ntk is not None:
-            gamma, delta = (torch.as_tensor(c, dtype=dtype, device=device)
-                            for c in self.parameterization.ntk_coefficients(
-                                W_var, b_var, self.fan_in(k.shape1[1]), self.b_std is not None))
-            ntk = torch.addcmul(torch.addcmul(delta, gamma, linear.nngp), W_var, ntk)
+        nngp = torch.addcmul(b_var, W_var, linear.nngp)
+        ntk = None if linear.ntk is None else self.parameterization.ntk(
+            nngp, linear.nngp, linear.ntk, W_var, self.fan_in(k.shape1[1]),
+            self.b_std is not None)
         return linear.map_covariances(
-            lambda cov, _: torch.addcmul(b_var, W_var, cov), ('nngp', 'cov1', 'cov2'), ntk=ntk,
+            lambda cov, _: torch.addcmul(b_var, W_var, cov), ('cov1', 'cov2'), nngp=nngp, ntk=ntk,
             is_gaussian=True, iid_channels=True, shape1=self.output_shape(k.shape1),
             shape2=self.output_shape(k.shape2))
 

@@ -14,7 +14,8 @@ Both give the same NNGP, `nngp' = σ_W²·A(nngp) + σ_b²`; the NTK is
 
 `(γ, δ) = (σ_W², σ_b²)` for 'ntk' and `(fan_in/s_in, 1 if there is a bias
 else 0)` for 'standard', with `A` the covariance map of `L`. The layer, the
-fused chain and the empirical structured rules all read these numbers here.
+fused chain and the empirical structured rules all read these numbers here;
+`ntk` is the same rule on tensors, reusing `nngp'` in the NTK parameterization.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+
+import torch
 
 from ..checks import Scalar, check_choice, check_positive_int
 
@@ -56,6 +59,12 @@ class Parameterization(abc.ABC):
                          has_bias: bool) -> tuple[Scalar, Scalar]:
         """`(γ, δ)` of `ntk' = γ·A(nngp) + σ_W²·A(ntk) + δ`."""
 
+    @abc.abstractmethod
+    def ntk(self, nngp_out: torch.Tensor, nngp_linear: torch.Tensor, ntk_linear: torch.Tensor,
+            W_var: torch.Tensor, fan_in: int, has_bias: bool) -> torch.Tensor:
+        """`ntk' = γ·A(nngp) + σ_W²·A(ntk) + δ` from `nngp' = σ_W²·A(nngp) + σ_b²`,
+        `A(nngp)` and `A(ntk)` (the `γ`, `δ` of `ntk_coefficients`)."""
+
     def extra_repr(self) -> str:
         """What `repr` of the layer adds for this parameterization."""
         return ''
@@ -86,6 +95,11 @@ class NTKParameterization(Parameterization):
                          has_bias: bool) -> tuple[Scalar, Scalar]:
         return W_var, b_var
 
+    def ntk(self, nngp_out: torch.Tensor, nngp_linear: torch.Tensor, ntk_linear: torch.Tensor,
+            W_var: torch.Tensor, fan_in: int, has_bias: bool) -> torch.Tensor:
+        # γ·A(nngp) + δ is nngp' itself.
+        return torch.addcmul(nngp_out, W_var, ntk_linear)
+
 
 @dataclasses.dataclass(frozen=True)
 class StandardParameterization(Parameterization):
@@ -115,6 +129,13 @@ class StandardParameterization(Parameterization):
     def ntk_coefficients(self, W_var: Scalar, b_var: Scalar, fan_in: int,
                          has_bias: bool) -> tuple[Scalar, Scalar]:
         return fan_in / self.s_in, (1. if has_bias else 0.)
+
+    def ntk(self, nngp_out: torch.Tensor, nngp_linear: torch.Tensor, ntk_linear: torch.Tensor,
+            W_var: torch.Tensor, fan_in: int, has_bias: bool) -> torch.Tensor:
+        gamma = torch.as_tensor(fan_in / self.s_in, dtype=nngp_linear.dtype,
+                                device=nngp_linear.device)
+        ntk = torch.addcmul(W_var * ntk_linear, gamma, nngp_linear)
+        return ntk + 1. if has_bias else ntk
 
     def extra_repr(self) -> str:
         return f", parameterization='standard', s={(self.s_in, self.s_out)}"
