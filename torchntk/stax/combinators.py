@@ -50,8 +50,10 @@ class Serial(Layer):
             k = item.propagate(k)
         return k
 
-    def propagate_masks(self, k_in: Kernels, k_out: Kernels) -> Kernels:
-        return k_out  # each layer propagated the masks
+    def propagate(self, k: Kernels) -> Kernels:
+        # A container has no needs of its own: each layer checks its own
+        # requirements and propagates the masks.
+        return self.kernel_rule(k)
 
     def forward_with_mask(self, x, mask: Masks) -> tuple:
         for layer in self.children():
@@ -99,8 +101,8 @@ class Parallel(Layer):
     def kernel_rule(self, ks: Sequence[Kernel]) -> list[Kernel]:
         return [layer.propagate(k) for layer, k in self._zip(ks, 'kernel')]
 
-    def propagate_masks(self, k_in: Kernels, k_out: Kernels) -> Kernels:
-        return k_out  # each branch propagated its masks
+    def propagate(self, ks: Sequence[Kernel]) -> list[Kernel]:
+        return self.kernel_rule(ks)  # each branch checks its needs and propagates its masks
 
     def forward_with_mask(self, xs: Sequence[torch.Tensor], masks: Masks) -> tuple[list, list]:
         masks = [None] * len(xs) if masks is None else masks
