@@ -1,8 +1,12 @@
+import collections
 import json
+import os
 import pathlib
 
 import numpy as np
 import pytest
+
+from torchntk.ops import conv_chain, extension
 
 REFERENCE_DIR = pathlib.Path(__file__).parent / "reference"
 
@@ -49,8 +53,6 @@ def mask_reference():
 
 # Hypothesis profiles: 'ci' is reproducible (derandomized) and bounded; 'dev'
 # explores new random examples. Chosen by HYPOTHESIS_PROFILE, else 'ci' when CI=true.
-import os  # noqa: E402
-
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=20,
@@ -69,4 +71,31 @@ def onednn_calls(monkeypatch):
     product = products._onednn_mm_t
     monkeypatch.setattr(products, '_onednn_mm_t', lambda a, b: calls.append(1) or product(a, b))
     monkeypatch.setattr(products, '_MIN_MULTIPLY_ADDS', 1 << 12)
+    return calls
+
+
+@pytest.fixture(params=['extension', 'torch'])
+def backend(request, monkeypatch):
+    """Runs a test with the compiled extension (the fused chain included) and
+    with the torch fallback. Where the extension is not in use the first is
+    skipped, except under CI (CI=true), which builds it: there it fails."""
+    if request.param == 'torch':
+        monkeypatch.setattr(extension, 'EXTENSION', None)
+    elif extension.EXTENSION is None:
+        message = 'the extension is not in use (not built, or TORCHNTK_BACKEND=torch)'
+        if os.environ.get('CI', '').lower() == 'true':
+            pytest.fail(f'{message}; CI builds it')
+        pytest.skip(message)
+    return request.param
+
+
+@pytest.fixture
+def chain_calls(monkeypatch):
+    """Counts of the calls to the fused chain's `chain_self` and `chain_pairs`
+    (by name): a test that names the fused path asserts that it ran."""
+    calls = collections.Counter()
+    for name in ('chain_self', 'chain_pairs'):
+        function = getattr(conv_chain, name)
+        monkeypatch.setattr(conv_chain, name, lambda *args, _f=function, _n=name, **kwargs:
+                            calls.update([_n]) or _f(*args, **kwargs))
     return calls

@@ -1,7 +1,5 @@
 import pytest
 
-from torchntk.ops import extension
-
 from tests.strategies import gaussian
 
 
@@ -23,14 +21,3 @@ def images1():
 @pytest.fixture
 def images2():
     return gaussian(2, 2, 6, 5, seed=1)
-
-
-@pytest.fixture(params=['extension', 'torch'])
-def backend(request, monkeypatch):
-    """Runs a test with the compiled extension (the fused chain included) and
-    with the torch fallback; skips the first where the extension is not in use."""
-    if request.param == 'torch':
-        monkeypatch.setattr(extension, 'EXTENSION', None)
-    elif extension.EXTENSION is None:
-        pytest.skip('the extension is not in use (not built, or TORCHNTK_BACKEND=torch)')
-    return request.param

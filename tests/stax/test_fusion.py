@@ -1,7 +1,6 @@
 """Runs of Conv, pooling and ReLU-like layers through the extension's fused
 chain (stax/fusion.py, csrc/conv_chain.cpp) give the layers' own kernels."""
 
-import collections
 from unittest import mock
 
 import pytest
@@ -16,18 +15,6 @@ from tests.strategies import gaussian, relative_error
 
 needs_chain = pytest.mark.skipif(not conv_chain.available(torch.zeros(1, dtype=torch.float64)),
                                  reason='the fused chain needs the compiled extension')
-
-
-@pytest.fixture
-def chain_calls(monkeypatch):
-    """Counts of the calls to the fused chain's `chain_self` and `chain_pairs`
-    (by name): a test that names the fused path asserts that it ran."""
-    calls = collections.Counter()
-    for name in ('chain_self', 'chain_pairs'):
-        function = getattr(conv_chain, name)
-        monkeypatch.setattr(conv_chain, name, lambda *args, _f=function, _n=name, **kwargs:
-                            calls.update([_n]) or _f(*args, **kwargs))
-    return calls
 
 
 def conv(n_spatial=2, **kwargs):
